@@ -1,0 +1,42 @@
+"""Marco-o1's token confidence.
+
+For position i with sampled token t_i and the engine's top-5 alternatives t_1..t_5::
+
+    c_i = exp(lp(t_i)) / sum_{j in top5(i)} exp(lp(t_j))
+
+The paper does not say what happens when the sampled token is not among the top-5 (possible when sampling
+with temperature or top-p). We then count it as a sixth term of the denominator, so c_i stays in (0, 1]
+instead of exceeding 1. The computation subtracts the row maximum first, so it is stable for any logprobs
+and invariant to adding a constant to all of them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from search.protocol import Chunk
+
+
+def token_confidence(
+    token_ids: np.ndarray, logprobs: np.ndarray, top_ids: np.ndarray, top_logprobs: np.ndarray
+) -> np.ndarray:
+    """Per-token confidence, float64 [T], from token_ids/logprobs [T] and top_ids/top_logprobs [T, K]."""
+    lp = np.asarray(logprobs, dtype=np.float64)
+    top = np.asarray(top_logprobs, dtype=np.float64)
+    if lp.size == 0:
+        return np.zeros(0, dtype=np.float64)
+    in_top = (np.asarray(top_ids) == np.asarray(token_ids)[:, None]).any(axis=1)
+    peak = np.maximum(top.max(axis=1), lp)
+    sampled = np.exp(lp - peak)
+    denom = np.exp(top - peak[:, None]).sum(axis=1) + np.where(in_top, 0.0, sampled)
+    return sampled / denom
+
+
+def chunk_token_confidence(chunk: Chunk) -> np.ndarray:
+    return token_confidence(chunk.token_ids, chunk.logprobs, chunk.top_ids, chunk.top_logprobs)
+
+
+def mean_confidence(confidences: np.ndarray) -> float:
+    """Mean over the tokens that were generated (forced tokens carry NaN); NaN when there are none."""
+    valid = confidences[~np.isnan(confidences)]
+    return float(valid.mean()) if valid.size else float("nan")

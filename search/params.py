@@ -1,0 +1,150 @@
+"""Search hyperparameters as frozen dataclasses, validated on construction.
+
+Errors name the field and the bad value (``ConfigError``), so a YAML typo is reported as such. The
+pydantic configs at the edge (``cluster.config``) build these; the search core never sees a config object.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a well-trained AI assistant. Important: when answering, think inside <Thought> and </Thought>, "
+    "mostly in English. Then give the result inside <Output> and </Output>, in the language of the user's "
+    "question."
+)
+REFLECTION_PHRASE = "Wait! Maybe I made some mistakes! I need to rethink from scratch."
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+    def __init__(self, field: str, value, reason: str):
+        super().__init__(f"{field}={value!r}: {reason}")
+        self.field = field
+
+
+def _require(condition: bool, field: str, value, reason: str) -> None:
+    if not condition:
+        raise ConfigError(field, value, reason)
+
+
+@dataclass(frozen=True, slots=True)
+class Granularity:
+    """What one action is: a ``step`` (ends at ``delimiter``) or a ``mini_step`` of exactly ``tokens`` tokens."""
+
+    kind: str  # "step" | "mini_step"
+    tokens: int  # mini_step: chunk length; step: the most tokens one step may take
+    delimiter: str = "\n\n"
+
+    @classmethod
+    def parse(cls, text: str, *, max_step_tokens: int = 256, delimiter: str = "\n\n") -> "Granularity":
+        """``step`` or ``mini_step:N`` (for example ``mini_step:64``)."""
+        _require(isinstance(text, str), "granularity", text, "expected 'step' or 'mini_step:N'")
+        if text == "step":
+            _require(max_step_tokens >= 1, "max_step_tokens", max_step_tokens, "must be >= 1")
+            _require(bool(delimiter), "step_delimiter", delimiter, "must not be empty")
+            return cls("step", max_step_tokens, delimiter)
+        name, _, count = text.partition(":")
+        _require(name == "mini_step" and count.isdigit() and int(count) >= 1, "granularity", text,
+                 "expected 'step' or 'mini_step:N' with N >= 1, e.g. 'mini_step:64'")
+        return cls("mini_step", int(count), delimiter)
+
+    def __str__(self) -> str:
+        return "step" if self.kind == "step" else f"mini_step:{self.tokens}"
+
+
+class ReflectionMode(enum.Enum):
+    OFF = "off"
+    ALWAYS = "always"
+    BELOW = "below"
+    WRONG_ANSWER = "wrong_answer"
+
+
+@dataclass(frozen=True, slots=True)
+class ReflectionPolicy:
+    """When to add a reflection child where a thought ends: ``off | always | below:<value> | wrong_answer``."""
+
+    mode: ReflectionMode = ReflectionMode.OFF
+    threshold: float = 0.0
+
+    @classmethod
+    def parse(cls, text: str) -> "ReflectionPolicy":
+        name, _, value = str(text).partition(":")
+        modes = {m.value: m for m in ReflectionMode}
+        _require(name in modes, "reflection", text, "expected off, always, below:<value> or wrong_answer")
+        mode = modes[name]
+        if mode is ReflectionMode.BELOW:
+            try:
+                threshold = float(value)
+            except ValueError:
+                raise ConfigError("reflection", text, "below needs a number, e.g. below:0.6") from None
+            _require(0.0 <= threshold <= 1.0, "reflection", text, "the threshold must lie in [0, 1]")
+            return cls(mode, threshold)
+        _require(value == "", "reflection", text, f"{name} takes no value")
+        return cls(mode)
+
+    def __str__(self) -> str:
+        return f"below:{self.threshold:g}" if self.mode is ReflectionMode.BELOW else self.mode.value
+
+
+class ValueKind(enum.Enum):
+    ROLLOUT_CONFIDENCE = "rollout_confidence"  # the paper's: mean token confidence of a rollout to a terminal
+    CHUNK_CONFIDENCE = "chunk_confidence"  # no rollout: mean token confidence of the new child's own chunk
+    ANSWER_CHECK = "answer_check"  # rollout, then 1 if its answer matches the reference else 0
+
+
+class FinalChoice(enum.Enum):
+    MOST_VISITS = "most_visits"
+    BEST_VALUE = "best_value"
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """Stopping rules; a search stops at whichever comes first. ``None`` means no limit."""
+
+    iterations: int = 32
+    tokens: int | None = None  # generated tokens, never exceeded (reserved before each request)
+    seconds: float | None = None
+
+    def __post_init__(self):
+        _require(isinstance(self.iterations, int) and self.iterations >= 1, "iterations", self.iterations,
+                 "must be an integer >= 1")
+        _require(self.tokens is None or (isinstance(self.tokens, int) and self.tokens >= 1), "budget_tokens",
+                 self.tokens, "must be an integer >= 1 or unset")
+        _require(self.seconds is None or (self.seconds > 0 and math.isfinite(self.seconds)), "budget_seconds",
+                 self.seconds, "must be > 0 or unset")
+
+
+@dataclass(frozen=True, slots=True)
+class MCTSParams:
+    """Everything one tree search needs besides the engine, the tokenizer and the problem."""
+
+    granularity: Granularity = Granularity("step", 256)
+    children: int = 2  # k: children per expansion, sampled by one request with n=k
+    exploration: float = 1.414  # UCT constant c
+    max_depth: int = 16  # a node at this depth is terminal
+    max_path_tokens: int = 1024  # generated tokens along one path (prompt excluded); reaching it is terminal
+    parallel: int = 4  # iterations of this tree in flight at once (virtual loss keeps them apart)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    value: ValueKind = ValueKind.ROLLOUT_CONFIDENCE
+    reflection: ReflectionPolicy = ReflectionPolicy()
+    max_reflections: int = 1  # reflection nodes allowed on one path
+    final: FinalChoice = FinalChoice.MOST_VISITS
+    budget: Budget = Budget()
+    early_stop: bool = True  # stop once no remaining iteration can change the root's most-visited child
+    seed: int | None = None  # seeds each request (deterministic with a deterministic engine)
+
+    def __post_init__(self):
+        _require(isinstance(self.children, int) and self.children >= 1, "children", self.children, "k must be >= 1")
+        _require(self.exploration >= 0 and math.isfinite(self.exploration), "exploration", self.exploration,
+                 "must be a finite number >= 0")
+        _require(self.max_depth >= 1, "max_depth", self.max_depth, "must be >= 1")
+        _require(self.max_path_tokens >= 1, "max_path_tokens", self.max_path_tokens, "must be >= 1")
+        _require(self.parallel >= 1, "parallel", self.parallel, "must be >= 1")
+        _require(self.temperature >= 0, "temperature", self.temperature, "must be >= 0")
+        _require(0 < self.top_p <= 1, "top_p", self.top_p, "must lie in (0, 1]")
+        _require(self.max_reflections >= 0, "max_reflections", self.max_reflections, "must be >= 0")

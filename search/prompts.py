@@ -1,0 +1,61 @@
+"""Marco-o1's chat format and answer handling.
+
+Prompts use Qwen's ChatML; responses look like ``<Thought>...</Thought>\n<Output>...</Output>``.
+"""
+
+from __future__ import annotations
+
+import re
+
+from search.params import DEFAULT_SYSTEM_PROMPT
+
+THOUGHT_END = "</Thought>"
+OUTPUT_START = "<Output>"
+OUTPUT_END = "</Output>"
+
+_OUTPUT_RE = re.compile(r"<Output>(.*?)(?:</Output>|$)", re.DOTALL)
+_NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def build_prompt(question: str, *, system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> str:
+    """The ChatML text the model sees before its answer."""
+    return (
+        f"<|im_start|>system\n{system_prompt}<|im_end|>\n"
+        f"<|im_start|>user\n{question}<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+
+
+def extract_answer(response: str) -> str | None:
+    """The text inside the last ``<Output>`` block, stripped; an unclosed block runs to the end.
+
+    None when there is no ``<Output>`` or it is empty.
+    """
+    matches = _OUTPUT_RE.findall(response)
+    if not matches:
+        return None
+    answer = matches[-1].strip()
+    return answer or None
+
+
+def normalize_answer(answer: str) -> str:
+    """Comparable form: the last number in the text if there is one (commas dropped, 3.0 -> 3), else
+    lower-cased text with whitespace collapsed."""
+    numbers = _NUMBER_RE.findall(answer)
+    if numbers:
+        value = float(numbers[-1].replace(",", ""))
+        return str(int(value)) if value.is_integer() else repr(value)
+    return " ".join(answer.lower().split())
+
+
+def answers_match(answer: str | None, reference: str | None) -> bool:
+    if answer is None or reference is None:
+        return False
+    return normalize_answer(answer) == normalize_answer(reference)
+
+
+def split_response(response: str) -> tuple[str, str | None]:
+    """(reasoning, answer): the reasoning is the response before ``<Output>`` with the Thought tags removed."""
+    reasoning = response.split(OUTPUT_START, 1)[0]
+    reasoning = reasoning.replace("<Thought>", "").replace(THOUGHT_END, "").strip()
+    return reasoning, extract_answer(response)

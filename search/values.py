@@ -1,0 +1,51 @@
+"""Value functions: how good a state is, from what its evaluation saw.
+
+Each is a plain function of an ``Evaluation``; ``VALUE_FUNCTIONS`` maps the configured ``ValueKind`` to
+(function, needs_rollout). A reward-model value would be one more entry.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+from search.params import ValueKind
+from search.prompts import answers_match
+
+
+@dataclass(frozen=True, slots=True)
+class Evaluation:
+    chunk_confidence: float  # mean token confidence of the evaluated node's own chunk (NaN if forced)
+    rollout_confidence: float | None  # mean token confidence of its rollout; None when no rollout ran
+    answer: str | None  # answer extracted from the node's full response (path + rollout)
+    reference: str | None  # ground truth, when the problem has one
+
+
+ValueFunction = Callable[[Evaluation], float]
+
+
+def _finite_or(value: float | None, fallback: float) -> float:
+    return fallback if value is None or math.isnan(value) else float(value)
+
+
+def rollout_confidence(e: Evaluation) -> float:
+    """Marco-o1's reward: mean token confidence over the rollout (the node's own chunk when it is terminal)."""
+    return _finite_or(e.rollout_confidence, _finite_or(e.chunk_confidence, 0.0))
+
+
+def chunk_confidence(e: Evaluation) -> float:
+    return _finite_or(e.chunk_confidence, 0.0)
+
+
+def answer_check(e: Evaluation) -> float:
+    if e.reference is None:
+        raise ValueError("value=answer_check needs a reference answer for the problem")
+    return 1.0 if answers_match(e.answer, e.reference) else 0.0
+
+
+VALUE_FUNCTIONS: dict[ValueKind, tuple[ValueFunction, bool]] = {
+    ValueKind.ROLLOUT_CONFIDENCE: (rollout_confidence, True),
+    ValueKind.CHUNK_CONFIDENCE: (chunk_confidence, False),
+    ValueKind.ANSWER_CHECK: (answer_check, True),
+}
