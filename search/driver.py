@@ -97,6 +97,7 @@ class _Search:
         self.started = 0  # iterations begun (completed + in flight)
         self.reserved_tokens = 0
         self.token_blocked = False
+        self.exhausted = False  # every leaf is terminal: more iterations would only revisit them
         self.reflection_ids = tokenizer.encode(REFLECTION_PHRASE + params.granularity.delimiter)
 
     async def run(self) -> SearchResult:
@@ -113,8 +114,10 @@ class _Search:
         budget = self.params.budget
         while True:
             while (len(self.inflight) < self.params.parallel and self.started < budget.iterations
-                   and not self.token_blocked and self._try_start()):
+                   and not self.token_blocked and not self.exhausted and self._try_start()):
                 pass
+            if self.exhausted:
+                return StopReason.EXHAUSTED
             if self.stats.iterations >= budget.iterations:
                 return StopReason.ITERATIONS
             if self.params.early_stop and mcts.root_settled(self.tree, budget.iterations - self.stats.iterations):
@@ -127,7 +130,8 @@ class _Search:
                 done, _ = await asyncio.wait(self.inflight, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
             if not done:
                 return StopReason.SECONDS
-            for task in done:
+            self.token_blocked = False  # finished requests free their reservations
+            for task in [t for t in self.inflight if t in done]:  # launch order, so runs are reproducible
                 self._apply(task, self.inflight.pop(task))
 
     # -- 1. starting iterations -------------------------------------------------------------------
@@ -140,6 +144,7 @@ class _Search:
         if n["is_terminal"][node]:
             value = self.tree.mean_value(node) if n["visits"][node] else self._evaluate(node, None)
             self._complete(node, value)
+            self.exhausted = not self.inflight and mcts.fully_explored(self.tree)
         elif node == ROOT or n["visits"][node] > 0 or (
                 n["kind"][node] == NodeKind.REFLECTION and not self.needs_rollout):
             return self._request(node, expansion=True)

@@ -141,6 +141,13 @@ def best_path(tree: Tree, final: FinalChoice) -> list[int]:
     return path
 
 
+def fully_explored(tree: Tree) -> bool:
+    """Every leaf of the searchable tree is terminal (so no expansion is possible anywhere)."""
+    n = tree.num_nodes
+    leaves = (tree.nodes["num_children"][:n] == 0) & (tree.nodes["kind"][:n] != NodeKind.ROLLOUT)
+    return bool(tree.nodes["is_terminal"][:n][leaves].all())
+
+
 def root_settled(tree: Tree, remaining_iterations: int) -> bool:
     """True when the root's most-visited child cannot be overtaken in the iterations left."""
     visits = np.sort(tree.nodes["visits"][tree.children(ROOT)])

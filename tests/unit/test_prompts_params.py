@@ -1,0 +1,69 @@
+import pytest
+
+from search.params import Budget, ConfigError, Granularity, MCTSParams, ReflectionMode, ReflectionPolicy
+from search.prompts import answers_match, build_prompt, extract_answer, split_response
+
+
+@pytest.mark.parametrize("response, answer", [
+    ("<Thought>\n2+2\n</Thought>\n<Output>\n4\n</Output>", "4"),
+    ("<Output>first</Output> then <Output> last </Output>", "last"),
+    ("<Thought>x</Thought><Output>unclosed 17", "unclosed 17"),
+    ("no tags at all: 12", None),
+    ("<Output>   </Output>", None),
+    ("<Thought>never finished", None),
+    ("", None),
+])
+def test_extract_answer(response, answer):
+    assert extract_answer(response) == answer
+
+
+def test_answers_match_normalises_numbers_and_text():
+    assert answers_match("The answer is 1,200.", "1200")
+    assert answers_match("3.0", "3")
+    assert answers_match("  Paris ", "paris")
+    assert not answers_match("41", "42")
+    assert not answers_match(None, "42")
+
+
+def test_prompt_is_chatml_with_the_system_prompt():
+    text = build_prompt("What is 2+2?", system_prompt="Be brief.")
+    assert text == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n"
+                    "<|im_start|>assistant\n")
+    assert "<Thought>" in build_prompt("q")  # the default system prompt asks for Thought/Output
+
+
+def test_split_response():
+    assert split_response("<Thought>\na\n</Thought>\n<Output>\n5\n</Output>") == ("a", "5")
+
+
+def test_granularity_parsing():
+    assert Granularity.parse("step") == Granularity("step", 256, "\n\n")
+    assert Granularity.parse("mini_step:64") == Granularity("mini_step", 64, "\n\n")
+    assert str(Granularity.parse("mini_step:32")) == "mini_step:32"
+
+
+def test_reflection_parsing():
+    assert ReflectionPolicy.parse("below:0.6") == ReflectionPolicy(ReflectionMode.BELOW, 0.6)
+    assert ReflectionPolicy.parse("wrong_answer").mode is ReflectionMode.WRONG_ANSWER
+    assert str(ReflectionPolicy.parse("below:0.6")) == "below:0.6"
+
+
+@pytest.mark.parametrize("make, field", [
+    (lambda: Budget(iterations=-1), "iterations"),
+    (lambda: Budget(tokens=-5), "budget_tokens"),
+    (lambda: Budget(seconds=-1.0), "budget_seconds"),
+    (lambda: Granularity.parse("paragraph"), "granularity"),
+    (lambda: Granularity.parse("mini_step:0"), "granularity"),
+    (lambda: Granularity.parse("mini_step:abc"), "granularity"),
+    (lambda: MCTSParams(children=0), "children"),
+    (lambda: MCTSParams(exploration=-1.0), "exploration"),
+    (lambda: MCTSParams(top_p=0.0), "top_p"),
+    (lambda: ReflectionPolicy.parse("sometimes"), "reflection"),
+    (lambda: ReflectionPolicy.parse("below:high"), "reflection"),
+    (lambda: ReflectionPolicy.parse("below:1.5"), "reflection"),
+])
+def test_bad_values_name_the_field(make, field):
+    with pytest.raises(ConfigError) as err:
+        make()
+    assert err.value.field == field
+    assert str(err.value).startswith(field)

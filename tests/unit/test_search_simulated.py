@@ -1,0 +1,207 @@
+"""The asynchronous MCTS driver and the baselines against the SIMULATED engine (no model)."""
+
+import asyncio
+import itertools
+
+import numpy as np
+import pytest
+
+from search import (Budget, EngineError, Granularity, MCTSParams, NodeKind, ReflectionPolicy, SimulatedEngine,
+                    SimulatedTokenizer, StopReason, ValueKind, best_of_n, build_prompt, greedy, run_mcts,
+                    self_consistency)
+from search.tree import ROOT
+
+TOK = SimulatedTokenizer()
+PROMPT = TOK.encode(build_prompt("What is 6 times 7?"))
+GOOD = set(TOK.word_ids[::2])  # a response whose first word is one of these is a good branch
+
+
+def first_word(response):
+    return int(response[1]) if len(response) > 1 else -1  # response[0] is <Thought>
+
+
+def good_branch_quality(response):
+    return 0.95 if first_word(response) in GOOD else 0.25
+
+
+def search(engine=None, **overrides):
+    params = MCTSParams(**{"budget": Budget(iterations=24), **overrides})
+    return asyncio.run(run_mcts(engine or SimulatedEngine(TOK, seed=3), TOK, PROMPT, params))
+
+
+def test_search_is_deterministic_for_a_seed():
+    a = search(SimulatedEngine(TOK, seed=5), seed=11)
+    b = search(SimulatedEngine(TOK, seed=5), seed=11)
+    assert a.tree.num_nodes == b.tree.num_nodes
+    assert np.array_equal(a.tree.columns()["visits"], b.tree.columns()["visits"])
+    assert a.response == b.response and a.answer == "42"
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_search_puts_most_root_visits_on_the_known_best_branch(seed):
+    engine = SimulatedEngine(TOK, seed=seed, quality=good_branch_quality)
+    result = search(engine, children=4, budget=Budget(iterations=48), early_stop=False)
+    tree = result.tree
+    root_children = tree.children(ROOT)
+    good = [int(c) for c in root_children if int(tree.node_token_ids(c)[1]) in GOOD]
+    assert 0 < len(good) < len(root_children), "the seed must give the root good and bad children"
+    good_visits = tree.nodes["visits"][good].sum()
+    assert good_visits > tree.nodes["visits"][ROOT] / 2
+    assert first_word(result.response_token_ids) in GOOD
+
+
+@pytest.mark.parametrize("iterations, parallel", [(1, 1), (7, 1), (7, 4), (30, 8)])
+def test_iteration_budget_is_exact(iterations, parallel):
+    engine = SimulatedEngine(TOK, seed=3, steps=50)  # deep enough never to be fully explored
+    result = search(engine, budget=Budget(iterations=iterations), parallel=parallel, early_stop=False)
+    assert result.stats.iterations == iterations
+    assert result.tree.nodes["visits"][ROOT] == iterations
+    assert result.stop_reason is StopReason.ITERATIONS
+    assert not result.tree.nodes["virtual_loss"][: result.tree.num_nodes].any()
+
+
+@pytest.mark.parametrize("tokens, granularity", list(itertools.product([1, 5, 17, 64, 200], ["step", "mini_step:4"])))
+def test_token_budget_is_never_exceeded(tokens, granularity):
+    result = search(budget=Budget(iterations=1000, tokens=tokens), granularity=Granularity.parse(granularity),
+                    children=3, parallel=4, early_stop=False)
+    assert result.stats.generated_tokens <= tokens
+    assert result.tree.generated_tokens == result.stats.generated_tokens
+    if tokens >= 64:
+        assert result.stop_reason is StopReason.TOKENS
+        assert result.stats.generated_tokens > tokens - 3 * 16  # it spends the budget, it does not stop early
+
+
+def test_wall_clock_budget_cancels_in_flight_requests():
+    ticks = itertools.count()
+    engine = SimulatedEngine(TOK, seed=1, latency_s=0.01, steps=10_000)  # never answers: the tree never ends
+    params = MCTSParams(budget=Budget(iterations=10_000, seconds=40), parallel=4, early_stop=False,
+                        max_path_tokens=64)
+    result = asyncio.run(run_mcts(engine, TOK, PROMPT, params, clock=lambda: float(next(ticks))))
+    assert result.stop_reason is StopReason.SECONDS
+    assert result.stats.iterations < 10_000
+    assert not result.tree.nodes["pending"][: result.tree.num_nodes].any()
+    assert not result.tree.nodes["virtual_loss"][: result.tree.num_nodes].any()
+
+
+def test_a_fully_explored_tree_stops_without_spending_the_iterations():
+    result = search(SimulatedEngine(TOK, seed=1, steps=1), max_depth=2, budget=Budget(iterations=10_000),
+                    early_stop=False)
+    assert result.stop_reason is StopReason.EXHAUSTED
+    assert result.stats.iterations < 100
+
+
+def test_mini_step_chunks_have_exactly_n_tokens_unless_the_model_ends():
+    result = search(granularity=Granularity.parse("mini_step:4"))
+    tree = result.tree
+    for node in range(1, tree.num_nodes):
+        if tree.nodes["kind"][node] == NodeKind.CHUNK:
+            length = len(tree.node_token_ids(node))
+            assert length == 4 or tree.nodes["is_terminal"][node]
+
+
+def test_step_chunks_end_at_the_delimiter():
+    tree = search().tree
+    delimiter = TOK.ids["\n\n"]
+    for node in range(1, tree.num_nodes):
+        if tree.nodes["kind"][node] == NodeKind.CHUNK and not tree.nodes["is_terminal"][node]:
+            assert tree.node_token_ids(node)[-1] == delimiter
+
+
+def test_depth_budget_makes_nodes_terminal():
+    tree = search(max_depth=2, early_stop=False).tree
+    depth = tree.nodes["depth"][: tree.num_nodes]
+    assert depth.max() <= 2
+    chunk_nodes = tree.nodes["kind"][: tree.num_nodes] == NodeKind.CHUNK
+    assert tree.nodes["is_terminal"][: tree.num_nodes][chunk_nodes & (depth == 2)].all()
+
+
+def test_chunk_confidence_value_runs_no_rollouts():
+    engine = SimulatedEngine(TOK, seed=2)
+    result = search(engine, value=ValueKind.CHUNK_CONFIDENCE)
+    assert not (result.tree.nodes["kind"][: result.tree.num_nodes] == NodeKind.ROLLOUT).any()
+    assert all(r.n == 2 for r in engine.requests)
+
+
+def test_answer_check_value_rewards_the_reference():
+    wrong_branch_answer = lambda response: "42" if first_word(response) in GOOD else "41"
+    engine = SimulatedEngine(TOK, seed=0, answer=wrong_branch_answer)
+    params = MCTSParams(value=ValueKind.ANSWER_CHECK, budget=Budget(iterations=24), children=4, early_stop=False)
+    result = asyncio.run(run_mcts(engine, TOK, PROMPT, params, reference="42"))
+    values = result.tree.nodes["value_sum"][: result.tree.num_nodes]
+    assert set(np.unique(values[result.tree.nodes["kind"][: result.tree.num_nodes] == NodeKind.CHUNK])) <= set(
+        range(0, 100))
+    assert result.answer == "42"
+
+
+def reflections(tree):
+    kinds = tree.nodes["kind"][: tree.num_nodes]
+    return [int(i) for i in np.flatnonzero(kinds == NodeKind.REFLECTION)]
+
+
+def reflection_search(policy, quality=lambda r: 0.9, answer="42", reference=None):
+    engine = SimulatedEngine(TOK, seed=4, steps=1, quality=quality, answer=lambda r: answer)
+    params = MCTSParams(reflection=ReflectionPolicy.parse(policy), budget=Budget(iterations=40), early_stop=False)
+    return asyncio.run(run_mcts(engine, TOK, PROMPT, params, reference=reference)).tree
+
+
+@pytest.mark.parametrize("policy, quality, answer, reference, expect", [
+    ("off", 0.9, "42", None, False),
+    ("always", 0.9, "42", None, True),
+    ("below:0.5", 0.9, "42", None, False),
+    ("below:0.5", 0.3, "42", None, True),
+    ("wrong_answer", 0.9, "42", "42", False),
+    ("wrong_answer", 0.9, "41", "42", True),
+])
+def test_reflection_goes_where_a_thought_ends_per_policy(policy, quality, answer, reference, expect):
+    tree = reflection_search(policy, quality=lambda r: quality, answer=answer, reference=reference)
+    found = reflections(tree)
+    assert bool(found) is expect
+    for node in found:
+        parent = tree.nodes["parent"][node]
+        assert parent != ROOT  # the root's children open the thought, they do not end it
+        text = TOK.decode(tree.node_token_ids(node).tolist())
+        assert text == "Wait! Maybe I made some mistakes! I need to rethink from scratch.\n\n"
+        siblings = [int(s) for s in tree.children(parent) if s != node]
+        assert any("</Thought>" in TOK.decode(tree.node_token_ids(s).tolist()) for s in siblings)
+        assert len([s for s in tree.children(parent) if s in found]) == 1
+        # the model continued thinking after the reflection, and reflected at most once per path
+        assert all(tree.nodes["kind"][i] != NodeKind.REFLECTION for c in tree.children(node) for i in [c])
+
+
+def test_a_failing_engine_request_is_retried_then_reported():
+    class Flaky(SimulatedEngine):
+        async def generate(self, request):
+            if self.calls in (1, 3):
+                self.calls += 1
+                raise EngineError("transient")
+            return await super().generate(request)
+
+    result = search(Flaky(TOK, seed=1), budget=Budget(iterations=8), early_stop=False)
+    assert result.stats.failed_requests == 2 and result.stats.iterations == 8
+
+
+def test_baselines_share_the_budget_accounting():
+    engine = SimulatedEngine(TOK, seed=9)
+    g = asyncio.run(greedy(engine, TOK, PROMPT, max_tokens=64))
+    b = asyncio.run(best_of_n(engine, TOK, PROMPT, n=4, max_tokens=64, budget_tokens=100))
+    s = asyncio.run(self_consistency(engine, TOK, PROMPT, n=4, max_tokens=64, budget_tokens=100))
+    assert g.answer == "42" and engine.requests[0].temperature == 0.0
+    assert b.stats.generated_tokens <= 100 and s.stats.generated_tokens <= 100
+    kids = b.tree.children(ROOT)
+    assert b.path[-1] == kids[np.argmax(b.tree.nodes["confidence"][kids])]
+
+
+def test_self_consistency_takes_the_majority_answer():
+    answers = iter(["7", "9", "7", "8"])
+    engine = SimulatedEngine(TOK, seed=1, steps=0)
+    tree_answers = []
+
+    class Voting(SimulatedEngine):
+        def _sample(self, *args, **kwargs):
+            self.answer = lambda response, a=next(answers): a
+            tree_answers.append(self.answer(None))
+            return super()._sample(*args, **kwargs)
+
+    result = asyncio.run(self_consistency(Voting(TOK, seed=1, steps=1), TOK, PROMPT, n=4, max_tokens=64))
+    assert result.answer == "7"
+    del engine
