@@ -1,0 +1,21 @@
+"""The search core's ``Tokenizer`` protocol over a Hugging Face tokenizer."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+
+class HFTokenizer:
+    """Text is derived from token ids for display and answer extraction; special tokens are dropped."""
+
+    def __init__(self, model_dir: str):
+        from transformers import AutoTokenizer
+
+        self.hf = AutoTokenizer.from_pretrained(model_dir)
+        self.eos_token_id = self.hf.eos_token_id
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False)
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.hf.decode(list(token_ids), skip_special_tokens=True)

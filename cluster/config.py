@@ -1,0 +1,107 @@
+"""Typed configuration, one pydantic model per concern, loadable from YAML and validated at start.
+
+Errors name the field (pydantic's messages carry the location; domain checks reuse the search core's
+``ConfigError``). Each model turns itself into the plain arguments its part needs: the search core never sees
+a config object.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from search.params import (DEFAULT_SYSTEM_PROMPT, Budget, FinalChoice, Granularity, MCTSParams, ReflectionPolicy,
+                           ValueKind)
+
+DEFAULT_MODEL_DIR = "models/tiny-random"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EngineConfig(_Strict):
+    """One vLLM engine (one GeneratorWorker)."""
+
+    model: str = Field(DEFAULT_MODEL_DIR, description="Local path of a Hugging Face-format model directory.")
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: cuda when Ray sees GPUs, else cpu.")
+    dtype: str = Field("auto", description="vLLM dtype: auto, float32, bfloat16, float16.")
+    max_model_len: int = Field(2048, ge=16, description="Context length (prompt + generated) per sequence.")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per worker (one placement-group bundle each).")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Fraction of GPU memory vLLM may use.")
+    cpu_kvcache_gib: int = Field(1, ge=1, description="KV cache GiB on the CPU build (VLLM_CPU_KVCACHE_SPACE).")
+    enforce_eager: bool = Field(False, description="Skip CUDA graphs / compilation: faster start, slower decode.")
+    max_num_seqs: int = Field(256, ge=1, description="Sequences vLLM batches at once.")
+    seed: int = Field(0, description="Base seed; worker i uses seed + i, so workers sample differently.")
+
+    def resolved_device(self, cluster_gpus: float) -> Literal["cuda", "cpu"]:
+        if self.device == "auto":
+            return "cuda" if cluster_gpus >= self.tensor_parallel_size else "cpu"
+        return self.device
+
+
+class SearchConfig(_Strict):
+    """Marco-o1 MCTS settings (see ``search.params.MCTSParams`` for their meaning)."""
+
+    granularity: str = Field("step", description="'step' or 'mini_step:N' (e.g. mini_step:64).")
+    step_delimiter: str = Field("\n\n", description="Text that ends a step.")
+    max_step_tokens: int = Field(256, description="Most tokens one step may take.")
+    children: int = Field(2, description="k: children per expansion (one request with n=k).")
+    exploration: float = Field(1.414, description="UCT exploration constant c.")
+    max_depth: int = Field(16, description="Depth at which a node is terminal.")
+    max_path_tokens: int = Field(1024, description="Generated tokens along one path before it is terminal.")
+    parallel: int = Field(4, description="Iterations of one tree in flight at once (virtual loss).")
+    temperature: float = Field(1.0, description="Sampling temperature.")
+    top_p: float = Field(1.0, description="Nucleus sampling mass.")
+    value: ValueKind = Field(ValueKind.ROLLOUT_CONFIDENCE, description="How a state is valued.")
+    reflection: str = Field("off", description="off | always | below:<value> | wrong_answer.")
+    max_reflections: int = Field(1, description="Reflections allowed on one path.")
+    final: FinalChoice = Field(FinalChoice.MOST_VISITS, description="How the answer path is chosen.")
+    iterations: int = Field(32, description="Iteration budget per tree.")
+    budget_tokens: int | None = Field(None, description="Generated-token budget per tree (never exceeded).")
+    budget_seconds: float | None = Field(None, description="Wall-clock budget per tree.")
+    early_stop: bool = Field(True, description="Stop once the root's most-visited child is settled.")
+    seed: int | None = Field(None, description="Seed requests for reproducible searches.")
+    system_prompt: str = Field(DEFAULT_SYSTEM_PROMPT, description="System message of the ChatML prompt.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "SearchConfig":
+        self.to_params()  # raises ConfigError naming the field
+        return self
+
+    def to_params(self) -> MCTSParams:
+        return MCTSParams(
+            granularity=Granularity.parse(self.granularity, max_step_tokens=self.max_step_tokens,
+                                          delimiter=self.step_delimiter),
+            children=self.children, exploration=self.exploration, max_depth=self.max_depth,
+            max_path_tokens=self.max_path_tokens, parallel=self.parallel, temperature=self.temperature,
+            top_p=self.top_p, value=self.value, reflection=ReflectionPolicy.parse(self.reflection),
+            max_reflections=self.max_reflections, final=self.final,
+            budget=Budget(self.iterations, self.budget_tokens, self.budget_seconds), early_stop=self.early_stop,
+            seed=self.seed)
+
+
+class ForestConfig(_Strict):
+    """A whole run: the engine, the search and how many workers."""
+
+    engine: EngineConfig = EngineConfig()
+    search: SearchConfig = SearchConfig()
+    workers: int = Field(1, ge=1, description="GeneratorWorkers (vLLM engines) to start.")
+
+
+def load_config(path: str | Path | None = None, **overrides) -> ForestConfig:
+    """Read a YAML file (or the defaults) and apply dotted overrides such as ``{"search.iterations": 8}``."""
+    data = yaml.safe_load(Path(path).read_text()) if path else {}
+    data = data or {}
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return ForestConfig.model_validate(data)

@@ -1,0 +1,57 @@
+"""One local Ray cluster and as few real vLLM (CPU build) engines as possible for the whole session.
+
+Engines take tens of seconds to start here, so the two GeneratorWorkers are started once and shared.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    from deploy.make_model import make_tiny_random
+
+    return str(make_tiny_random(tmp_path_factory.mktemp("model") / "tiny-random", seed=0))
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def engine_config(tiny_model):
+    from cluster.config import EngineConfig
+
+    # float32 so the transformers oracle matches; eager mode starts faster on the CPU build
+    return EngineConfig(model=tiny_model, device="cpu", dtype="float32", max_model_len=1024, enforce_eager=True,
+                        cpu_kvcache_gib=1, max_num_seqs=64, seed=100)
+
+
+@pytest.fixture(scope="session")
+def workers(ray_cluster, engine_config):
+    """Two GeneratorWorkers (seeds 100 and 101), ready."""
+    from actors.generator import start_generator_workers
+
+    handles = start_generator_workers(engine_config, 2)
+    ray_cluster.get([w.check_health.remote() for w in handles], timeout=600)
+    yield handles
+    for w in handles:
+        ray_cluster.kill(w)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model):
+    from actors.tokenizer import HFTokenizer
+
+    return HFTokenizer(tiny_model)
