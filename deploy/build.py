@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import sys
 import time
@@ -35,7 +36,7 @@ class BuildSummary:
     problems: int
     skipped: int  # already built by an earlier run
     built: int
-    failed: int
+    failed: int  # this run, plus problems an earlier run found unbuildable (prompt too long)
     input_errors: int
     tokens: int
     seconds: float
@@ -55,6 +56,7 @@ def _versions() -> dict:
 
 def _prepare_output(config: ForestConfig, output: str, digest: str) -> dict:
     """Resume bookkeeping; returns the manifest to continue (a new one for a new output)."""
+    from actors.sink import open_output, write_atomically
     from deploy.dataset import read_manifest, remove_uncommitted
 
     manifest = read_manifest(output)
@@ -62,9 +64,14 @@ def _prepare_output(config: ForestConfig, output: str, digest: str) -> dict:
         raise BuildError(f"{output} was built with config hash {manifest.get('config_hash')}, this run's is "
                          f"{digest} (model or search settings differ): use a new --output")
     remove_uncommitted(output)
-    now = datetime.datetime.now(datetime.timezone.utc).isoformat()
-    return manifest or {"run_id": uuid.uuid4().hex[:12], "created": now, "config_hash": digest,
-                        "config": config.model_dump(mode="json"), "model": config.engine.model, "sessions": []}
+    if manifest is None:  # written now, so a killed first run's resume keeps its run_id
+        now = datetime.datetime.now(datetime.timezone.utc).isoformat()
+        manifest = {"run_id": uuid.uuid4().hex[:12], "created": now, "config_hash": digest,
+                    "config": config.model_dump(mode="json"), "model": config.engine.model, "sessions": []}
+        filesystem, root = open_output(output)
+        filesystem.create_dir(root, recursive=True)
+        write_atomically(filesystem, f"{root}/manifest.json", data=json.dumps(manifest, indent=2).encode())
+    return manifest
 
 
 def run_build(config: ForestConfig) -> BuildSummary:
@@ -90,14 +97,17 @@ def run_build(config: ForestConfig) -> BuildSummary:
     except (OSError, ValueError) as exc:
         raise BuildError(f"cannot read --input {b.input}: {exc}") from exc
     problems = problems[: b.limit] if b.limit else problems
-    done = committed_problem_ids(b.output)
-    todo = [p for p in problems if p.problem_id not in done]
-    log.info("%d problems: %d already built, %d to build, %d bad rows", len(problems), len(problems) - len(todo),
-             len(todo), len(input_errors))
+    known = recorded_errors(b.output)
+    # committed trees, and problems whose prompt cannot fit (deterministic for this config), are not redone
+    committed = committed_problem_ids(b.output)
+    unbuildable = {pid for pid, stage, _ in known if stage == "prompt"} - committed
+    todo = [p for p in problems if p.problem_id not in committed | unbuildable]
+    skipped = sum(p.problem_id in committed for p in problems)
+    log.info("%d problems: %d already built, %d to build, %d bad rows", len(problems), skipped, len(todo),
+             len(input_errors))
 
     connect()
     sink = ray.remote(ParquetSink).options(num_cpus=0).remote(b.output, session=session, flush_trees=b.flush_trees)
-    known = recorded_errors(b.output)
     fresh = [error_row(run_id, e.problem_id, "input", e.message) for e in input_errors
              if (e.problem_id, "input", e.message) not in known]
     ray.get(sink.add_errors.remote(fresh))
@@ -118,8 +128,8 @@ def run_build(config: ForestConfig) -> BuildSummary:
     counts = write_exports(b.output, manifest)
     for actor in [*managers, *workers, sink]:
         ray.kill(actor)
-    return BuildSummary(b.output, len(problems), len(problems) - len(todo), built, failed, len(input_errors), tokens,
-                        seconds, counts)
+    return BuildSummary(b.output, len(problems), skipped, built, failed + len(problems) - skipped - len(todo),
+                        len(input_errors), tokens, seconds, counts)
 
 
 def _dispatch(todo, managers, sink, *, window: int, flush_seconds: float) -> tuple[int, int, int]:

@@ -38,9 +38,9 @@ def engine_config(tiny_model):
                         cpu_kvcache_gib=1, max_num_seqs=64, seed=100)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def workers(ray_cluster, engine_config):
-    """Two GeneratorWorkers (seeds 100 and 101), ready."""
+    """Two GeneratorWorkers (seeds 100 and 101), ready; stopped after the module to free the CPUs."""
     from actors.generator import start_generator_workers
 
     handles = start_generator_workers(engine_config, 2)
@@ -55,3 +55,25 @@ def tokenizer(tiny_model):
     from actors.tokenizer import HFTokenizer
 
     return HFTokenizer(tiny_model)
+
+
+@pytest.fixture(scope="session")
+def ray_address(ray_cluster) -> str:
+    """For subprocesses (a build driver) that attach to this session's cluster."""
+    return ray_cluster.get_runtime_context().gcs_address
+
+
+def write_build_config(path, model: str, **build) -> str:
+    """A small, fast build config for tests (CPU build, tiny model)."""
+    import yaml
+
+    config = {
+        "workers": build.pop("workers", 1),
+        "engine": {"model": model, "device": "cpu", "dtype": "float32", "max_model_len": 1024,
+                   "enforce_eager": True, "cpu_kvcache_gib": 1, "max_num_seqs": 64},
+        "search": {"granularity": "step", "max_step_tokens": 24, "children": 2, "iterations": 6,
+                   "max_path_tokens": 96, "parallel": 4},
+        "build": {"flush_trees": 2, "flush_seconds": 1.0, "max_active_trees": 8, **build},
+    }
+    path.write_text(yaml.safe_dump(config))
+    return str(path)

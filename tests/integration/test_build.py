@@ -1,0 +1,154 @@
+"""Dataset builds end to end: real Ray, real vLLM CPU engines, Parquet read back by pyarrow, pandas, Ray Data."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from search.confidence import token_confidence
+from tests.integration.conftest import write_build_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def problems_file(path: Path, good: int) -> tuple[str, list[str]]:
+    rows = [json.dumps({"id": f"p{i:03d}", "question": f"Ann has {i} apples and buys 3 more. How many?",
+                        "answer": str(i + 3)}) for i in range(good)]
+    rows += [
+        json.dumps({"id": "no-question"}),
+        json.dumps({"id": "empty", "question": ""}),
+        json.dumps({"id": "number", "question": 12}),
+        json.dumps({"id": "p000", "question": "duplicate id"}),
+        "this line is not JSON",
+        json.dumps({"id": "too-long", "question": "apples " * 3000}),
+    ]
+    path.write_text("\n".join(rows) + "\n")
+    return str(path), [f"p{i:03d}" for i in range(good)]
+
+
+def committed_parts(out: Path) -> int:
+    return len(list((out / "trees").glob("part-*.parquet"))) if (out / "trees").exists() else 0
+
+
+def check_output(out: Path, good_ids: list[str]) -> None:
+    """Every good problem exactly once, bad rows recorded, nodes consistent with trees, files readable."""
+    for f in out.rglob("*.parquet"):
+        pq.read_table(f)  # every file is complete
+    assert not list(out.rglob("_tmp-*"))
+    trees = pq.read_table(out / "trees").to_pandas()
+    assert sorted(trees.problem_id) == sorted(good_ids)
+    nodes = pq.read_table(out / "nodes").to_pandas()
+    assert set(nodes.tree_id) == set(trees.tree_id)
+    assert (nodes.groupby("tree_id").size().sort_index() == trees.set_index("tree_id").num_nodes.sort_index()).all()
+    errors = pq.read_table(out / "errors").to_pandas()
+    by_id = errors.groupby("problem_id").message.apply(list).to_dict()
+    assert "missing field 'question'" in by_id["no-question"][0]
+    assert "is empty" in by_id["empty"][0]
+    assert "must be a string" in by_id["number"][0]
+    assert "duplicate id 'p000'" in by_id["p000"][0]
+    assert any("not valid JSON" in m[0] for k, m in by_id.items() if k.startswith("row-"))
+    assert "max_model_len" in by_id["too-long"][0]
+    assert not errors.duplicated(["problem_id", "stage", "message"]).any()
+    generated = nodes[nodes.kind.isin(["chunk", "rollout"])].head(40)
+    for row in generated.itertuples():
+        c = token_confidence(np.array(row.token_ids), np.array(row.logprobs), np.stack(row.top_ids),
+                             np.stack(row.top_logprobs))
+        assert row.confidence == pytest.approx(c.mean(), rel=1e-4)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["trees"] == len(good_ids) and manifest["config_hash"]
+    pq.read_table(out / "pairs.parquet")
+    for line in (out / "sft.jsonl").read_text().splitlines():
+        assert set(json.loads(line)) == {"instruction", "response"}
+
+
+def build_command(config: str, inp: str, out: Path) -> list[str]:
+    return [sys.executable, "-m", "deploy.build", "--config", config, "--input", inp, "--output", str(out)]
+
+
+def test_driver_sigkill_then_resume_builds_everything_exactly_once(tmp_path, tiny_model, ray_address):
+    inp, good = problems_file(tmp_path / "problems.jsonl", 24)
+    config = write_build_config(tmp_path / "build.yaml", tiny_model, workers=1)
+    out = tmp_path / "out"
+    env = {**os.environ, "RAY_ADDRESS": ray_address, "PYTHONPATH": str(REPO)}
+    first = subprocess.Popen(build_command(config, inp, out), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while committed_parts(out) < 1 and first.poll() is None:
+        assert time.monotonic() < deadline, "the first run committed nothing"
+        time.sleep(0.2)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    partial = pq.read_table(out / "trees").num_rows
+    assert 0 < partial < len(good), "the kill must land mid-build"
+    second = subprocess.run(build_command(config, inp, out), cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"already built {partial}" in second.stdout
+    check_output(out, good)
+    # the outputs read back with pandas and Ray Data
+    assert len(pd.read_parquet(out / "nodes")) == pq.read_table(out / "nodes").num_rows
+    import ray
+    assert ray.data.read_parquet(str(out / "trees")).count() == len(good)
+    # a third run has nothing left to do and duplicates nothing
+    third = subprocess.run(build_command(config, inp, out), cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert third.returncode == 0 and f"already built {len(good)}" in third.stdout
+    check_output(out, good)
+
+
+def test_killing_a_worker_mid_build_loses_nothing(tmp_path, tiny_model, ray_cluster):
+    from cluster.config import load_config
+    from deploy.build import run_build
+
+    inp, good = problems_file(tmp_path / "problems.jsonl", 30)
+    out = tmp_path / "out"
+    config = load_config(write_build_config(tmp_path / "build.yaml", tiny_model, workers=2),
+                         **{"build.input": inp, "build.output": str(out), "search.iterations": 10})
+    summary = {}
+    thread = threading.Thread(target=lambda: summary.update(result=run_build(config)))
+    thread.start()
+    deadline = time.monotonic() + 300
+    while committed_parts(out) < 1:
+        assert time.monotonic() < deadline and thread.is_alive(), "the build committed nothing"
+        time.sleep(0.1)
+    names = [a["name"] for a in ray_cluster.util.list_named_actors(all_namespaces=True)
+             if "-worker-" in a["name"]]
+    victim = ray_cluster.get_actor(sorted(names)[0])
+    ray_cluster.kill(victim, no_restart=False)
+    thread.join(timeout=900)
+    assert not thread.is_alive()
+    result = summary["result"]
+    assert result.built == len(good) and result.failed == 0
+    assert pq.read_table(out / "trees").num_rows < len(good) + 1  # committed before the kill are not redone
+    check_output(out, good)
+
+
+def test_ray_job_submit_runs_a_build(tmp_path, tiny_model):
+    inp, good = problems_file(tmp_path / "problems.jsonl", 4)
+    config = write_build_config(tmp_path / "build.yaml", tiny_model, workers=1)
+    out = tmp_path / "job-out"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_AUTH_MODE"] = "disabled"
+    port, dash = "6391", "8273"
+    start = ["ray", "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=true",
+             f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", "--disable-usage-stats"]
+    subprocess.run(start, check=True, env=env, capture_output=True, timeout=180)
+    try:
+        job = subprocess.run(
+            ["ray", "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", str(REPO), "--",
+             "python", "-m", "deploy.build", "--config", config, "--input", inp, "--output", str(out)],
+            env=env, capture_output=True, text=True, timeout=900)
+    finally:
+        subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    assert "build finished" in job.stdout and "built 4" in job.stdout
+    check_output(out, good)
