@@ -41,6 +41,7 @@ class BuildSummary:
     tokens: int
     seconds: float
     counts: dict
+    worker_failures: int = 0  # times a GeneratorWorker was lost mid-build (its requests were re-sent)
 
 
 def _versions() -> dict:
@@ -125,11 +126,13 @@ def run_build(config: ForestConfig) -> BuildSummary:
     manifest["sessions"] = manifest.get("sessions", []) + [{"session": session, "built": built, "failed": failed,
                                                             "tokens": tokens, "seconds": round(seconds, 3)}]
     manifest.update(updated=datetime.datetime.now(datetime.timezone.utc).isoformat(), versions=_versions())
+    restarts = sum(s["worker_restarts"] for s in ray.get([m.stats.remote() for m in managers]))
+    manifest["sessions"][-1]["worker_failures"] = restarts
     counts = write_exports(b.output, manifest)
     for actor in [*managers, *workers, sink]:
         ray.kill(actor)
     return BuildSummary(b.output, len(problems), skipped, built, failed + len(problems) - skipped - len(todo),
-                        len(input_errors), tokens, seconds, counts)
+                        len(input_errors), tokens, seconds, counts, restarts)
 
 
 def _dispatch(todo, managers, sink, *, window: int, flush_seconds: float) -> tuple[int, int, int]:
@@ -169,7 +172,8 @@ def print_summary(summary: BuildSummary, stream=sys.stdout) -> None:
     print(f"build finished: {summary.output}\n"
           f"  problems {summary.problems}: built {summary.built}, already built {summary.skipped}, "
           f"failed {summary.failed}, bad input rows {summary.input_errors}\n"
-          f"  generated {summary.tokens} tokens in {summary.seconds:.1f}s ({rate:.0f} tokens/s)\n"
+          f"  generated {summary.tokens} tokens in {summary.seconds:.1f}s ({rate:.0f} tokens/s), "
+          f"worker failures survived: {summary.worker_failures}\n"
           f"  dataset: {summary.counts}", file=stream)
 
 

