@@ -31,6 +31,7 @@ unit: $(BIN)/.installed
 	$(BIN)/python -m pytest -q tests/unit
 
 test: $(BIN)/.installed
+	$(BIN)/ruff check search actors cluster deploy tests
 	$(BIN)/python -m pytest -q tests
 
 clean:

@@ -119,7 +119,7 @@ def _subtree_text(tree: Tree, node: int, decode) -> tuple[str, float]:
 def preference_pairs(result: SearchResult, problem: Problem, *, run_id: str, tree_id: str, decode) -> list[dict]:
     """Along the chosen path, each chosen node against its lowest-valued visited sibling (for DPO)."""
     tree, rows = result.tree, []
-    for parent, chosen in zip(result.path, result.path[1:]):
+    for parent, chosen in zip(result.path, result.path[1:], strict=False):
         if tree.nodes["kind"][chosen] == NodeKind.ROLLOUT:
             break
         siblings = [int(s) for s in tree.children(parent) if s != chosen and tree.nodes["visits"][s] > 0]

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
-from actors.records import ERROR_SCHEMA, NODE_SCHEMA, PAIR_SCHEMA, TREE_SCHEMA
+from actors.records import ERROR_SCHEMA, PAIR_SCHEMA, TREE_SCHEMA
 
 log = logging.getLogger(__name__)
 

@@ -100,12 +100,32 @@ class BuildConfig(_Strict):
     flush_seconds: float = Field(10.0, gt=0, description="... or after this many seconds.")
 
 
+class ServeConfig(_Strict):
+    """The online endpoint: where it listens and the limits that keep it healthy."""
+
+    host: str = Field("127.0.0.1", description="Address the HTTP proxy binds.")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
+    api_key: str | None = Field(None, description="Bearer token required on /v1 routes (or FOREST_API_KEY).")
+    max_concurrent_searches: int = Field(32, ge=1, description="Searches at once; more get 429 + Retry-After.")
+    max_ongoing_requests: int = Field(256, ge=1, description="Serve's per-replica request limit (default 5 is "
+                                                              "far too low for long searches).")
+    retry_after_s: int = Field(2, ge=1, description="Retry-After seconds on a 429.")
+    request_timeout_s: float = Field(120.0, gt=0, description="Wall-clock budget of one search.")
+    max_iterations: int = Field(64, ge=1, description="Cap on a request's iterations.")
+    max_budget_tokens: int = Field(16384, ge=1, description="Cap on a request's generated-token budget.")
+    max_path_tokens: int = Field(1024, ge=1, description="Cap on a request's max_tokens (per reasoning path).")
+    attach_workers: list[str] = Field(default_factory=list, description="Names of running GeneratorWorkers to "
+                                                                        "use instead of starting new ones.")
+    recent_trees: int = Field(32, ge=0, description="Finished trees kept for the tree viewer.")
+
+
 class ForestConfig(_Strict):
     """A whole run: the engine, the search, the workers and the build."""
 
     engine: EngineConfig = EngineConfig()
     search: SearchConfig = SearchConfig()
     build: BuildConfig = BuildConfig()
+    serve: ServeConfig = ServeConfig()
     workers: int = Field(1, ge=1, description="GeneratorWorkers (vLLM engines) to start.")
 
     def search_identity(self) -> dict:

@@ -112,7 +112,8 @@ def run_build(config: ForestConfig) -> BuildSummary:
     fresh = [error_row(run_id, e.problem_id, "input", e.message) for e in input_errors
              if (e.problem_id, "input", e.message) not in known]
     ray.get(sink.add_errors.remote(fresh))
-    workers = start_generator_workers(config.engine, config.workers, name_prefix=f"forest-build-{session}") if todo else []
+    workers = (start_generator_workers(config.engine, config.workers, name_prefix=f"forest-build-{session}")
+               if todo else [])
     settings = ManagerSettings(model_dir=config.engine.model, params=config.search.to_params(),
                                system_prompt=config.search.system_prompt, max_model_len=config.engine.max_model_len,
                                run_id=run_id, config_hash=digest, max_active_trees=b.max_active_trees,
@@ -155,7 +156,7 @@ def _dispatch(todo, managers, sink, *, window: int, flush_seconds: float) -> tup
                     per_manager[index] += 1
             ready, _ = ray.wait(list(outstanding), num_returns=len(outstanding), timeout=1.0,
                                 fetch_local=True) if outstanding else ([], [])
-            for outcome, ref in zip(ray.get(ready), ready):
+            for outcome, ref in zip(ray.get(ready), ready, strict=True):
                 per_manager[outstanding.pop(ref)] -= 1
                 built, failed, tokens = built + outcome.ok, failed + (not outcome.ok), tokens + outcome.tokens
                 progress.update(ok=outcome.ok, tokens=outcome.tokens)

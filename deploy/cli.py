@@ -31,7 +31,8 @@ def _overrides(args: argparse.Namespace) -> dict:
             "search.granularity": args.granularity, "search.max_path_tokens": args.max_tokens,
             "search.budget_tokens": args.budget_tokens, "search.reflection": args.reflection,
             "build.input": getattr(args, "input", None), "build.output": getattr(args, "output", None),
-            "build.managers": getattr(args, "managers", None), "build.limit": getattr(args, "limit", None)}
+            "build.managers": getattr(args, "managers", None), "build.limit": getattr(args, "limit", None),
+            "serve.host": getattr(args, "host", None), "serve.port": getattr(args, "port", None)}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -54,6 +55,10 @@ def parser() -> argparse.ArgumentParser:
     _add_run_flags(search)
     search.add_argument("question", help="the question to reason about")
     search.add_argument("--json", action="store_true", help="print the result as JSON")
+    srv = sub.add_parser("serve", help="run the OpenAI-compatible reasoning endpoint until Ctrl-C")
+    _add_run_flags(srv)
+    srv.add_argument("--host", help="bind address (serve.host, default 127.0.0.1)")
+    srv.add_argument("--port", type=int, help="HTTP port (serve.port, default 8000)")
     return root
 
 
@@ -91,7 +96,13 @@ def cmd_search(args) -> int:
     return 0
 
 
-COMMANDS = {"make-model": cmd_make_model, "build": cmd_build, "search": cmd_search}
+def cmd_serve(args) -> int:
+    from deploy.serve import run_forever
+    run_forever(_load(args))
+    return 0
+
+
+COMMANDS = {"make-model": cmd_make_model, "build": cmd_build, "search": cmd_search, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -53,7 +53,7 @@ def committed_problem_ids(output: str) -> set[str]:
 def recorded_errors(output: str) -> set[tuple[str, str, str]]:
     filesystem, root = open_output(output)
     table = read_parts(filesystem, f"{root}/errors", ERROR_SCHEMA, columns=["problem_id", "stage", "message"])
-    return set(zip(*(table.column(c).to_pylist() for c in ("problem_id", "stage", "message"))))
+    return set(zip(*(table.column(c).to_pylist() for c in ("problem_id", "stage", "message")), strict=True))
 
 
 def read_manifest(output: str) -> dict | None:

@@ -77,11 +77,18 @@ class _InFlight:
     reserved_tokens: int
 
 
+ProgressCallback = Callable[["SearchStats", float], None]
+"""Called after every backup with the running stats and the root's best mean child value (NaN before any)."""
+
+
 async def run_mcts(engine: Engine, tokenizer: Tokenizer, prompt_token_ids, params: MCTSParams, *,
                    reference: str | None = None, request_prefix: str = "",
-                   clock: Callable[[], float] = time.monotonic) -> SearchResult:
+                   clock: Callable[[], float] = time.monotonic,
+                   on_progress: ProgressCallback | None = None) -> SearchResult:
     """Search one problem; ``prompt_token_ids`` is the full prompt (system + question + assistant header)."""
-    return await _Search(engine, tokenizer, prompt_token_ids, params, reference, request_prefix, clock).run()
+    search = _Search(engine, tokenizer, prompt_token_ids, params, reference, request_prefix, clock)
+    search.on_progress = on_progress
+    return await search.run()
 
 
 class _Search:
@@ -98,6 +105,7 @@ class _Search:
         self.reserved_tokens = 0
         self.token_blocked = False
         self.exhausted = False  # every leaf is terminal: more iterations would only revisit them
+        self.on_progress: ProgressCallback | None = None
         self.reflection_ids = tokenizer.encode(REFLECTION_PHRASE + params.granularity.delimiter)
 
     async def run(self) -> SearchResult:
@@ -263,6 +271,8 @@ class _Search:
     def _complete(self, node: int, value: float) -> None:
         mcts.backup(self.tree, node, value)
         self.stats.iterations += 1
+        if self.on_progress is not None:
+            self.on_progress(self.stats, mcts.best_root_value(self.tree))
 
     def _abandon(self, node: int) -> None:
         mcts.add_virtual_loss(self.tree, node, -1)
@@ -274,7 +284,7 @@ class _Search:
             task.cancel()
         if self.inflight:
             await asyncio.gather(*self.inflight, return_exceptions=True)
-        for task, job in self.inflight.items():
+        for job in self.inflight.values():
             self.reserved_tokens -= job.reserved_tokens
             self.tree.nodes["pending"][job.node] = False
             self._abandon(job.node)

@@ -141,6 +141,15 @@ def best_path(tree: Tree, final: FinalChoice) -> list[int]:
     return path
 
 
+def best_root_value(tree: Tree) -> float:
+    """The best mean value among the root's visited children (NaN when none is visited yet)."""
+    kids = tree.children(ROOT)
+    visits = tree.nodes["visits"][kids]
+    if not (visits > 0).any():
+        return float("nan")
+    return float((tree.nodes["value_sum"][kids][visits > 0] / visits[visits > 0]).max())
+
+
 def fully_explored(tree: Tree) -> bool:
     """Every leaf of the searchable tree is terminal (so no expansion is possible anywhere)."""
     n = tree.num_nodes

@@ -19,11 +19,15 @@ _NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 def build_prompt(question: str, *, system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> str:
     """The ChatML text the model sees before its answer."""
-    return (
-        f"<|im_start|>system\n{system_prompt}<|im_end|>\n"
-        f"<|im_start|>user\n{question}<|im_end|>\n"
-        "<|im_start|>assistant\n"
-    )
+    return build_chat_prompt([("user", question)], system_prompt=system_prompt)
+
+
+def build_chat_prompt(messages: list[tuple[str, str]], *, system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> str:
+    """ChatML for a conversation of (role, content); a leading system message replaces ``system_prompt``."""
+    if messages and messages[0][0] == "system":
+        system_prompt, messages = messages[0][1], messages[1:]
+    turns = "".join(f"<|im_start|>{role}\n{content}<|im_end|>\n" for role, content in messages)
+    return f"<|im_start|>system\n{system_prompt}<|im_end|>\n{turns}<|im_start|>assistant\n"
 
 
 def extract_answer(response: str) -> str | None:

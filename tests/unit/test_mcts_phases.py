@@ -20,7 +20,7 @@ def chunk(tokens, p=0.5, finish=FinishReason.LENGTH):
 
 def tree_with_children(visits, value_sums, root_visits=None):
     tree = Tree([1, 2, 3], max_children=len(visits) + 1)
-    for i, (v, s) in enumerate(zip(visits, value_sums)):
+    for i, (v, s) in enumerate(zip(visits, value_sums, strict=True)):
         node = tree.add_chunk(ROOT, chunk([10 + i]))
         tree.nodes["visits"][node], tree.nodes["value_sum"][node] = v, s
     tree.nodes["visits"][ROOT] = sum(visits) if root_visits is None else root_visits

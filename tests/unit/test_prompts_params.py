@@ -32,6 +32,14 @@ def test_prompt_is_chatml_with_the_system_prompt():
     assert "<Thought>" in build_prompt("q")  # the default system prompt asks for Thought/Output
 
 
+def test_chat_prompt_matches_the_single_question_prompt_and_takes_a_system_message():
+    from search.prompts import build_chat_prompt
+    assert build_chat_prompt([("user", "q")]) == build_prompt("q")
+    assert build_chat_prompt([("system", "S"), ("user", "a"), ("assistant", "b"), ("user", "c")]) == (
+        "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\nb<|im_end|>\n"
+        "<|im_start|>user\nc<|im_end|>\n<|im_start|>assistant\n")
+
+
 def test_split_response():
     assert split_response("<Thought>\na\n</Thought>\n<Output>\n5\n</Output>") == ("a", "5")
 

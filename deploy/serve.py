@@ -1,0 +1,267 @@
+"""The online endpoint: a Ray Serve deployment with a FastAPI ingress; one request = one search tree.
+
+``forest serve --config ...`` or ``serve run deploy/serve.yaml``. Routes: ``POST /v1/chat/completions``
+(OpenAI-compatible, ``stream`` supported: progress chunks while the search runs, then the answer, then
+``[DONE]``), ``POST /v1/search`` (the whole tree), ``GET /v1/models``, ``GET /healthz``. The replica searches
+through the same ``TreeEngine``/``WorkerPool`` as the build's TreeManager, over GeneratorWorkers it starts (or
+attaches to by name). A client that disconnects cancels its search, which aborts its engine requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import json
+import logging
+import os
+from collections import OrderedDict
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+
+from cluster.config import ForestConfig, load_config
+from deploy import api_models as api
+
+log = logging.getLogger(__name__)
+fastapi_app = FastAPI(title="Forest", description="Marco-o1-style tree search as an OpenAI-compatible API")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, *, field: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.field, self.headers = status, message, field, headers or {}
+
+
+def _error(status: int, message: str, *, field: str | None = None, headers: dict | None = None) -> JSONResponse:
+    kind = "rate_limit_error" if status == 429 else "authentication_error" if status == 401 else \
+        "invalid_request_error"
+    return JSONResponse({"error": {"message": message, "type": kind, "param": field}}, status_code=status,
+                        headers=headers)
+
+
+@fastapi_app.exception_handler(ApiError)
+async def _api_error(_request, exc: ApiError):
+    return _error(exc.status, exc.message, field=exc.field, headers=exc.headers)
+
+
+@fastapi_app.exception_handler(RequestValidationError)
+async def _validation_error(_request, exc: RequestValidationError):
+    first = exc.errors()[0]
+    field = ".".join(str(p) for p in first.get("loc", ())[1:]) or "body"
+    status = 400 if first.get("type") == "json_invalid" else 422
+    return _error(status, f"{field}: {first.get('msg')}", field=field)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+@serve.ingress(fastapi_app)
+class ForestServer:
+    def __init__(self, config: ForestConfig):
+        import ray
+
+        from actors.generator import start_generator_workers
+        from actors.tokenizer import HFTokenizer
+        from actors.tree_manager import WorkerPool
+
+        self.config, self.limits = config, config.serve
+        self.api_key = os.environ.get("FOREST_API_KEY") or config.serve.api_key
+        if config.serve.attach_workers:
+            self.workers = [ray.get_actor(name) for name in config.serve.attach_workers]
+        else:
+            self.workers = start_generator_workers(config.engine, config.workers)
+        ray.get([w.check_health.remote() for w in self.workers])
+        self.tokenizer = HFTokenizer(config.engine.model)
+        self.pool = WorkerPool(self.workers, max_in_flight=config.build.max_in_flight_per_worker)
+        self.searches = 0
+        self.recent: OrderedDict[str, dict] = OrderedDict()
+
+    # -- request handling -------------------------------------------------------------------------
+    def _authorize(self, request: Request) -> None:
+        if not self.api_key:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+            raise ApiError(401, "missing or wrong API key (Authorization: Bearer <key>)")
+
+    def _plan(self, body: api.ChatRequest):
+        """(strategy, prompt ids, MCTSParams) for a request, with its settings capped by the server's limits."""
+        from search.params import Budget, Granularity
+        from search.prompts import build_chat_prompt
+
+        if body.model not in api.PRESETS:
+            raise ApiError(400, f"unknown model {body.model!r}; available: {', '.join(api.PRESETS)}", field="model")
+        if body.messages[-1].role != "user":
+            raise ApiError(400, "the last message must come from the user", field="messages")
+        strategy, granularity = api.PRESETS[body.model]
+        search, limits = self.config.search, self.limits
+        prompt_text = build_chat_prompt([(m.role, m.content) for m in body.messages],
+                                        system_prompt=search.system_prompt)
+        prompt = self.tokenizer.encode(prompt_text)
+        room = self.config.engine.max_model_len - len(prompt)
+        if room < 16:
+            raise ApiError(400, f"prompt has {len(prompt)} tokens; the model allows "
+                                f"{self.config.engine.max_model_len} including the answer", field="messages")
+        params = search.to_params()
+        budget = Budget(min(body.iterations or params.budget.iterations, limits.max_iterations),
+                        min(body.budget_tokens or params.budget.tokens or limits.max_budget_tokens,
+                            limits.max_budget_tokens),
+                        min(params.budget.seconds or limits.request_timeout_s, limits.request_timeout_s))
+        params = dataclasses.replace(
+            params, budget=budget, max_path_tokens=min(body.max_tokens or params.max_path_tokens,
+                                                       limits.max_path_tokens, room),
+            temperature=params.temperature if body.temperature is None else body.temperature,
+            top_p=body.top_p or params.top_p, children=body.children or params.children,
+            seed=body.seed if body.seed is not None else params.seed)
+        if granularity is not None:
+            params = dataclasses.replace(params, granularity=Granularity.parse(
+                granularity, max_step_tokens=search.max_step_tokens, delimiter=search.step_delimiter))
+        return strategy, prompt, params
+
+    async def _search(self, strategy: str, prompt, params, on_progress=None):
+        from actors.tree_manager import TreeEngine
+        from search.baselines import greedy
+        from search.driver import run_mcts
+
+        engine = TreeEngine(self.pool)
+        try:
+            if strategy == "greedy":
+                return await greedy(engine, self.tokenizer, prompt, max_tokens=params.max_path_tokens,
+                                    budget_tokens=params.budget.tokens)
+            return await run_mcts(engine, self.tokenizer, prompt, params, on_progress=on_progress)
+        finally:
+            engine.close()
+
+    def _admit(self) -> None:
+        if self.searches >= self.limits.max_concurrent_searches:
+            raise ApiError(429, f"{self.searches} searches running (limit {self.limits.max_concurrent_searches}); "
+                                "retry later", headers={"Retry-After": str(self.limits.retry_after_s)})
+        self.searches += 1
+
+    def _remember(self, request_id: str, result) -> None:
+        if self.limits.recent_trees:
+            self.recent[request_id] = api.tree_json(result.tree, self.tokenizer.decode, result.path)
+            while len(self.recent) > self.limits.recent_trees:
+                self.recent.popitem(last=False)
+
+    def _start(self, body: api.ChatRequest, request_id: str, on_progress=None):
+        """Plan and admit a request (raising its 4xx now), then return the coroutine that searches."""
+        strategy, prompt, params = self._plan(body)
+        self._admit()
+
+        async def run():
+            from search.driver import SearchError
+            from search.protocol import EngineError
+            try:
+                result = await self._search(strategy, prompt, params, on_progress)
+            except (SearchError, EngineError) as exc:
+                raise ApiError(503, f"the search failed: {exc}") from exc
+            finally:
+                self.searches -= 1
+            self._remember(request_id, result)
+            return result
+        return run()
+
+    # -- routes -----------------------------------------------------------------------------------
+    @fastapi_app.post("/v1/chat/completions")
+    async def chat_completions(self, body: api.ChatRequest, request: Request):
+        self._authorize(request)
+        request_id = api.new_request_id()
+        if body.stream:
+            events: asyncio.Queue = asyncio.Queue()
+            search = self._start(body, request_id, lambda stats, best: events.put_nowait(_progress(stats, best)))
+            return StreamingResponse(self._stream(body, request_id, search, events), media_type="text/event-stream")
+        result = await self._start(body, request_id)
+        return api.completion(result, body.model, request_id)
+
+    async def _stream(self, body: api.ChatRequest, request_id: str, search, events: asyncio.Queue):
+        task = asyncio.ensure_future(search)
+        try:
+            yield _sse(api.chunk(request_id, body.model, {"role": "assistant", "content": ""}))
+            while not task.done():
+                waiter = asyncio.ensure_future(events.get())
+                await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                if waiter.done():
+                    yield _sse(api.chunk(request_id, body.model, {}, forest_progress=waiter.result()))
+                else:
+                    waiter.cancel()
+            try:
+                result = task.result()
+            except ApiError as exc:
+                yield _sse({"error": {"message": exc.message, "type": "server_error"}})
+                return
+            reasoning, answer = api.split_response(result.response)
+            yield _sse(api.chunk(request_id, body.model, {"reasoning_content": reasoning, "content": answer or ""}))
+            yield _sse(api.chunk(request_id, body.model, {}, "stop", usage=api.usage(result)))
+            yield "data: [DONE]\n\n"
+        finally:
+            if not task.done():  # the client went away: stop the search and abort its engine requests
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+    @fastapi_app.post("/v1/search")
+    async def search(self, body: api.ChatRequest, request: Request):
+        self._authorize(request)
+        request_id = api.new_request_id()
+        result = await self._start(body, request_id)
+        return {**api.completion(result, body.model, request_id), "tree": self.recent.get(request_id) or
+                api.tree_json(result.tree, self.tokenizer.decode, result.path)}
+
+    @fastapi_app.get("/v1/models")
+    async def models(self, request: Request):
+        self._authorize(request)
+        return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "forest"}
+                                           for name in api.PRESETS]}
+
+    @fastapi_app.get("/healthz")
+    async def healthz(self):
+        stats = await asyncio.gather(*(w.stats.remote() for w in self.workers), return_exceptions=True)
+        workers = [{"alive": False} if isinstance(s, BaseException) else
+                   {"alive": True, "requests_in_flight": s.requests_in_flight, "generated_tokens": s.generated_tokens}
+                   for s in stats]
+        healthy = any(w["alive"] for w in workers)
+        return JSONResponse({"status": "ok" if healthy else "unavailable", "searches_in_progress": self.searches,
+                             "workers": workers}, status_code=200 if healthy else 503)
+
+
+def _progress(stats, best_value: float) -> dict:
+    return {"iterations": stats.iterations, "tokens": stats.generated_tokens,
+            "best_value": None if best_value != best_value else round(best_value, 6)}
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+def build_app(args: dict | None = None):
+    """``serve run deploy.serve:build_app config=PATH`` (and ``deploy/serve.yaml``)."""
+    args = args or {}
+    config = load_config(args.get("config"), **{k: v for k, v in args.items() if k != "config"})
+    return app_for(config)
+
+
+def app_for(config: ForestConfig):
+    return ForestServer.options(max_ongoing_requests=config.serve.max_ongoing_requests).bind(config)
+
+
+def run_forever(config: ForestConfig) -> None:
+    """``forest serve``: start Serve on host:port and block until Ctrl-C, then shut everything down."""
+    import time
+
+    import ray
+
+    from cluster.runtime import connect
+
+    connect()
+    serve.start(http_options={"host": config.serve.host, "port": config.serve.port})
+    serve.run(app_for(config), name="forest", route_prefix="/")
+    log.info("Forest is serving on http://%s:%d (Ctrl-C stops it)", config.serve.host, config.serve.port)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        log.info("shutting down")
+    finally:
+        serve.shutdown()
+        ray.shutdown()

@@ -1,0 +1,173 @@
+"""The online endpoint over real HTTP: Ray Serve, the official openai client, real vLLM CPU engines."""
+
+import asyncio
+import json
+import time
+
+import httpx
+import pytest
+
+PORT = 8471
+BASE = f"http://127.0.0.1:{PORT}"
+KEY = "s3cret"
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, engine_config):
+    """One GeneratorWorker shared by two apps: an open one at / and a keyed, one-search-at-a-time one at /secure."""
+    from ray import serve
+
+    from actors.generator import start_generator_workers
+    from cluster.config import load_config
+    from deploy.serve import app_for
+
+    (worker,) = start_generator_workers(engine_config, 1, name_prefix="serve-test")
+    ray_cluster.get(worker.check_health.remote(), timeout=600)
+    base = {"engine": engine_config.model_dump(), "serve": {"attach_workers": ["serve-test-worker-0"]},
+            "search": {"iterations": 4, "max_step_tokens": 16, "max_path_tokens": 48, "parallel": 4}}
+    open_config = load_config(None, **{f"engine.{k}": v for k, v in base["engine"].items()},
+                              **{"serve.attach_workers": base["serve"]["attach_workers"]},
+                              **{f"search.{k}": v for k, v in base["search"].items()})
+    secure_config = load_config(None, **{f"engine.{k}": v for k, v in base["engine"].items()},
+                                **{"serve.attach_workers": base["serve"]["attach_workers"],
+                                   "serve.api_key": KEY, "serve.max_concurrent_searches": 1},
+                                **{f"search.{k}": v for k, v in base["search"].items()})
+    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+    serve.run(app_for(open_config), name="open", route_prefix="/")
+    serve.run(app_for(secure_config), name="secure", route_prefix="/secure")
+    yield worker
+    serve.shutdown()
+    ray_cluster.kill(worker)
+
+
+def client(prefix="", key="unused"):
+    from openai import OpenAI
+    return OpenAI(base_url=f"{BASE}{prefix}/v1", api_key=key, max_retries=0, timeout=300)
+
+
+QUESTION = [{"role": "user", "content": "Ann has 3 apples and buys 4 more. How many apples now?"}]
+
+
+def test_openai_client_non_streamed(server):
+    response = client().chat.completions.create(model="forest-mcts-step", messages=QUESTION)
+    assert response.object == "chat.completion" and response.choices[0].message.role == "assistant"
+    extra = response.choices[0].message.model_extra
+    assert isinstance(extra["reasoning_content"], str)
+    assert response.usage.completion_tokens > 0
+    assert response.usage.prompt_tokens > 10
+    assert response.model_extra["forest"]["iterations"] >= 1
+
+
+def test_openai_client_streamed_with_progress(server):
+    chunks = list(client().chat.completions.create(model="forest-mcts-mini32", messages=QUESTION, stream=True,
+                                                   extra_body={"iterations": 6}))
+    progress = [c.model_extra["forest_progress"] for c in chunks if c.model_extra.get("forest_progress")]
+    assert progress and progress[-1]["iterations"] >= 1
+    assert [p["iterations"] for p in progress] == sorted(p["iterations"] for p in progress)
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert any("reasoning_content" in (c.choices[0].delta.model_extra or {}) for c in chunks)
+
+
+def test_greedy_preset_models_and_health(server):
+    response = client().chat.completions.create(model="forest-greedy", messages=QUESTION, max_tokens=8)
+    assert response.usage.completion_tokens <= 8
+    assert {m.id for m in client().models.list()} >= {"forest-mcts-step", "forest-mcts-mini64", "forest-greedy"}
+    health = httpx.get(f"{BASE}/healthz").json()
+    assert health["status"] == "ok" and health["workers"][0]["alive"]
+
+
+def test_search_returns_the_whole_tree(server):
+    body = {"model": "forest-mcts-step", "messages": QUESTION, "iterations": 5}
+    data = httpx.post(f"{BASE}/v1/search", json=body, timeout=300).json()
+    nodes = data["tree"]["nodes"]
+    assert len(nodes) == data["forest"]["nodes"] and nodes[0]["kind"] == "root"
+    assert data["tree"]["best_path"][0] == 0 and nodes[0]["visits"] == data["forest"]["iterations"]
+
+
+def test_32_concurrent_requests_all_succeed(server):
+    async def one(http, i):
+        body = {"model": "forest-mcts-step", "messages": [{"role": "user", "content": f"What is {i} + {i}?"}],
+                "iterations": 3}
+        return await http.post(f"{BASE}/v1/chat/completions", json=body, timeout=600)
+
+    async def all_of_them():
+        async with httpx.AsyncClient() as http:
+            return await asyncio.gather(*(one(http, i) for i in range(32)))
+
+    responses = asyncio.run(all_of_them())
+    assert [r.status_code for r in responses] == [200] * 32
+    assert httpx.get(f"{BASE}/healthz").json()["status"] == "ok"
+
+
+def wait_idle(worker, timeout=60):
+    import ray
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        health = httpx.get(f"{BASE}/healthz").json()
+        if ray.get(worker.stats.remote()).requests_in_flight == 0 and health["searches_in_progress"] == 0:
+            return True
+        time.sleep(0.3)
+    return False
+
+
+def test_a_client_that_disconnects_stops_its_search(server):
+    body = {"model": "forest-mcts-step", "messages": QUESTION, "stream": True, "iterations": 64,
+            "max_tokens": 48}
+    with httpx.stream("POST", f"{BASE}/v1/chat/completions", json=body, timeout=300) as response:
+        for line in response.iter_lines():
+            if "forest_progress" in line:
+                break
+        import ray
+        assert ray.get(server.stats.remote()).requests_in_flight + 1 > 0
+    assert wait_idle(server), "the engine still has requests of a disconnected client"
+
+
+def test_api_key(server):
+    from openai import AuthenticationError
+    with pytest.raises(AuthenticationError):
+        client("/secure", key="wrong").chat.completions.create(model="forest-greedy", messages=QUESTION)
+    assert httpx.post(f"{BASE}/secure/v1/chat/completions", json={}).status_code == 401
+    ok = client("/secure", key=KEY).chat.completions.create(model="forest-greedy", messages=QUESTION, max_tokens=4)
+    assert ok.choices[0].finish_reason == "stop"
+
+
+def test_a_full_server_answers_429_with_retry_after(server):
+    slow = {"model": "forest-mcts-step", "messages": QUESTION, "iterations": 64, "max_tokens": 48}
+    headers = {"Authorization": f"Bearer {KEY}"}
+
+    async def scenario():
+        async with httpx.AsyncClient(headers=headers, timeout=300) as http:
+            first = asyncio.ensure_future(http.post(f"{BASE}/secure/v1/chat/completions", json=slow))
+            for _ in range(100):
+                await asyncio.sleep(0.1)
+                second = await http.post(f"{BASE}/secure/v1/chat/completions", json=slow)
+                if second.status_code == 429:
+                    break
+            first.cancel()
+            await asyncio.gather(first, return_exceptions=True)
+            return second
+
+    second = asyncio.run(scenario())
+    assert second.status_code == 429 and int(second.headers["retry-after"]) >= 1
+    assert "limit 1" in second.json()["error"]["message"]
+    assert wait_idle(server)
+
+
+@pytest.mark.parametrize("body, status, field", [
+    (b"{not json", 400, None),
+    ({"model": "gpt-4", "messages": QUESTION}, 400, "model"),
+    ({"model": "forest-mcts-step", "messages": []}, 422, "messages"),
+    ({"model": "forest-mcts-step", "messages": [{"role": "user", "content": 5}]}, 422, "messages.0.content"),
+    ({"model": "forest-mcts-step", "messages": QUESTION, "iterations": "many"}, 422, "iterations"),
+    ({"model": "forest-mcts-step", "messages": QUESTION, "temperature": -1}, 422, "temperature"),
+    ({"model": "forest-mcts-step", "messages": [{"role": "assistant", "content": "hi"}]}, 400, "messages"),
+    ({"model": "forest-mcts-step", "messages": [{"role": "user", "content": "apples " * 3000}]}, 400, "messages"),
+])
+def test_bad_requests_get_4xx_naming_the_field(server, body, status, field):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(f"{BASE}/v1/chat/completions", content=content, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["message"]
+    if field:
+        assert error["param"] == field and field.split(".")[0] in error["message"]
