@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from actors.generator import RemoteEngine
 from actors.records import Problem, error_row, node_table, preference_pairs, tree_row
+from cluster.metrics import add
 from search.driver import SearchError, run_mcts
 from search.params import MCTSParams
 from search.prompts import build_prompt
@@ -34,8 +35,9 @@ MIN_GENERATION_ROOM = 16  # a prompt must leave at least this many tokens of con
 class WorkerPool:
     """Live workers, an in-flight request budget per worker, and revival of dead ones."""
 
-    def __init__(self, workers: list, *, max_in_flight: int):
+    def __init__(self, workers: list, *, max_in_flight: int, metrics=None):
         self.workers = list(workers)
+        self.metrics = metrics  # cluster.metrics.ForestMetrics, or None
         self.slots = [asyncio.Semaphore(max_in_flight) for _ in workers]
         self.alive = [True] * len(workers)
         self.in_flight = [0] * len(workers)
@@ -54,6 +56,8 @@ class WorkerPool:
             log.warning("GeneratorWorker %d is down; re-sending its requests to the others", index)
             self.alive[index] = False
             self.restarts += 1
+            if self.metrics:
+                self.metrics.worker_restarts.inc()
         if index not in self._probing:
             self._probing.add(index)
             asyncio.ensure_future(self._probe(index))
@@ -81,11 +85,25 @@ class WorkerPool:
 
     async def generate(self, index: int, request: GenerationRequest) -> list[Chunk]:
         async with self.slots[index]:
-            self.in_flight[index] += 1
+            self._count_in_flight(index, +1)
+            start = time.monotonic()
             try:
-                return await RemoteEngine(self.workers[index]).generate(request)
+                chunks = await RemoteEngine(self.workers[index]).generate(request)
             finally:
-                self.in_flight[index] -= 1
+                self._count_in_flight(index, -1)
+            if self.metrics:
+                m = self.metrics
+                m.chunk_latency.observe(time.monotonic() - start)
+                add(m.generated_tokens, sum(len(c) for c in chunks))
+                add(m.prompt_tokens, len(request.prompt_token_ids))
+                add(m.cached_prompt_tokens, chunks[0].num_cached_tokens if chunks else 0)
+                add(m.expansions, int(request.n > 1))
+            return chunks
+
+    def _count_in_flight(self, index: int, delta: int) -> None:
+        self.in_flight[index] += delta
+        if self.metrics:
+            self.metrics.in_flight.set(self.in_flight[index], tags={"worker": str(index)})
 
 
 class TreeEngine:
@@ -145,22 +163,31 @@ class TreeManagerImpl:
 
     def __init__(self, workers: list, sink, settings: ManagerSettings):
         from actors.tokenizer import HFTokenizer
+        from cluster.metrics import ForestMetrics
 
         self.settings, self.sink = settings, sink
         self.tokenizer = HFTokenizer(settings.model_dir)
-        self.pool = WorkerPool(workers, max_in_flight=settings.max_in_flight_per_worker)
+        self.metrics = ForestMetrics()
+        self.name = uuid.uuid4().hex[:8]
+        self.pool = WorkerPool(workers, max_in_flight=settings.max_in_flight_per_worker, metrics=self.metrics)
         self.active = asyncio.Semaphore(settings.max_active_trees)
         self.waiting = self.running = self.finished = self.failed = 0
 
     async def run(self, problem: Problem) -> TreeOutcome:
-        self.waiting += 1
+        self._gauge(waiting=+1)
         async with self.active:
-            self.waiting -= 1
-            self.running += 1
+            self._gauge(waiting=-1, running=+1)
             try:
                 return await self._search(problem)
             finally:
-                self.running -= 1
+                self._gauge(running=-1)
+
+    def _gauge(self, *, waiting: int = 0, running: int = 0) -> None:
+        self.waiting += waiting
+        self.running += running
+        tags = {"manager": self.name}
+        self.metrics.queue_depth.set(self.waiting, tags=tags)
+        self.metrics.trees_active.set(self.running, tags=tags)
 
     async def _search(self, problem: Problem) -> TreeOutcome:
         s = self.settings
@@ -186,10 +213,13 @@ class TreeManagerImpl:
         pairs = preference_pairs(result, problem, run_id=s.run_id, tree_id=tree_id, decode=decode)
         await self.sink.add_tree.remote(nodes, row, pairs)
         self.finished += 1
+        self.metrics.trees.inc(tags={"status": "finished"})
+        add(self.metrics.iterations, result.stats.iterations)
         return TreeOutcome(problem.problem_id, True, result.stats.generated_tokens, result.stats.seconds)
 
     async def _fail(self, problem: Problem, stage: str, message: str) -> TreeOutcome:
         self.failed += 1
+        self.metrics.trees.inc(tags={"status": "failed"})
         log.warning("problem %s failed at %s: %s", problem.problem_id, stage, message)
         await self.sink.add_errors.remote([error_row(self.settings.run_id, problem.problem_id, stage, message)])
         return TreeOutcome(problem.problem_id, False, error=message)

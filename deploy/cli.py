@@ -59,6 +59,10 @@ def parser() -> argparse.ArgumentParser:
     _add_run_flags(srv)
     srv.add_argument("--host", help="bind address (serve.host, default 127.0.0.1)")
     srv.add_argument("--port", type=int, help="HTTP port (serve.port, default 8000)")
+    view = sub.add_parser("view", help="write a self-contained HTML page drawing one tree of a build")
+    view.add_argument("output", metavar="OUT", help="a build's output directory or URI")
+    view.add_argument("--tree", required=True, metavar="ID", help="tree_id (see OUT/trees)")
+    view.add_argument("--html", metavar="FILE", help="where to write the page (default tree-ID.html)")
     return root
 
 
@@ -102,7 +106,21 @@ def cmd_serve(args) -> int:
     return 0
 
 
-COMMANDS = {"make-model": cmd_make_model, "build": cmd_build, "search": cmd_search, "serve": cmd_serve}
+def cmd_view(args) -> int:
+    from deploy.viewer import render, tree_from_output
+    try:
+        tree, answer = tree_from_output(args.output, args.tree)
+    except (KeyError, ValueError) as exc:
+        print(f"forest view: {exc}", file=sys.stderr)
+        return 2
+    path = args.html or f"tree-{args.tree}.html"
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(render(tree, title=f"tree {args.tree}", answer=answer))
+    print(path)
+    return 0
+
+
+COMMANDS = {"view": cmd_view, "make-model": cmd_make_model, "build": cmd_build, "search": cmd_search, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,7 @@ import hmac
 import json
 import logging
 import os
+import time
 from collections import OrderedDict
 
 from fastapi import FastAPI, Request
@@ -64,6 +65,7 @@ class ForestServer:
         from actors.generator import start_generator_workers
         from actors.tokenizer import HFTokenizer
         from actors.tree_manager import WorkerPool
+        from cluster.metrics import ForestMetrics
 
         self.config, self.limits = config, config.serve
         self.api_key = os.environ.get("FOREST_API_KEY") or config.serve.api_key
@@ -73,7 +75,9 @@ class ForestServer:
             self.workers = start_generator_workers(config.engine, config.workers)
         ray.get([w.check_health.remote() for w in self.workers])
         self.tokenizer = HFTokenizer(config.engine.model)
-        self.pool = WorkerPool(self.workers, max_in_flight=config.build.max_in_flight_per_worker)
+        self.metrics = ForestMetrics()
+        self.pool = WorkerPool(self.workers, max_in_flight=config.build.max_in_flight_per_worker,
+                               metrics=self.metrics)
         self.searches = 0
         self.recent: OrderedDict[str, dict] = OrderedDict()
 
@@ -137,7 +141,11 @@ class ForestServer:
         if self.searches >= self.limits.max_concurrent_searches:
             raise ApiError(429, f"{self.searches} searches running (limit {self.limits.max_concurrent_searches}); "
                                 "retry later", headers={"Retry-After": str(self.limits.retry_after_s)})
-        self.searches += 1
+        self._count_search(+1)
+
+    def _count_search(self, delta: int) -> None:
+        self.searches += delta
+        self.metrics.serve_searches.set(self.searches)
 
     def _remember(self, request_id: str, result) -> None:
         if self.limits.recent_trees:
@@ -158,7 +166,7 @@ class ForestServer:
             except (SearchError, EngineError) as exc:
                 raise ApiError(503, f"the search failed: {exc}") from exc
             finally:
-                self.searches -= 1
+                self._count_search(-1)
             self._remember(request_id, result)
             return result
         return run()
@@ -167,16 +175,20 @@ class ForestServer:
     @fastapi_app.post("/v1/chat/completions")
     async def chat_completions(self, body: api.ChatRequest, request: Request):
         self._authorize(request)
-        request_id = api.new_request_id()
+        request_id, start = api.new_request_id(), time.monotonic()
         if body.stream:
             events: asyncio.Queue = asyncio.Queue()
             search = self._start(body, request_id, lambda stats, best: events.put_nowait(_progress(stats, best)))
             return StreamingResponse(self._stream(body, request_id, search, events), media_type="text/event-stream")
         result = await self._start(body, request_id)
+        self._observe("chat", start)
         return api.completion(result, body.model, request_id)
 
+    def _observe(self, route: str, start: float) -> None:
+        self.metrics.serve_latency.observe(time.monotonic() - start, tags={"route": route})
+
     async def _stream(self, body: api.ChatRequest, request_id: str, search, events: asyncio.Queue):
-        task = asyncio.ensure_future(search)
+        task, start = asyncio.ensure_future(search), time.monotonic()
         try:
             yield _sse(api.chunk(request_id, body.model, {"role": "assistant", "content": ""}))
             while not task.done():
@@ -195,6 +207,7 @@ class ForestServer:
             yield _sse(api.chunk(request_id, body.model, {"reasoning_content": reasoning, "content": answer or ""}))
             yield _sse(api.chunk(request_id, body.model, {}, "stop", usage=api.usage(result)))
             yield "data: [DONE]\n\n"
+            self._observe("chat_stream", start)
         finally:
             if not task.done():  # the client went away: stop the search and abort its engine requests
                 task.cancel()
@@ -203,8 +216,9 @@ class ForestServer:
     @fastapi_app.post("/v1/search")
     async def search(self, body: api.ChatRequest, request: Request):
         self._authorize(request)
-        request_id = api.new_request_id()
+        request_id, start = api.new_request_id(), time.monotonic()
         result = await self._start(body, request_id)
+        self._observe("search", start)
         return {**api.completion(result, body.model, request_id), "tree": self.recent.get(request_id) or
                 api.tree_json(result.tree, self.tokenizer.decode, result.path)}
 
@@ -213,6 +227,26 @@ class ForestServer:
         self._authorize(request)
         return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "forest"}
                                            for name in api.PRESETS]}
+
+    @fastapi_app.get("/trees")
+    async def recent_trees(self, request: Request):
+        self._authorize(request)
+        return {"trees": list(reversed(self.recent))}
+
+    @fastapi_app.get("/trees/{tree_id}")
+    async def view_tree(self, tree_id: str, request: Request):
+        """The tree viewer for a recent request id (the ``id`` of its completion)."""
+        from fastapi.responses import HTMLResponse
+
+        from deploy.viewer import TREE_ID_RE, render
+
+        self._authorize(request)
+        if not TREE_ID_RE.match(tree_id):
+            raise ApiError(400, f"{tree_id!r} is not a valid tree id", field="tree_id")
+        if tree_id not in self.recent:
+            raise ApiError(404, f"no recent tree {tree_id!r} (the server keeps the last "
+                                f"{self.limits.recent_trees})", field="tree_id")
+        return HTMLResponse(render(self.recent[tree_id], title=f"tree {tree_id}"))
 
     @fastapi_app.get("/healthz")
     async def healthz(self):

@@ -18,6 +18,7 @@ from search.confidence import token_confidence
 from tests.integration.conftest import write_build_config
 
 REPO = Path(__file__).resolve().parents[2]
+RAY = str(Path(sys.executable).parent / "ray")  # the venv's CLI; make does not activate the venv
 
 
 def problems_file(path: Path, good: int) -> tuple[str, list[str]]:
@@ -139,10 +140,10 @@ def test_ray_job_submit_runs_a_build(tmp_path, tiny_model):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_AUTH_MODE"] = "disabled"
     port, dash = "6391", "8273"
-    start = ["ray", "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=true",
+    start = [RAY, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=true",
              f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", "--disable-usage-stats"]
     subprocess.run(start, check=True, env=env, capture_output=True, timeout=180)
-    submit = ["ray", "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", str(REPO), "--",
+    submit = [RAY, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", str(REPO), "--",
               "python", "-m", "deploy.build", "--config", config, "--input", inp, "--output", str(out)]
     try:
         for _ in range(60):  # the dashboard's job agent comes up a little after `ray start` returns
@@ -151,7 +152,7 @@ def test_ray_job_submit_runs_a_build(tmp_path, tiny_model):
                 break
             time.sleep(2)
     finally:
-        subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     assert "build finished" in job.stdout and "built 4" in job.stdout
     check_output(out, good)
