@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Literal
@@ -84,6 +85,16 @@ def tree_json(tree: Tree, decode, best_path: list[int]) -> dict:
                       "value": float(n["value_sum"][i] / visits) if visits else None,
                       "terminal": bool(n["is_terminal"][i])})
     return {"nodes": nodes, "best_path": [int(i) for i in best_path]}
+
+
+def progress(stats, best_value: float) -> dict:
+    """A streamed progress event: iterations and tokens so far, the best root-child value."""
+    return {"iterations": stats.iterations, "tokens": stats.generated_tokens,
+            "best_value": None if best_value != best_value else round(best_value, 6)}
+
+
+def sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
 
 
 def new_request_id() -> str:

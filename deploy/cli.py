@@ -120,7 +120,8 @@ def cmd_view(args) -> int:
     return 0
 
 
-COMMANDS = {"view": cmd_view, "make-model": cmd_make_model, "build": cmd_build, "search": cmd_search, "serve": cmd_serve}
+COMMANDS = {"make-model": cmd_make_model, "build": cmd_build, "search": cmd_search, "serve": cmd_serve,
+            "view": cmd_view}
 
 
 def main(argv: list[str] | None = None) -> int:

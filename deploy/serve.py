@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hmac
-import json
 import logging
 import os
 import time
@@ -32,6 +31,8 @@ fastapi_app = FastAPI(title="Forest", description="Marco-o1-style tree search as
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, *, field: str | None = None, headers: dict | None = None):
+        if field and not message.startswith(f"{field}:"):
+            message = f"{field}: {message}"  # every 4xx names the field it is about
         super().__init__(message)
         self.status, self.message, self.field, self.headers = status, message, field, headers or {}
 
@@ -48,12 +49,28 @@ async def _api_error(_request, exc: ApiError):
     return _error(exc.status, exc.message, field=exc.field, headers=exc.headers)
 
 
-@fastapi_app.exception_handler(RequestValidationError)
-async def _validation_error(_request, exc: RequestValidationError):
-    first = exc.errors()[0]
-    field = ".".join(str(p) for p in first.get("loc", ())[1:]) or "body"
+def _validation_error(errors: list[dict], *, skip: int) -> ApiError:
+    """The first error as a 400 (malformed JSON) or 422 (wrong field) naming the field."""
+    first = errors[0]
+    field = ".".join(str(p) for p in first.get("loc", ())[skip:]) or "body"
     status = 400 if first.get("type") == "json_invalid" else 422
-    return _error(status, f"{field}: {first.get('msg')}", field=field)
+    return ApiError(status, f"{field}: {first.get('msg')}", field=field)
+
+
+@fastapi_app.exception_handler(RequestValidationError)
+async def _request_validation_error(_request, exc: RequestValidationError):
+    err = _validation_error(exc.errors(), skip=1)
+    return _error(err.status, err.message, field=err.field)
+
+
+async def _chat_request(request: Request) -> api.ChatRequest:
+    """Parse the body only after authorization, so an unauthenticated caller learns nothing from validation."""
+    from pydantic import ValidationError
+
+    try:
+        return api.ChatRequest.model_validate_json(await request.body())
+    except ValidationError as exc:
+        raise _validation_error(exc.errors(), skip=0) from None
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
@@ -173,12 +190,13 @@ class ForestServer:
 
     # -- routes -----------------------------------------------------------------------------------
     @fastapi_app.post("/v1/chat/completions")
-    async def chat_completions(self, body: api.ChatRequest, request: Request):
+    async def chat_completions(self, request: Request):
         self._authorize(request)
+        body = await _chat_request(request)
         request_id, start = api.new_request_id(), time.monotonic()
         if body.stream:
             events: asyncio.Queue = asyncio.Queue()
-            search = self._start(body, request_id, lambda stats, best: events.put_nowait(_progress(stats, best)))
+            search = self._start(body, request_id, lambda stats, best: events.put_nowait(api.progress(stats, best)))
             return StreamingResponse(self._stream(body, request_id, search, events), media_type="text/event-stream")
         result = await self._start(body, request_id)
         self._observe("chat", start)
@@ -190,22 +208,22 @@ class ForestServer:
     async def _stream(self, body: api.ChatRequest, request_id: str, search, events: asyncio.Queue):
         task, start = asyncio.ensure_future(search), time.monotonic()
         try:
-            yield _sse(api.chunk(request_id, body.model, {"role": "assistant", "content": ""}))
+            yield api.sse(api.chunk(request_id, body.model, {"role": "assistant", "content": ""}))
             while not task.done():
                 waiter = asyncio.ensure_future(events.get())
                 await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
                 if waiter.done():
-                    yield _sse(api.chunk(request_id, body.model, {}, forest_progress=waiter.result()))
+                    yield api.sse(api.chunk(request_id, body.model, {}, forest_progress=waiter.result()))
                 else:
                     waiter.cancel()
             try:
                 result = task.result()
             except ApiError as exc:
-                yield _sse({"error": {"message": exc.message, "type": "server_error"}})
+                yield api.sse({"error": {"message": exc.message, "type": "server_error"}})
                 return
             reasoning, answer = api.split_response(result.response)
-            yield _sse(api.chunk(request_id, body.model, {"reasoning_content": reasoning, "content": answer or ""}))
-            yield _sse(api.chunk(request_id, body.model, {}, "stop", usage=api.usage(result)))
+            yield api.sse(api.chunk(request_id, body.model, {"reasoning_content": reasoning, "content": answer or ""}))
+            yield api.sse(api.chunk(request_id, body.model, {}, "stop", usage=api.usage(result)))
             yield "data: [DONE]\n\n"
             self._observe("chat_stream", start)
         finally:
@@ -214,8 +232,9 @@ class ForestServer:
                 await asyncio.gather(task, return_exceptions=True)
 
     @fastapi_app.post("/v1/search")
-    async def search(self, body: api.ChatRequest, request: Request):
+    async def search(self, request: Request):
         self._authorize(request)
+        body = await _chat_request(request)
         request_id, start = api.new_request_id(), time.monotonic()
         result = await self._start(body, request_id)
         self._observe("search", start)
@@ -257,15 +276,6 @@ class ForestServer:
         healthy = any(w["alive"] for w in workers)
         return JSONResponse({"status": "ok" if healthy else "unavailable", "searches_in_progress": self.searches,
                              "workers": workers}, status_code=200 if healthy else 503)
-
-
-def _progress(stats, best_value: float) -> dict:
-    return {"iterations": stats.iterations, "tokens": stats.generated_tokens,
-            "best_value": None if best_value != best_value else round(best_value, 6)}
-
-
-def _sse(payload: dict) -> str:
-    return f"data: {json.dumps(payload)}\n\n"
 
 
 def build_app(args: dict | None = None):
