@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 MODEL := models/tiny-random
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: demo test unit install clean
+.PHONY: demo test unit install browser clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,7 +30,12 @@ demo: $(BIN)/.installed $(MODEL)/config.json
 unit: $(BIN)/.installed
 	$(BIN)/python -m pytest -q tests/unit
 
-test: $(BIN)/.installed
+# headless Chromium for the tree-viewer tests (Debian's package; needs root or sudo)
+browser:
+	@command -v chromium >/dev/null || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; }
+
+test: $(BIN)/.installed browser
 	$(BIN)/ruff check search actors cluster deploy tests
 	$(BIN)/python -m pytest -q tests
 

@@ -43,6 +43,10 @@ class WorkerPool:
         self.in_flight = [0] * len(workers)
         self.trees = [0] * len(workers)
         self.restarts = 0
+        if metrics:
+            metrics.set(metrics.worker_restarts, 0)
+            for index in range(len(workers)):
+                self._count_in_flight(index, 0)
         self._revived = asyncio.Event()
         self._probing: set[int] = set()
 
@@ -57,7 +61,7 @@ class WorkerPool:
             self.alive[index] = False
             self.restarts += 1
             if self.metrics:
-                self.metrics.worker_restarts.inc()
+                self.metrics.set(self.metrics.worker_restarts, self.restarts)
         if index not in self._probing:
             self._probing.add(index)
             asyncio.ensure_future(self._probe(index))
@@ -103,7 +107,7 @@ class WorkerPool:
     def _count_in_flight(self, index: int, delta: int) -> None:
         self.in_flight[index] += delta
         if self.metrics:
-            self.metrics.in_flight.set(self.in_flight[index], tags={"worker": str(index)})
+            self.metrics.set(self.metrics.in_flight, self.in_flight[index], tags={"worker": str(index)})
 
 
 class TreeEngine:
@@ -172,6 +176,7 @@ class TreeManagerImpl:
         self.pool = WorkerPool(workers, max_in_flight=settings.max_in_flight_per_worker, metrics=self.metrics)
         self.active = asyncio.Semaphore(settings.max_active_trees)
         self.waiting = self.running = self.finished = self.failed = 0
+        self._gauge()  # publish zeros, so dashboards show the manager before its first tree
 
     async def run(self, problem: Problem) -> TreeOutcome:
         self._gauge(waiting=+1)
@@ -186,8 +191,8 @@ class TreeManagerImpl:
         self.waiting += waiting
         self.running += running
         tags = {"manager": self.name}
-        self.metrics.queue_depth.set(self.waiting, tags=tags)
-        self.metrics.trees_active.set(self.running, tags=tags)
+        self.metrics.set(self.metrics.queue_depth, self.waiting, tags=tags)
+        self.metrics.set(self.metrics.trees_active, self.running, tags=tags)
 
     async def _search(self, problem: Problem) -> TreeOutcome:
         s = self.settings

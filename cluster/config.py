@@ -98,6 +98,8 @@ class BuildConfig(_Strict):
     max_in_flight_per_worker: int = Field(128, ge=1, description="Engine requests in flight per worker.")
     flush_trees: int = Field(64, ge=1, description="Commit to Parquet after this many finished trees.")
     flush_seconds: float = Field(10.0, gt=0, description="... or after this many seconds.")
+    attach_workers: list[str] = Field(default_factory=list, description="Names of running GeneratorWorkers to "
+                                                                        "use instead of starting new ones.")
 
 
 class ServeConfig(_Strict):

@@ -3,9 +3,17 @@
 Ray exports them at each node's Prometheus port with a ``ray_`` prefix (so ``forest_trees_total`` is scraped as
 ``ray_forest_trees_total``) and shows them in the dashboard's metrics view. ``deploy/grafana/forest.json``
 charts them. Create one ``ForestMetrics`` per process, inside a Ray worker or a connected driver.
+
+Ray drops a gauge's series about 20 s after its last ``set``, so gauges go through ``ForestMetrics.set``, which
+remembers the latest values and re-publishes them every few seconds from a daemon thread.
 """
 
 from __future__ import annotations
+
+import threading
+import time
+
+REPUBLISH_SECONDS = 5.0
 
 def add(counter, value: float) -> None:
     """``counter.inc(value)`` for value > 0 (Ray's counters refuse 0)."""
@@ -34,7 +42,26 @@ class ForestMetrics:
                                tag_keys=("worker",))
         self.chunk_latency = Histogram("forest_chunk_latency_seconds", "Time from sending a request to its chunks.",
                                        boundaries=LATENCY_BUCKETS)
-        self.worker_restarts = Counter("forest_worker_restarts", "GeneratorWorkers lost (their work re-sent).")
+        self.worker_restarts = Gauge("forest_worker_restarts", "GeneratorWorkers lost so far (work re-sent), "
+                                     "per process.")
         self.serve_latency = Histogram("forest_serve_request_seconds", "Serve request latency, by route.",
                                        boundaries=LATENCY_BUCKETS, tag_keys=("route",))
         self.serve_searches = Gauge("forest_serve_searches_in_progress", "Searches running in the Serve app.")
+        self._latest: dict[tuple, tuple] = {}
+        self._lock = threading.Lock()
+        threading.Thread(target=self._republish, name="forest-metrics", daemon=True).start()
+
+    def set(self, gauge, value: float, tags: dict[str, str] | None = None) -> None:
+        """Set a gauge and keep it alive until the next change."""
+        key = (id(gauge), tuple(sorted((tags or {}).items())))
+        with self._lock:
+            self._latest[key] = (gauge, value, tags)
+        gauge.set(value, tags=tags)
+
+    def _republish(self) -> None:
+        while True:
+            time.sleep(REPUBLISH_SECONDS)
+            with self._lock:
+                latest = list(self._latest.values())
+            for gauge, value, tags in latest:
+                gauge.set(value, tags=tags)

@@ -112,8 +112,12 @@ def run_build(config: ForestConfig) -> BuildSummary:
     fresh = [error_row(run_id, e.problem_id, "input", e.message) for e in input_errors
              if (e.problem_id, "input", e.message) not in known]
     ray.get(sink.add_errors.remote(fresh))
-    workers = (start_generator_workers(config.engine, config.workers, name_prefix=f"forest-build-{session}")
-               if todo else [])
+    if b.attach_workers:
+        workers, owned = [ray.get_actor(name) for name in b.attach_workers], []
+    else:
+        workers = (start_generator_workers(config.engine, config.workers, name_prefix=f"forest-build-{session}")
+                   if todo else [])
+        owned = workers
     settings = ManagerSettings(model_dir=config.engine.model, params=config.search.to_params(),
                                system_prompt=config.search.system_prompt, max_model_len=config.engine.max_model_len,
                                run_id=run_id, config_hash=digest, max_active_trees=b.max_active_trees,
@@ -130,7 +134,7 @@ def run_build(config: ForestConfig) -> BuildSummary:
     restarts = sum(s["worker_restarts"] for s in ray.get([m.stats.remote() for m in managers]))
     manifest["sessions"][-1]["worker_failures"] = restarts
     counts = write_exports(b.output, manifest)
-    for actor in [*managers, *workers, sink]:
+    for actor in [*managers, *owned, sink]:
         ray.kill(actor)
     return BuildSummary(b.output, len(problems), skipped, built, failed + len(problems) - skipped - len(todo),
                         len(input_errors), tokens, seconds, counts, restarts)

@@ -96,6 +96,7 @@ class ForestServer:
         self.pool = WorkerPool(self.workers, max_in_flight=config.build.max_in_flight_per_worker,
                                metrics=self.metrics)
         self.searches = 0
+        self._count_search(0)
         self.recent: OrderedDict[str, dict] = OrderedDict()
 
     # -- request handling -------------------------------------------------------------------------
@@ -162,7 +163,7 @@ class ForestServer:
 
     def _count_search(self, delta: int) -> None:
         self.searches += delta
-        self.metrics.serve_searches.set(self.searches)
+        self.metrics.set(self.metrics.serve_searches, self.searches)
 
     def _remember(self, request_id: str, result) -> None:
         if self.limits.recent_trees:

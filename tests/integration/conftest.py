@@ -11,6 +11,23 @@ import pytest
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+METRICS_PORT = 18431  # this session's Prometheus export port
+
+
+def run_chromium(url: str, tmp_path) -> tuple[str, list[str], "os.PathLike"]:
+    """Load ``url`` in headless Chromium: (DOM after scripts ran, console lines, screenshot path)."""
+    import subprocess
+
+    flags = ["/usr/bin/chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--window-size=1400,900"]
+    shot = tmp_path / "page.png"
+    grab = subprocess.run([*flags, f"--user-data-dir={tmp_path / 'profile-a'}", "--enable-logging=stderr", "--v=0",
+                           f"--screenshot={shot}", url], capture_output=True, text=True, timeout=120)
+    console = [line for line in grab.stderr.splitlines() if ":CONSOLE" in line]
+    dom = subprocess.run([*flags, f"--user-data-dir={tmp_path / 'profile-b'}", "--dump-dom", url],
+                         capture_output=True, text=True, timeout=120).stdout
+    return dom, console, shot
 
 
 @pytest.fixture(scope="session")
@@ -24,7 +41,7 @@ def tiny_model(tmp_path_factory) -> str:
 def ray_cluster():
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _metrics_export_port=METRICS_PORT)
     yield ray
     ray.shutdown()
 

@@ -171,3 +171,53 @@ def test_bad_requests_get_4xx_naming_the_field(server, body, status, field):
     assert error["message"]
     if field:
         assert error["param"] == field and field.split(".")[0] in error["message"]
+
+
+def test_tree_viewer_pages_for_recent_trees(server, tmp_path):
+    from tests.integration.conftest import run_chromium
+
+    data = httpx.post(f"{BASE}/v1/search", json={"model": "forest-mcts-step", "messages": QUESTION,
+                                                 "iterations": 6}, timeout=300).json()
+    assert data["id"] in httpx.get(f"{BASE}/trees").json()["trees"]
+    dom, console, shot = run_chromium(f"{BASE}/trees/{data['id']}", tmp_path)
+    assert f'data-drawn-nodes="{len(data["tree"]["nodes"])}"' in dom
+    assert not [line for line in console if "Uncaught" in line or "Error" in line], console
+    assert shot.stat().st_size > 5_000
+    assert httpx.get(f"{BASE}/trees/..%2F..%2Fetc%2Fpasswd").status_code in (400, 404)
+    assert httpx.get(f"{BASE}/trees/bad$id").status_code == 400
+    assert httpx.get(f"{BASE}/trees/chatcmpl-unknown").status_code == 404
+    assert httpx.get(f"{BASE}/secure/trees").status_code == 401
+
+
+def test_every_metric_the_grafana_dashboard_queries_is_exported(server, tmp_path, tiny_model):
+    """A request and a small build (attached to the same worker) feed the metrics; Ray's Prometheus port is
+    scraped while the build runs (a manager's gauges go when the manager does) and after it."""
+    import re
+    import threading
+    from pathlib import Path
+
+    from cluster.config import load_config
+    from deploy.build import run_build
+    from tests.integration.conftest import METRICS_PORT, write_build_config
+
+    client().chat.completions.create(model="forest-greedy", messages=QUESTION, max_tokens=4)
+    problems = tmp_path / "p.jsonl"
+    problems.write_text("\n".join(json.dumps({"id": f"m{i}", "question": f"{i}+1?", "answer": str(i + 1)})
+                                  for i in range(6)) + "\n")
+    config = load_config(write_build_config(tmp_path / "b.yaml", tiny_model),
+                         **{"build.input": str(problems), "build.output": str(tmp_path / "out"),
+                            "build.attach_workers": ["serve-test-worker-0"], "search.iterations": 12})
+    build = threading.Thread(target=run_build, args=(config,))
+    build.start()
+    dashboard = json.loads((Path(__file__).resolve().parents[2] / "deploy/grafana/forest.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    wanted = {re.sub(r"_(bucket|sum|count)$", "", m) for e in exprs for m in re.findall(r"ray_forest_\w+", e)}
+    assert len(wanted) >= 12
+    seen: set[str] = set()
+    deadline = time.monotonic() + 180
+    while not wanted <= seen and time.monotonic() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).text
+        seen |= {re.sub(r"_(bucket|sum|count)$", "", m) for m in re.findall(r"^(ray_forest_\w+)", text, re.M)}
+        time.sleep(1)
+    build.join(timeout=600)
+    assert not wanted - seen, f"queried by the dashboard but never exported: {sorted(wanted - seen)}"

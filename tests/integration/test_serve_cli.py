@@ -1,0 +1,44 @@
+"""`forest serve` as a user runs it: starts, answers over HTTP, and shuts down cleanly on Ctrl-C."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[2]
+PORT = 8472
+
+
+def test_forest_serve_runs_until_ctrl_c(tmp_path, tiny_model, ray_address):
+    env = {**os.environ, "RAY_ADDRESS": ray_address, "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "deploy.cli", "serve", "--config", str(REPO / "deploy/serve.cpu.yaml"),
+               "--model", tiny_model, "--workers", "1", "--port", str(PORT)]
+    log = open(tmp_path / "serve.log", "w")
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 400
+        while True:
+            assert process.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "forest serve never became healthy"
+            try:
+                if httpx.get(f"http://127.0.0.1:{PORT}/healthz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(2)
+        body = {"model": "forest-mcts-step", "messages": [{"role": "user", "content": "2+2?"}], "iterations": 2}
+        assert httpx.post(f"http://127.0.0.1:{PORT}/v1/chat/completions", json=body, timeout=300).status_code == 200
+    finally:
+        process.send_signal(signal.SIGINT)
+        code = process.wait(timeout=120)
+    assert code == 0, (tmp_path / "serve.log").read_text()[-3000:]
+    try:
+        httpx.get(f"http://127.0.0.1:{PORT}/healthz", timeout=5)
+        stopped = False
+    except httpx.HTTPError:
+        stopped = True
+    assert stopped, "the HTTP endpoint is still up after Ctrl-C"
