@@ -109,6 +109,7 @@ class ForestServer:
 
     def _plan(self, body: api.ChatRequest):
         """(strategy, prompt ids, MCTSParams) for a request, with its settings capped by the server's limits."""
+        from actors.tree_manager import MIN_GENERATION_ROOM
         from search.params import Budget, Granularity
         from search.prompts import build_chat_prompt
 
@@ -122,7 +123,7 @@ class ForestServer:
                                         system_prompt=search.system_prompt)
         prompt = self.tokenizer.encode(prompt_text)
         room = self.config.engine.max_model_len - len(prompt)
-        if room < 16:
+        if room < MIN_GENERATION_ROOM:
             raise ApiError(400, f"prompt has {len(prompt)} tokens; the model allows "
                                 f"{self.config.engine.max_model_len} including the answer", field="messages")
         params = search.to_params()

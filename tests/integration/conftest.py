@@ -41,7 +41,8 @@ def tiny_model(tmp_path_factory) -> str:
 def ray_cluster():
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _metrics_export_port=METRICS_PORT)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+             _metrics_export_port=METRICS_PORT)
     yield ray
     ray.shutdown()
 

@@ -2,9 +2,11 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -71,6 +73,17 @@ def check_output(out: Path, good_ids: list[str]) -> None:
         assert set(json.loads(line)) == {"instruction", "response"}
 
 
+def free_ports(count: int) -> list[int]:
+    import socket
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
 def build_command(config: str, inp: str, out: Path) -> list[str]:
     return [sys.executable, "-m", "deploy.build", "--config", config, "--input", inp, "--output", str(out)]
 
@@ -106,13 +119,13 @@ def test_driver_sigkill_then_resume_builds_everything_exactly_once(tmp_path, tin
     check_output(out, good)
 
 
-def test_killing_a_worker_mid_build_loses_nothing(tmp_path, tiny_model, ray_cluster):
+def test_killing_a_worker_mid_build_with_two_managers_loses_nothing(tmp_path, tiny_model, ray_cluster):
     from cluster.config import load_config
     from deploy.build import run_build
 
     inp, good = problems_file(tmp_path / "problems.jsonl", 30)
     out = tmp_path / "out"
-    config = load_config(write_build_config(tmp_path / "build.yaml", tiny_model, workers=2),
+    config = load_config(write_build_config(tmp_path / "build.yaml", tiny_model, workers=2, managers=2),
                          **{"build.input": inp, "build.output": str(out), "search.iterations": 10})
     summary = {}
     thread = threading.Thread(target=lambda: summary.update(result=run_build(config)))
@@ -139,20 +152,26 @@ def test_ray_job_submit_runs_a_build(tmp_path, tiny_model):
     out = tmp_path / "job-out"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_AUTH_MODE"] = "disabled"
-    port, dash = "6391", "8273"
+    # this session's cluster already holds Ray's default agent ports: give the second cluster its own
+    port, dash, agent, grpc, metrics, runtime_env = free_ports(6)
+    temp_dir = tempfile.mkdtemp(prefix="forest-job-", dir="/tmp")  # short: Ray's socket paths must stay short
     start = [RAY, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=true",
-             f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", "--disable-usage-stats"]
+             f"--temp-dir={temp_dir}",
+             f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", "--disable-usage-stats",
+             f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={grpc}",
+             f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}"]
     subprocess.run(start, check=True, env=env, capture_output=True, timeout=180)
     submit = [RAY, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", str(REPO), "--",
               "python", "-m", "deploy.build", "--config", config, "--input", inp, "--output", str(out)]
     try:
-        for _ in range(60):  # the dashboard's job agent comes up a little after `ray start` returns
+        for _ in range(30):  # the dashboard's job agent comes up a little after `ray start` returns
             job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=900)
             if "No available agent" not in job.stderr:
                 break
             time.sleep(2)
-    finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+    finally:  # `ray stop` would stop every cluster on the machine, this session's too: stop only this one
+        subprocess.run(["pkill", "-9", "-f", temp_dir], capture_output=True, timeout=60)
+        shutil.rmtree(temp_dir, ignore_errors=True)
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     assert "build finished" in job.stdout and "built 4" in job.stdout
     check_output(out, good)
