@@ -61,15 +61,28 @@ def chunk_from_output(completion, eos_token_id: int, num_cached_tokens: int) -> 
     flat = completion.logprobs
     count = len(completion.token_ids)
     token_ids = np.asarray(completion.token_ids, dtype=np.int32)
+    starts = np.asarray(flat.start_indices[:count], dtype=np.int64)
+    ends = np.asarray(flat.end_indices[:count], dtype=np.int64)
+    all_ids = np.asarray(flat.token_ids, dtype=np.int32)
+    all_lps = np.asarray(flat.logprobs, dtype=np.float32)
+    if count and (ends - starts == TOP_K + 1).all():  # the usual case: gather without a Python loop
+        columns = starts[:, None] + 1 + np.arange(TOP_K)
+        return _chunk(completion, token_ids, all_lps[starts], all_ids[columns], all_lps[columns], eos_token_id,
+                      num_cached_tokens)
     logprobs = np.empty(count, dtype=np.float32)
     top_ids = np.full((count, TOP_K), -1, dtype=np.int32)
     top_lps = np.full((count, TOP_K), -np.inf, dtype=np.float32)
-    for i in range(count):
+    for i in range(count):  # fewer alternatives than TOP_K somewhere (a tiny vocabulary)
         start, end = flat.start_indices[i], flat.end_indices[i]
         logprobs[i] = flat.logprobs[start]
         alternatives = min(end - start - 1, TOP_K)
         top_ids[i, :alternatives] = flat.token_ids[start + 1:start + 1 + alternatives]
         top_lps[i, :alternatives] = flat.logprobs[start + 1:start + 1 + alternatives]
+    return _chunk(completion, token_ids, logprobs, top_ids, top_lps, eos_token_id, num_cached_tokens)
+
+
+def _chunk(completion, token_ids, logprobs, top_ids, top_lps, eos_token_id: int, num_cached_tokens: int) -> Chunk:
+    count = len(token_ids)
     finish = _FINISH.get(completion.finish_reason, FinishReason.STOP)
     if finish is FinishReason.STOP and count and completion.stop_reason is None and token_ids[-1] == eos_token_id:
         finish = FinishReason.EOS

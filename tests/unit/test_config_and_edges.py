@@ -75,3 +75,23 @@ def test_sink_writes_through_a_filesystem_uri(tmp_path):
     sink.flush()
     assert recorded_errors(uri) == {("x", "input", "m")} and committed_problem_ids(uri) == set()
     assert list((tmp_path / "out" / "errors").glob("part-u-*.parquet"))
+
+
+def test_vllm_flat_logprobs_become_fixed_shape_chunks():
+    """vLLM's flat logprobs: per position the sampled token first, then the top-k by rank."""
+    from types import SimpleNamespace as Output
+
+    from actors.generator import chunk_from_output
+    from search.protocol import FinishReason
+
+    full = Output(start_indices=[0, 6], end_indices=[6, 12], token_ids=[9, 9, 1, 2, 3, 4, 7, 5, 6, 7, 8, 10],
+                  logprobs=[-0.1, -0.1, -1, -2, -3, -4, -2, -0.5, -1, -2, -3, -4])
+    c = chunk_from_output(Output(logprobs=full, token_ids=[9, 7], finish_reason="stop", stop_reason=None),
+                          eos_token_id=7, num_cached_tokens=3)
+    assert c.logprobs.tolist() == pytest.approx([-0.1, -2.0])
+    assert c.top_ids.tolist() == [[9, 1, 2, 3, 4], [5, 6, 7, 8, 10]]
+    assert c.finish_reason is FinishReason.EOS and c.num_cached_tokens == 3
+    short = Output(start_indices=[0], end_indices=[3], token_ids=[9, 9, 1], logprobs=[-0.1, -0.1, -1])
+    c = chunk_from_output(Output(logprobs=short, token_ids=[9], finish_reason="length", stop_reason=None), 7, 0)
+    assert c.top_ids.tolist() == [[9, 1, -1, -1, -1]] and c.top_logprobs[0, 2] == float("-inf")
+    assert c.finish_reason is FinishReason.LENGTH
