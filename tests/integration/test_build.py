@@ -152,6 +152,7 @@ def test_ray_job_submit_runs_a_build(tmp_path, tiny_model):
     out = tmp_path / "job-out"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_AUTH_MODE"] = "disabled"
+    env["PATH"] = f"{Path(RAY).parent}:{env.get('PATH', '')}"  # the job's `python` is this venv's, as for a user
     # this session's cluster already holds Ray's default agent ports: give the second cluster its own
     port, dash, agent, grpc, metrics, runtime_env = free_ports(6)
     temp_dir = tempfile.mkdtemp(prefix="forest-job-", dir="/tmp")  # short: Ray's socket paths must stay short
