@@ -98,8 +98,6 @@ class BuildConfig(_Strict):
     max_in_flight_per_worker: int = Field(128, ge=1, description="Engine requests in flight per worker.")
     flush_trees: int = Field(64, ge=1, description="Commit to Parquet after this many finished trees.")
     flush_seconds: float = Field(10.0, gt=0, description="... or after this many seconds.")
-    attach_workers: list[str] = Field(default_factory=list, description="Names of running GeneratorWorkers to "
-                                                                        "use instead of starting new ones.")
 
 
 class ServeConfig(_Strict):
@@ -116,8 +114,6 @@ class ServeConfig(_Strict):
     max_iterations: int = Field(64, ge=1, description="Cap on a request's iterations.")
     max_budget_tokens: int = Field(16384, ge=1, description="Cap on a request's generated-token budget.")
     max_path_tokens: int = Field(1024, ge=1, description="Cap on a request's max_tokens (per reasoning path).")
-    attach_workers: list[str] = Field(default_factory=list, description="Names of running GeneratorWorkers to "
-                                                                        "use instead of starting new ones.")
     recent_trees: int = Field(32, ge=0, description="Finished trees kept for the tree viewer.")
 
 
@@ -129,6 +125,8 @@ class ForestConfig(_Strict):
     build: BuildConfig = BuildConfig()
     serve: ServeConfig = ServeConfig()
     workers: int = Field(1, ge=1, description="GeneratorWorkers (vLLM engines) to start.")
+    attach_workers: list[str] = Field(default_factory=list, description="Names of running GeneratorWorkers to "
+                                      "use instead of starting new ones (a pool shared by builds and serving).")
 
     def search_identity(self) -> dict:
         """What decides the trees' content (hashed; a resumed build must match it)."""

@@ -112,8 +112,8 @@ def run_build(config: ForestConfig) -> BuildSummary:
     fresh = [error_row(run_id, e.problem_id, "input", e.message) for e in input_errors
              if (e.problem_id, "input", e.message) not in known]
     ray.get(sink.add_errors.remote(fresh))
-    if b.attach_workers:
-        workers, owned = [ray.get_actor(name) for name in b.attach_workers], []
+    if config.attach_workers:
+        workers, owned = [ray.get_actor(name) for name in config.attach_workers], []
     else:
         workers = (start_generator_workers(config.engine, config.workers, name_prefix=f"forest-build-{session}")
                    if todo else [])

@@ -86,8 +86,8 @@ class ForestServer:
 
         self.config, self.limits = config, config.serve
         self.api_key = os.environ.get("FOREST_API_KEY") or config.serve.api_key
-        if config.serve.attach_workers:
-            self.workers = [ray.get_actor(name) for name in config.serve.attach_workers]
+        if config.attach_workers:
+            self.workers = [ray.get_actor(name) for name in config.attach_workers]
         else:
             self.workers = start_generator_workers(config.engine, config.workers)
         ray.get([w.check_health.remote() for w in self.workers])

@@ -23,15 +23,12 @@ def server(ray_cluster, engine_config):
 
     (worker,) = start_generator_workers(engine_config, 1, name_prefix="serve-test")
     ray_cluster.get(worker.check_health.remote(), timeout=600)
-    base = {"engine": engine_config.model_dump(), "serve": {"attach_workers": ["serve-test-worker-0"]},
-            "search": {"iterations": 4, "max_step_tokens": 16, "max_path_tokens": 48, "parallel": 4}}
-    open_config = load_config(None, **{f"engine.{k}": v for k, v in base["engine"].items()},
-                              **{"serve.attach_workers": base["serve"]["attach_workers"]},
-                              **{f"search.{k}": v for k, v in base["search"].items()})
-    secure_config = load_config(None, **{f"engine.{k}": v for k, v in base["engine"].items()},
-                                **{"serve.attach_workers": base["serve"]["attach_workers"],
-                                   "serve.api_key": KEY, "serve.max_concurrent_searches": 1},
-                                **{f"search.{k}": v for k, v in base["search"].items()})
+    shared = {**{f"engine.{k}": v for k, v in engine_config.model_dump().items()},
+              **{f"search.{k}": v for k, v in {"iterations": 4, "max_step_tokens": 16, "max_path_tokens": 48,
+                                               "parallel": 4}.items()},
+              "attach_workers": ["serve-test-worker-0"]}
+    open_config = load_config(None, **shared)
+    secure_config = load_config(None, **shared, **{"serve.api_key": KEY, "serve.max_concurrent_searches": 1})
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     serve.run(app_for(open_config), name="open", route_prefix="/")
     serve.run(app_for(secure_config), name="secure", route_prefix="/secure")
@@ -206,7 +203,7 @@ def test_every_metric_the_grafana_dashboard_queries_is_exported(server, tmp_path
                                   for i in range(6)) + "\n")
     config = load_config(write_build_config(tmp_path / "b.yaml", tiny_model),
                          **{"build.input": str(problems), "build.output": str(tmp_path / "out"),
-                            "build.attach_workers": ["serve-test-worker-0"], "search.iterations": 12})
+                            "attach_workers": ["serve-test-worker-0"], "search.iterations": 12})
     build = threading.Thread(target=run_build, args=(config,))
     build.start()
     dashboard = json.loads((Path(__file__).resolve().parents[2] / "deploy/grafana/forest.json").read_text())
