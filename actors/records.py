@@ -14,6 +14,8 @@ import numpy as np
 import pyarrow as pa
 
 from search.driver import SearchResult
+from search.mcts import best_path
+from search.params import FinalChoice
 from search.prompts import answers_match
 from search.protocol import TOP_K
 from search.tree import ROOT, NodeKind, Tree
@@ -105,13 +107,7 @@ def tree_row(result: SearchResult, problem: Problem, *, run_id: str, tree_id: st
 
 def _subtree_text(tree: Tree, node: int, decode) -> tuple[str, float]:
     """A sibling's continuation: the node's tokens, then greedily its most-visited line (or best rollout)."""
-    path = [node]
-    while tree.nodes["num_children"][path[-1]] > 0:
-        kids = tree.children(path[-1])
-        path.append(int(kids[np.argmax(tree.nodes["visits"][kids])]))
-    rollouts = tree.rollouts(path[-1])
-    if not tree.nodes["is_terminal"][path[-1]] and len(rollouts):
-        path.append(int(rollouts[np.argmax(tree.nodes["value_sum"][rollouts])]))
+    path = best_path(tree, FinalChoice.MOST_VISITS, start=node)
     ids = np.concatenate([tree.node_token_ids(i) for i in path])
     return decode(ids.tolist()), tree.mean_value(node)
 

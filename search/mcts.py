@@ -129,9 +129,9 @@ def best_child(tree: Tree, node: int, final: FinalChoice) -> int:
     return int(kids[order[-1]])
 
 
-def best_path(tree: Tree, final: FinalChoice) -> list[int]:
-    """Root..leaf by ``final``; a non-terminal leaf is completed with its best rollout, when it has one."""
-    path = [ROOT]
+def best_path(tree: Tree, final: FinalChoice, start: int = ROOT) -> list[int]:
+    """start..leaf by ``final``; a non-terminal leaf is completed with its best rollout, when it has one."""
+    path = [start]
     while tree.nodes["num_children"][path[-1]] > 0:
         path.append(best_child(tree, path[-1], final))
     leaf = path[-1]
