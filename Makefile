@@ -3,10 +3,10 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-MODEL := models/tiny-random
+MODEL := models/forest-arith
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: demo test unit install browser clean
+.PHONY: demo test unit install browser clean model
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,10 +20,12 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
-$(MODEL)/config.json: $(BIN)/.installed
-	$(BIN)/forest make-model --tiny-random $(MODEL)
+# retrain the bundled model (committed in $(MODEL)); its training.json holds the step count it was saved at
+model: $(BIN)/.installed
+	$(BIN)/python -m deploy.train_model --output $(MODEL) --steps $$($(BIN)/python -c \
+	  "import json; print(json.load(open('$(MODEL)/training.json'))['steps'])")
 
-demo: $(BIN)/.installed $(MODEL)/config.json
+demo: $(BIN)/.installed
 	$(BIN)/forest build --config deploy/build.cpu.yaml --input deploy/demo_problems.jsonl --output out/demo
 	@echo "trees, nodes, pairs and sft.jsonl are in out/demo"
 
@@ -40,4 +42,4 @@ test: $(BIN)/.installed browser
 	$(BIN)/python -m pytest -q tests
 
 clean:
-	rm -rf out/ $(MODEL)
+	rm -rf out/

@@ -50,7 +50,7 @@ def _engine_args(config: EngineConfig, *, seed: int, device: str):
         model=config.model, tokenizer=config.model, dtype=config.dtype, max_model_len=config.max_model_len,
         tensor_parallel_size=config.tensor_parallel_size, gpu_memory_utilization=config.gpu_memory_utilization,
         enforce_eager=config.enforce_eager, max_num_seqs=config.max_num_seqs, seed=seed,
-        max_logprobs=TOP_K, enable_prefix_caching=True)
+        max_logprobs=TOP_K, enable_prefix_caching=config.enable_prefix_caching, block_size=config.block_size)
 
 
 def chunk_from_output(completion, eos_token_id: int, num_cached_tokens: int) -> Chunk:
@@ -191,6 +191,23 @@ class VLLMEngine:
         except VLLMEngineDead as exc:
             raise EngineDeadError(f"vLLM engine (seed {self.seed}) died: {exc}") from exc
 
+    async def replay(self, requests: list[GenerationRequest], concurrency: int) -> dict:
+        """Plain vLLM: run ``requests`` straight into the engine, ``concurrency`` at a time, from a cold prefix
+        cache (the engine's limit, which ``forest bench engine`` compares the search against)."""
+        await self.engine.reset_prefix_cache()
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(request):
+            async with gate:
+                return await self.generate(request)
+
+        start = time.monotonic()
+        results = await asyncio.gather(*(one(r) for r in requests))
+        return {"seconds": time.monotonic() - start, "generated_tokens": sum(len(c) for cs in results for c in cs)}
+
+    async def reset_prefix_cache(self) -> None:
+        await self.engine.reset_prefix_cache()
+
     def engine_core_pids(self) -> list[int]:
         """Pids of the engine's child processes (for fault-injection tests)."""
         import psutil
@@ -222,6 +239,12 @@ class GeneratorWorkerImpl:
         await self.engine.check_health()
         return True
 
+    async def replay(self, requests: list[GenerationRequest], concurrency: int) -> dict:
+        return await self.engine.replay(requests, concurrency)
+
+    async def reset_prefix_cache(self) -> None:
+        await self.engine.reset_prefix_cache()
+
     def engine_core_pids(self) -> list[int]:
         return self.engine.engine_core_pids()
 
@@ -251,6 +274,17 @@ def start_generator_workers(config: EngineConfig, count: int, *, max_restarts: i
                                    name=name, **options)
         workers.append(actor.remote(config, config.seed + index, device))
     return workers
+
+
+def acquire_workers(config, *, name_prefix: str | None = None) -> tuple[list, list]:
+    """(workers to use, workers this caller started and must stop): the running workers named in
+    ``config.attach_workers`` (a ForestConfig), or ``config.workers`` new ones."""
+    import ray
+
+    if config.attach_workers:
+        return [ray.get_actor(name) for name in config.attach_workers], []
+    workers = start_generator_workers(config.engine, config.workers, name_prefix=name_prefix)
+    return workers, workers
 
 
 class RemoteEngine:

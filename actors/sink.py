@@ -63,8 +63,15 @@ class ParquetSink:
         self.pairs: list[dict] = []
         self.errors: list[dict] = []
         self.committed_trees = self.committed_errors = 0
+        self.received: set[str] = set()  # problem ids of this session's trees
 
     def add_tree(self, nodes: pa.Table, tree: dict, pairs: list[dict]) -> None:
+        """Buffer a finished tree. A problem's second tree is dropped: a manager that died after handing its tree
+        over, but before the driver heard back, has that problem redone elsewhere."""
+        if tree["problem_id"] in self.received:
+            log.info("dropping a second tree for problem %s", tree["problem_id"])
+            return
+        self.received.add(tree["problem_id"])
         self.nodes.append(nodes)
         self.trees.append(tree)
         self.pairs.extend(pairs)

@@ -35,8 +35,9 @@ MIN_GENERATION_ROOM = 16  # a prompt must leave at least this many tokens of con
 class WorkerPool:
     """Live workers, an in-flight request budget per worker, and revival of dead ones."""
 
-    def __init__(self, workers: list, *, max_in_flight: int, metrics=None):
+    def __init__(self, workers: list, *, max_in_flight: int, metrics=None, engine_for=RemoteEngine):
         self.workers = list(workers)
+        self.engine_for = engine_for  # worker -> Engine; RemoteEngine for actor handles
         self.metrics = metrics  # cluster.metrics.ForestMetrics, or None
         self.slots = [asyncio.Semaphore(max_in_flight) for _ in workers]
         self.alive = [True] * len(workers)
@@ -92,7 +93,7 @@ class WorkerPool:
             self._count_in_flight(index, +1)
             start = time.monotonic()
             try:
-                chunks = await RemoteEngine(self.workers[index]).generate(request)
+                chunks = await self.engine_for(self.workers[index]).generate(request)
             finally:
                 self._count_in_flight(index, -1)
             if self.metrics:

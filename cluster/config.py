@@ -8,7 +8,7 @@ a config object.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -16,7 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from search.params import (DEFAULT_SYSTEM_PROMPT, Budget, FinalChoice, Granularity, MCTSParams, ReflectionPolicy,
                            ValueKind)
 
-DEFAULT_MODEL_DIR = "models/tiny-random"
+DEFAULT_MODEL_DIR = "models/forest-arith"  # bundled, trained by deploy/train_model.py
+
+
+CountOrAuto = Annotated[int, Field(ge=1)] | Literal["auto"]  # resolved by cluster.placement.resolve_auto
 
 
 class _Strict(BaseModel):
@@ -30,16 +33,23 @@ class EngineConfig(_Strict):
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: cuda when Ray sees GPUs, else cpu.")
     dtype: str = Field("auto", description="vLLM dtype: auto, float32, bfloat16, float16.")
     max_model_len: int = Field(2048, ge=16, description="Context length (prompt + generated) per sequence.")
-    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per worker (one placement-group bundle each).")
+    tensor_parallel_size: CountOrAuto = Field(
+        1, description="GPUs per worker (one placement-group bundle each); auto: the fewest GPUs of one node whose "
+                       "memory holds the weights twice over (weights + KV cache).")
+    gpu_memory_gib: float = Field(80.0, gt=0, description="Memory of one GPU (for tensor_parallel_size: auto).")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Fraction of GPU memory vLLM may use.")
     cpu_kvcache_gib: int = Field(1, ge=1, description="KV cache GiB on the CPU build (VLLM_CPU_KVCACHE_SPACE).")
     enforce_eager: bool = Field(False, description="Skip CUDA graphs / compilation: faster start, slower decode.")
     max_num_seqs: int = Field(256, ge=1, description="Sequences vLLM batches at once.")
+    block_size: int | None = Field(None, ge=1, description="KV-cache block size in tokens; the prefix cache only "
+                                   "reuses whole blocks. None: vLLM's default (16 on GPUs, 128 on the CPU build).")
+    enable_prefix_caching: bool = Field(True, description="Reuse KV of shared prompt prefixes (tree ancestors).")
     seed: int = Field(0, description="Base seed; worker i uses seed + i, so workers sample differently.")
 
     def resolved_device(self, cluster_gpus: float) -> Literal["cuda", "cpu"]:
         if self.device == "auto":
-            return "cuda" if cluster_gpus >= self.tensor_parallel_size else "cpu"
+            tp = 1 if self.tensor_parallel_size == "auto" else self.tensor_parallel_size
+            return "cuda" if cluster_gpus >= tp else "cpu"
         return self.device
 
 
@@ -93,7 +103,9 @@ class BuildConfig(_Strict):
     question_field: str = Field("question", description="Input field holding the question.")
     answer_field: str = Field("answer", description="Input field holding the reference answer (optional).")
     limit: int | None = Field(None, ge=1, description="Build at most this many problems.")
-    managers: int = Field(1, ge=1, description="TreeManager actors; problems are partitioned among them.")
+    managers: CountOrAuto = Field(
+        1, description="TreeManager actors; problems are partitioned among them. auto: one per "
+                       "cluster.placement.GPUS_PER_MANAGER workers (the manager benchmark's sizing rule).")
     max_active_trees: int = Field(64, ge=1, description="Trees one manager searches at once (bounds memory).")
     max_in_flight_per_worker: int = Field(128, ge=1, description="Engine requests in flight per worker.")
     flush_trees: int = Field(64, ge=1, description="Commit to Parquet after this many finished trees.")
@@ -124,7 +136,9 @@ class ForestConfig(_Strict):
     search: SearchConfig = SearchConfig()
     build: BuildConfig = BuildConfig()
     serve: ServeConfig = ServeConfig()
-    workers: int = Field(1, ge=1, description="GeneratorWorkers (vLLM engines) to start.")
+    workers: CountOrAuto = Field(
+        1, description="GeneratorWorkers (vLLM engines) to start; auto: one per tensor_parallel_size GPUs of a node "
+                       "(one on a cluster without GPUs).")
     attach_workers: list[str] = Field(default_factory=list, description="Names of running GeneratorWorkers to "
                                       "use instead of starting new ones (a pool shared by builds and serving).")
 

@@ -78,9 +78,10 @@ def _prepare_output(config: ForestConfig, output: str, digest: str) -> dict:
 def run_build(config: ForestConfig) -> BuildSummary:
     import ray
 
-    from actors.generator import start_generator_workers
+    from actors.generator import acquire_workers
     from actors.sink import ParquetSink
     from actors.tree_manager import ManagerSettings, TreeManagerImpl
+    from cluster.placement import resolve_auto, sink_placement
     from cluster.runtime import connect
     from deploy.dataset import committed_problem_ids, recorded_errors, write_exports
     from deploy.problems import read_problems
@@ -108,22 +109,21 @@ def run_build(config: ForestConfig) -> BuildSummary:
              len(input_errors))
 
     connect()
-    sink = ray.remote(ParquetSink).options(num_cpus=0).remote(b.output, session=session, flush_trees=b.flush_trees)
+    config = resolve_auto(config)
+    b = config.build
+    sink = ray.remote(ParquetSink).options(**sink_placement(b.output)).remote(b.output, session=session,
+                                                                               flush_trees=b.flush_trees)
     fresh = [error_row(run_id, e.problem_id, "input", e.message) for e in input_errors
              if (e.problem_id, "input", e.message) not in known]
     ray.get(sink.add_errors.remote(fresh))
-    if config.attach_workers:
-        workers, owned = [ray.get_actor(name) for name in config.attach_workers], []
-    else:
-        workers = (start_generator_workers(config.engine, config.workers, name_prefix=f"forest-build-{session}")
-                   if todo else [])
-        owned = workers
+    workers, owned = acquire_workers(config, name_prefix=f"forest-build-{session}") if todo else ([], [])
     settings = ManagerSettings(model_dir=config.engine.model, params=config.search.to_params(),
                                system_prompt=config.search.system_prompt, max_model_len=config.engine.max_model_len,
                                run_id=run_id, config_hash=digest, max_active_trees=b.max_active_trees,
                                max_in_flight_per_worker=b.max_in_flight_per_worker)
-    managers = [ray.remote(TreeManagerImpl).options(num_cpus=0, max_concurrency=10_000).remote(workers, sink, settings)
-                for _ in range(min(b.managers, max(len(todo), 1)))]
+    managers = [ray.remote(TreeManagerImpl).options(num_cpus=0, max_concurrency=10_000,
+                                                    name=f"forest-build-{session}-manager-{i}")
+                .remote(workers, sink, settings) for i in range(min(b.managers, max(len(todo), 1)))]
     built, failed, tokens = _dispatch(todo, managers, sink, window=2 * b.max_active_trees,
                                       flush_seconds=b.flush_seconds)
     ray.get(sink.flush.remote())
@@ -131,7 +131,7 @@ def run_build(config: ForestConfig) -> BuildSummary:
     manifest["sessions"] = manifest.get("sessions", []) + [{"session": session, "built": built, "failed": failed,
                                                             "tokens": tokens, "seconds": round(seconds, 3)}]
     manifest.update(updated=datetime.datetime.now(datetime.timezone.utc).isoformat(), versions=_versions())
-    restarts = sum(s["worker_restarts"] for s in ray.get([m.stats.remote() for m in managers]))
+    restarts = _worker_restarts(managers)
     manifest["sessions"][-1]["worker_failures"] = restarts
     counts = write_exports(b.output, manifest)
     for actor in [*managers, *owned, sink]:
@@ -141,27 +141,50 @@ def run_build(config: ForestConfig) -> BuildSummary:
 
 
 def _dispatch(todo, managers, sink, *, window: int, flush_seconds: float) -> tuple[int, int, int]:
-    """Feed each manager (problem i goes to manager i mod M) with at most ``window`` outstanding calls."""
+    """Feed each manager (problem i goes to manager i mod M) with at most ``window`` outstanding calls.
+
+    A manager that dies loses only its unfinished trees: they go back to the queues of the live managers.
+    """
     import ray
 
     from deploy.progress import Progress
 
     queues = [todo[i::len(managers)] for i in range(len(managers))]
-    outstanding: dict = {}  # ref -> manager index
+    alive = [True] * len(managers)
+    outstanding: dict = {}  # ref -> (manager index, problem)
     per_manager = [0] * len(managers)
     progress = Progress(len(todo), label="build")
     built = failed = tokens = 0
     last_flush = time.monotonic()
+
+    def lose_manager(index: int, problems: list) -> None:
+        if alive[index]:
+            log.warning("TreeManager %d died; its unfinished trees go to the other managers", index)
+        alive[index] = False
+        live = [i for i, up in enumerate(alive) if up]
+        if not live:
+            raise BuildError("every TreeManager died; rerun the build to resume from the committed trees")
+        for n, problem in enumerate(problems + queues[index]):
+            queues[live[n % len(live)]].append(problem)
+        queues[index] = []
+
     try:
         while outstanding or any(queues):
             for index, queue in enumerate(queues):
                 while queue and per_manager[index] < window:
-                    outstanding[managers[index].run.remote(queue.pop(0))] = index
+                    problem = queue.pop(0)
+                    outstanding[managers[index].run.remote(problem)] = (index, problem)
                     per_manager[index] += 1
             ready, _ = ray.wait(list(outstanding), num_returns=len(outstanding), timeout=1.0,
                                 fetch_local=True) if outstanding else ([], [])
-            for outcome, ref in zip(ray.get(ready), ready, strict=True):
-                per_manager[outstanding.pop(ref)] -= 1
+            for ref in ready:
+                index, problem = outstanding.pop(ref)
+                per_manager[index] -= 1
+                try:
+                    outcome = ray.get(ref)
+                except ray.exceptions.RayActorError:
+                    lose_manager(index, [problem])
+                    continue
                 built, failed, tokens = built + outcome.ok, failed + (not outcome.ok), tokens + outcome.tokens
                 progress.update(ok=outcome.ok, tokens=outcome.tokens)
             if time.monotonic() - last_flush >= flush_seconds:
@@ -170,6 +193,18 @@ def _dispatch(todo, managers, sink, *, window: int, flush_seconds: float) -> tup
     finally:
         progress.close()
     return built, failed, tokens
+
+
+def _worker_restarts(managers) -> int:
+    import ray
+
+    total = 0
+    for manager in managers:
+        try:
+            total += ray.get(manager.stats.remote())["worker_restarts"]
+        except ray.exceptions.RayActorError:
+            continue  # a manager that died mid-build
+    return total
 
 
 def print_summary(summary: BuildSummary, stream=sys.stdout) -> None:

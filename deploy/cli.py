@@ -9,14 +9,25 @@ import sys
 
 from pydantic import ValidationError
 
+from deploy.bench import BENCHES
+from deploy.evaluate import STRATEGIES
 from search.params import ConfigError
+
+
+def _count_or_auto(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
 
 
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
     """Flags shared by commands that run searches; each overrides the config file."""
     p.add_argument("--config", help="YAML config (see deploy/build.cpu.yaml); flags below override it")
     p.add_argument("--model", help="model directory (engine.model)")
-    p.add_argument("--workers", type=int, help="GeneratorWorkers (vLLM engines) to start")
+    p.add_argument("--workers", type=_count_or_auto, help="GeneratorWorkers (vLLM engines) to start, or auto")
     p.add_argument("--iterations", type=int, help="MCTS iterations per tree (search.iterations)")
     p.add_argument("--granularity", help="step | mini_step:N (search.granularity)")
     p.add_argument("--max-tokens", type=int, dest="max_tokens",
@@ -44,11 +55,17 @@ def parser() -> argparse.ArgumentParser:
                     help="write a random-weight Qwen2 model with a locally trained tokenizer to DIR")
     mm.add_argument("--seed", type=int, default=0)
 
+    mp = sub.add_parser("make-problems", help="write arithmetic word problems (the bundled model's distribution)")
+    mp.add_argument("--n", type=int, required=True, help="how many problems")
+    mp.add_argument("--seed", type=int, required=True,
+                    help="stream seed; held-out sets use seeds >= 1000000, which training never uses")
+    mp.add_argument("--output", required=True, metavar="FILE", help="JSONL file of id, question, answer")
+
     build = sub.add_parser("build", help="build a dataset of search trees from a problems file (resumable)")
     _add_run_flags(build)
     build.add_argument("--input", help="problems: JSONL or Parquet with id, question, optional answer")
     build.add_argument("--output", help="output directory or filesystem URI (s3://...)")
-    build.add_argument("--managers", type=int, help="TreeManager actors (build.managers)")
+    build.add_argument("--managers", type=_count_or_auto, help="TreeManager actors (build.managers), or auto")
     build.add_argument("--limit", type=int, help="build at most this many problems")
 
     search = sub.add_parser("search", help="search one question and print the answer and the chosen path")
@@ -59,6 +76,27 @@ def parser() -> argparse.ArgumentParser:
     _add_run_flags(srv)
     srv.add_argument("--host", help="bind address (serve.host, default 127.0.0.1)")
     srv.add_argument("--port", type=int, help="HTTP port (serve.port, default 8000)")
+    ev = sub.add_parser("eval", help="compare search strategies' accuracy on problems with answers, at one budget")
+    _add_run_flags(ev)
+    ev.add_argument("--input", required=True, help="problems with answers: JSONL or Parquet")
+    ev.add_argument("--strategies", default=",".join(STRATEGIES),
+                    help=f"comma-separated, from {', '.join(STRATEGIES)}")
+    ev.add_argument("--limit", type=int, help="evaluate only the first N problems")
+    ev.add_argument("--concurrency", type=int, default=64, help="problems searched at once")
+    ev.add_argument("--json", action="store_true", help="print one JSON line per strategy instead of a table")
+    ev.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    bench = sub.add_parser("bench", help="performance benchmarks, printed as ratios measured in one run")
+    bench.add_argument("bench", choices=BENCHES, help="which benchmark (see docs/benchmarks.md)")
+    bench.add_argument("--config", default="deploy/build.cpu.yaml",
+                       help="engine and search settings (the real-engine benches)")
+    bench.add_argument("--model", help="model directory (engine.model)")
+    bench.add_argument("--problems", type=int, default=32, help="trees searched by engine, designs and cache")
+    bench.add_argument("--block-sizes", default="32,128", help="cache: KV block sizes to compare")
+    bench.add_argument("--trees", type=int, default=400, help="manager: trees per manager")
+    bench.add_argument("--active", type=int, default=1000, help="manager/memory: trees active at once")
+    bench.add_argument("--granularity", default="mini_step:64", help="manager/memory: action granularity")
+    bench.add_argument("--managers", default="1,2,4", help="manager: manager counts to run")
+    bench.add_argument("--json", action="store_true", help="one JSON line per figure")
     view = sub.add_parser("view", help="write a self-contained HTML page drawing one tree of a build")
     view.add_argument("output", metavar="OUT", help="a build's output directory or URI")
     view.add_argument("--tree", required=True, metavar="ID", help="tree_id (see OUT/trees)")
@@ -74,6 +112,54 @@ def _load(args):
 def cmd_make_model(args) -> int:
     from deploy.make_model import make_tiny_random
     print(make_tiny_random(args.tiny_random, seed=args.seed))
+    return 0
+
+
+def cmd_make_problems(args) -> int:
+    from deploy.arithmetic import write_problems
+    if args.n < 1:
+        print(f"forest make-problems: --n must be >= 1, got {args.n}", file=sys.stderr)
+        return 2
+    print(write_problems(args.output, args.n, args.seed))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from deploy.evaluate import EvalError, format_markdown, format_table, parse_strategies, report_json, run_eval
+    from deploy.problems import read_problems
+
+    config = _load(args)
+    try:
+        strategies = parse_strategies(args.strategies)
+        budget = args.budget_tokens or config.search.budget_tokens
+        if budget is None:
+            raise EvalError("--budget-tokens is required (or search.budget_tokens in the config)")
+        problems, errors = read_problems(args.input)
+        for error in errors:
+            print(f"forest eval: skipped {error.problem_id}: {error.message}", file=sys.stderr)
+        on_report = (lambda r: print(report_json(r), flush=True)) if args.json else None
+        reports = run_eval(config, problems[:args.limit], strategies, budget_tokens=budget,
+                           concurrency=args.concurrency, on_report=on_report)
+    except EvalError as exc:
+        print(f"forest eval: {exc}", file=sys.stderr)
+        return 2
+    if not args.json:
+        print(f"{reports[0].problems} problems from {args.input}, "
+              f"budget {budget} generated tokens per problem, model {config.engine.model}")
+        print(format_markdown(reports) if args.markdown else format_table(reports))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from cluster.config import load_config
+    from deploy.bench import run_bench
+
+    config = load_config(args.config, **{"engine.model": args.model})
+    figures = run_bench(args.bench, config, problems=args.problems, trees=args.trees, active=args.active,
+                        block_sizes=[int(b) for b in args.block_sizes.split(",")], granularity=args.granularity,
+                        managers=[int(m) for m in args.managers.split(",")])
+    for figure in figures:
+        print(figure.line(args.json), flush=True)
     return 0
 
 
@@ -120,7 +206,8 @@ def cmd_view(args) -> int:
     return 0
 
 
-COMMANDS = {"make-model": cmd_make_model, "build": cmd_build, "search": cmd_search, "serve": cmd_serve,
+COMMANDS = {"make-model": cmd_make_model, "make-problems": cmd_make_problems, "eval": cmd_eval, "bench": cmd_bench,
+            "build": cmd_build, "search": cmd_search, "serve": cmd_serve,
             "view": cmd_view}
 
 

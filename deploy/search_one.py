@@ -13,11 +13,13 @@ def search_one(config: ForestConfig, question: str) -> dict:
     from actors.generator import start_generator_workers
     from actors.tokenizer import HFTokenizer
     from actors.tree_manager import TreeEngine, WorkerPool
+    from cluster.placement import resolve_auto
     from cluster.runtime import connect
     from search.driver import run_mcts
     from search.prompts import build_prompt
 
     connect()
+    config = resolve_auto(config)
     workers = start_generator_workers(config.engine, config.workers)
     tokenizer = HFTokenizer(config.engine.model)
     prompt = tokenizer.encode(build_prompt(question, system_prompt=config.search.system_prompt))

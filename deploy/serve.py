@@ -79,17 +79,16 @@ class ForestServer:
     def __init__(self, config: ForestConfig):
         import ray
 
-        from actors.generator import start_generator_workers
+        from actors.generator import acquire_workers
         from actors.tokenizer import HFTokenizer
         from actors.tree_manager import WorkerPool
         from cluster.metrics import ForestMetrics
+        from cluster.placement import resolve_auto
 
+        config = resolve_auto(config)
         self.config, self.limits = config, config.serve
         self.api_key = os.environ.get("FOREST_API_KEY") or config.serve.api_key
-        if config.attach_workers:
-            self.workers = [ray.get_actor(name) for name in config.attach_workers]
-        else:
-            self.workers = start_generator_workers(config.engine, config.workers)
+        self.workers, _ = acquire_workers(config)
         ray.get([w.check_health.remote() for w in self.workers])
         self.tokenizer = HFTokenizer(config.engine.model)
         self.metrics = ForestMetrics()

@@ -32,17 +32,22 @@ def uct_scores(tree: Tree, node: int, exploration: float) -> np.ndarray:
     Virtual loss counts as visits with value 0, so in-flight paths look worse and concurrent selections
     spread out. Unvisited children (no visits, none in flight) score +inf: they are tried first.
     A child that is a leaf with a request in flight scores -inf: nothing can be done there until it returns.
+    Plain Python over the few children: numpy's per-call overhead would dominate (see ``forest bench manager``).
     """
     n = tree.nodes
-    kids = tree.children(node)
-    counts = (n["visits"][kids] + n["virtual_loss"][kids]).astype(np.float64)
-    parent_count = max(float(n["visits"][node] + n["virtual_loss"][node]), 1.0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        q = np.where(counts > 0, n["value_sum"][kids] / counts, 0.0)
-        u = exploration * np.sqrt(math.log(parent_count) / counts)
-    scores = np.where(counts > 0, q + u, np.inf)
-    blocked = n["pending"][kids] & (n["num_children"][kids] == 0)
-    return np.where(blocked, -np.inf, scores)
+    visits, virtual, value_sum = n["visits"], n["virtual_loss"], n["value_sum"]
+    pending, num_children = n["pending"], n["num_children"]
+    log_parent = math.log(max(float(visits[node] + virtual[node]), 1.0))
+    scores = []
+    for kid in tree.children(node).tolist():
+        count = float(visits[kid] + virtual[kid])
+        if pending[kid] and num_children[kid] == 0:
+            scores.append(-math.inf)
+        elif count > 0:
+            scores.append(float(value_sum[kid]) / count + exploration * math.sqrt(log_parent / count))
+        else:
+            scores.append(math.inf)
+    return np.array(scores, dtype=np.float64)
 
 
 def add_virtual_loss(tree: Tree, node: int, amount: int) -> None:

@@ -45,7 +45,7 @@ class SimulatedTokenizer:
         return out
 
     def decode(self, token_ids: Sequence[int]) -> str:
-        return "".join(self.vocab[int(i)] for i in token_ids)
+        return "".join(map(self.vocab.__getitem__, map(int, token_ids)))
 
 
 def default_quality(response: np.ndarray) -> float:

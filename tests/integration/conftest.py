@@ -39,9 +39,10 @@ def tiny_model(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def ray_cluster():
+    """Declares 4 GPUs (there are none) so that placement is tested as on a GPU node; engines use the CPU build."""
     import ray
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=4, num_gpus=4, include_dashboard=False, log_to_driver=False,
              _metrics_export_port=METRICS_PORT)
     yield ray
     ray.shutdown()

@@ -119,13 +119,15 @@ def test_driver_sigkill_then_resume_builds_everything_exactly_once(tmp_path, tin
     check_output(out, good)
 
 
-def test_killing_a_worker_mid_build_with_two_managers_loses_nothing(tmp_path, tiny_model, ray_cluster):
+def test_killing_a_worker_and_a_manager_mid_build_loses_nothing(tmp_path, tiny_model, ray_cluster):
+    """Three managers share the build on a cluster that declares GPUs (workers on the CPU build); a worker and a
+    manager are killed mid-build: the worker's requests and the manager's unfinished trees are redone elsewhere."""
     from cluster.config import load_config
     from deploy.build import run_build
 
     inp, good = problems_file(tmp_path / "problems.jsonl", 30)
     out = tmp_path / "out"
-    config = load_config(write_build_config(tmp_path / "build.yaml", tiny_model, workers=2, managers=2),
+    config = load_config(write_build_config(tmp_path / "build.yaml", tiny_model, workers=2, managers=3),
                          **{"build.input": inp, "build.output": str(out), "search.iterations": 10})
     summary = {}
     thread = threading.Thread(target=lambda: summary.update(result=run_build(config)))
@@ -134,10 +136,11 @@ def test_killing_a_worker_mid_build_with_two_managers_loses_nothing(tmp_path, ti
     while committed_parts(out) < 1:
         assert time.monotonic() < deadline and thread.is_alive(), "the build committed nothing"
         time.sleep(0.1)
-    names = [a["name"] for a in ray_cluster.util.list_named_actors(all_namespaces=True)
-             if "-worker-" in a["name"]]
-    victim = ray_cluster.get_actor(sorted(names)[0])
-    ray_cluster.kill(victim, no_restart=False)
+    names = [a["name"] for a in ray_cluster.util.list_named_actors(all_namespaces=True)]
+    worker = ray_cluster.get_actor(sorted(n for n in names if "-worker-" in n)[0])
+    ray_cluster.kill(worker, no_restart=False)
+    manager = ray_cluster.get_actor(sorted(n for n in names if "-manager-" in n)[0])
+    ray_cluster.kill(manager, no_restart=True)
     thread.join(timeout=900)
     assert not thread.is_alive()
     result = summary["result"]

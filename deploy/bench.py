@@ -1,0 +1,366 @@
+"""``forest bench``: Forest's speed and memory as ratios measured within one run (these machines are noisy).
+
+- ``engine``: Forest's MCTS on one worker vs the same requests sent straight to the same vLLM engine (its limit).
+- ``designs``: the same search and engine driven by Forest's asynchronous dispatch, a level-synchronous loop and a
+  one-call-per-token loop (see ``deploy.bench_engines``).
+- ``cache``: the fraction of prompt tokens vLLM served from its prefix cache during MCTS, per KV block size.
+- ``manager``: expansions per second a tree manager sustains on one core with a SIMULATED engine, for 1, 2 and 4
+  managers (one process each).
+- ``memory``: bytes per stored token in active trees, and the manager's peak RSS per 1,000 active trees, both over the
+  raw array bytes (token id, logprob, top-5 ids and logprobs: 48 bytes a token).
+
+Each figure is printed as one line; with ``--json`` as ``{"bench": ..., "figure": ..., "value": ..., ...context}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import multiprocessing
+import resource
+import time
+
+from cluster.config import ForestConfig
+from search.protocol import TOP_K
+
+BENCHES = ("engine", "designs", "cache", "manager", "memory")
+BENCH_SEED = 2_000_000  # a held-out problem stream (see deploy.arithmetic)
+RAW_TOKEN_BYTES = 4 + 4 + TOP_K * (4 + 4)  # token id, sampled logprob, top-5 ids and logprobs
+
+
+@dataclasses.dataclass
+class Figure:
+    bench: str
+    figure: str
+    value: float
+    context: dict
+
+    def line(self, as_json: bool) -> str:
+        if as_json:
+            return json.dumps({"bench": self.bench, "figure": self.figure, "value": self.value, **self.context})
+        details = ", ".join(f"{k}={v}" for k, v in self.context.items())
+        return f"{self.bench:<8} {self.figure:<26} {self.value:>10.3f}   {details}"
+
+
+def _prompts(config: ForestConfig, tokenizer, problems: int) -> list[list[int]]:
+    from deploy.arithmetic import make_problems
+    from search.prompts import build_prompt
+
+    return [tokenizer.encode(build_prompt(p.question, system_prompt=config.search.system_prompt))
+            for p in make_problems(problems, BENCH_SEED)]
+
+
+def _start_workers(config: ForestConfig, count: int = 1, **engine_overrides) -> list:
+    import ray
+
+    from actors.generator import start_generator_workers
+
+    engine = config.engine.model_copy(update=engine_overrides)
+    workers = start_generator_workers(engine, count)
+    ray.get([w.check_health.remote() for w in workers], timeout=900)
+    return workers
+
+
+async def _search_all(engine_for_tree, tokenizer, prompts, params, *, on_tree_done=None) -> tuple[float, list]:
+    """Run one MCTS per prompt, all at once; (wall seconds, results)."""
+    from search.driver import run_mcts
+
+    async def one(i: int, prompt):
+        try:
+            return await run_mcts(engine_for_tree(i), tokenizer, prompt, dataclasses.replace(params, seed=i))
+        finally:
+            if on_tree_done:
+                on_tree_done()
+
+    start = time.monotonic()
+    results = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+    return time.monotonic() - start, results
+
+
+async def _warm_up(worker, prompt) -> None:
+    from actors.generator import RemoteEngine
+    from search.protocol import GenerationRequest
+
+    await RemoteEngine(worker).generate(GenerationRequest(prompt, max_tokens=8, n=2))
+    await worker.reset_prefix_cache.remote()
+
+
+def bench_engine(config: ForestConfig, *, problems: int) -> list[Figure]:
+    """Forest's tokens/s over plain vLLM's on the same requests at the same concurrency (one worker, one run)."""
+    import ray
+
+    from actors.tokenizer import HFTokenizer
+    from actors.tree_manager import TreeEngine, WorkerPool
+    from deploy.bench_engines import RecordingEngine, RequestLog
+
+    (worker,) = _start_workers(config)
+    tokenizer = HFTokenizer(config.engine.model)
+    prompts = _prompts(config, tokenizer, problems)
+    params = config.search.to_params()
+    log = RequestLog()
+
+    async def forest():
+        await _warm_up(worker, prompts[0])
+        pool = WorkerPool([worker], max_in_flight=config.build.max_in_flight_per_worker)
+        return await _search_all(lambda i: RecordingEngine(TreeEngine(pool), log), tokenizer, prompts, params)
+
+    try:
+        forest_seconds, _ = asyncio.run(forest())
+        plain = ray.get(worker.replay.remote(log.requests, log.peak_in_flight))
+    finally:
+        ray.kill(worker)
+    forest_rate = log.generated_tokens / forest_seconds
+    plain_rate = plain["generated_tokens"] / plain["seconds"]
+    return [Figure("engine", "throughput_ratio", round(forest_rate / plain_rate, 3), {
+        "forest_tokens_per_s": round(forest_rate, 1), "plain_vllm_tokens_per_s": round(plain_rate, 1),
+        "requests": len(log.requests), "concurrency": log.peak_in_flight, "trees": len(prompts),
+        "forest_tokens": log.generated_tokens, "plain_tokens": plain["generated_tokens"],
+        "model": config.engine.model})]
+
+
+def bench_designs(config: ForestConfig, *, problems: int) -> list[Figure]:
+    """The same trees, engine and budget, dispatched three ways; Forest's speed-up over the other two."""
+    import ray
+
+    from actors.generator import RemoteEngine
+    from actors.tokenizer import HFTokenizer
+    from actors.tree_manager import TreeEngine, WorkerPool
+    from deploy.bench_engines import LevelSyncEngine, PerTokenEngine
+
+    worker, = _start_workers(config)
+    tokenizer = HFTokenizer(config.engine.model)
+    prompts = _prompts(config, tokenizer, problems)
+    params = config.search.to_params()
+    runs = {}
+
+    async def forest():
+        await _warm_up(worker, prompts[0])
+        pool = WorkerPool([worker], max_in_flight=config.build.max_in_flight_per_worker)
+        return await _search_all(lambda i: TreeEngine(pool), tokenizer, prompts, params)
+
+    async def level_sync():
+        await worker.reset_prefix_cache.remote()
+        barrier = LevelSyncEngine(RemoteEngine(worker), len(prompts))
+        return await _search_all(lambda i: barrier, tokenizer, prompts, dataclasses.replace(params, parallel=1),
+                                 on_tree_done=barrier.tree_done)
+
+    try:
+        runs["forest"] = asyncio.run(forest())
+        runs["level_sync"] = asyncio.run(level_sync())
+    finally:
+        ray.kill(worker)
+    no_cache, = _start_workers(config, enable_prefix_caching=False)
+
+    async def per_token():
+        await _warm_up(no_cache, prompts[0])
+        engine = PerTokenEngine(RemoteEngine(no_cache), tokenizer)
+        return await _search_all(lambda i: engine, tokenizer, prompts, params)
+
+    try:
+        runs["per_token"] = asyncio.run(per_token())
+    finally:
+        ray.kill(no_cache)
+    rates = {name: sum(r.stats.generated_tokens for r in results) / seconds
+             for name, (seconds, results) in runs.items()}
+    context = {f"{name}_tokens_per_s": round(rate, 1) for name, rate in rates.items()}
+    context |= {f"{name}_seconds": round(seconds, 1) for name, (seconds, _) in runs.items()}
+    context |= {"trees": len(prompts), "granularity": str(params.granularity), "parallel": params.parallel}
+    return [Figure("designs", "speedup_vs_level_sync", round(rates["forest"] / rates["level_sync"], 3), context),
+            Figure("designs", "speedup_vs_per_token", round(rates["forest"] / rates["per_token"], 3), context)]
+
+
+def bench_cache(config: ForestConfig, *, problems: int, block_sizes: list[int]) -> list[Figure]:
+    """Prompt tokens served from the prefix cache during MCTS, over all prompt tokens sent, per block size."""
+    import ray
+
+    from actors.tokenizer import HFTokenizer
+    from actors.tree_manager import TreeEngine, WorkerPool
+    from deploy.bench_engines import RecordingEngine, RequestLog
+
+    tokenizer = HFTokenizer(config.engine.model)
+    prompts = _prompts(config, tokenizer, problems)
+    params = config.search.to_params()
+    figures = []
+    for block_size in block_sizes:
+        worker, = _start_workers(config, block_size=block_size)
+        log = RequestLog()
+
+        async def go(worker=worker, log=log):
+            await _warm_up(worker, prompts[0])
+            pool = WorkerPool([worker], max_in_flight=config.build.max_in_flight_per_worker)
+            return await _search_all(lambda i: RecordingEngine(TreeEngine(pool), log), tokenizer, prompts, params)
+
+        try:
+            asyncio.run(go())
+        finally:
+            ray.kill(worker)
+        # the most a block-granular cache could serve: each prompt's longest prefix already sent, in whole blocks
+        reusable = _block_aligned_reusable(log.requests, block_size)
+        figures.append(Figure("cache", "cached_prompt_fraction",
+                              round(log.cached_prompt_tokens / log.prompt_tokens, 3), {
+                                  "block_size": block_size, "prompt_tokens": log.prompt_tokens,
+                                  "cached_prompt_tokens": log.cached_prompt_tokens,
+                                  "block_aligned_upper_bound": round(reusable / log.prompt_tokens, 3),
+                                  "requests": len(log.requests)}))
+    return figures
+
+
+def _block_aligned_reusable(requests, block_size: int) -> int:
+    """Prompt tokens a perfect prefix cache with this block size could serve: for each request, the longest prefix
+    shared with any earlier request, rounded down to whole blocks (vLLM never caches a partial block)."""
+    seen: set[bytes] = set()
+    total = 0
+    for request in requests:
+        ids = request.prompt_token_ids
+        blocks = len(ids) // block_size
+        hit = 0
+        while hit < blocks and ids[:(hit + 1) * block_size].tobytes() in seen:
+            hit += 1
+        total += hit * block_size
+        for b in range(1, blocks + 1):
+            seen.add(ids[:b * block_size].tobytes())
+    return total
+
+
+# -- the manager and memory benchmarks: SIMULATED engine, no model -------------------------------------------------
+
+def _simulated_setup(granularity: str):
+    from search.params import Budget, Granularity, MCTSParams
+    from search.prompts import build_prompt
+    from search.simulated import SimulatedTokenizer
+
+    tokenizer = SimulatedTokenizer()
+    prompt = tokenizer.encode(build_prompt("Simulated question 0000."))
+    params = MCTSParams(granularity=Granularity.parse(granularity), children=2, parallel=4, max_path_tokens=1024,
+                        budget=Budget(iterations=32), early_stop=False)
+    return tokenizer, prompt, params
+
+
+async def _manager_run(trees: int, active: int, granularity: str, *, write_nodes: bool = True) -> dict:
+    """One manager's hot path: ``trees`` searches, ``active`` at a time, through a WorkerPool, each finished tree
+    turned into its Arrow node table as the TreeManager does."""
+    from actors.records import node_table
+    from actors.tree_manager import TreeEngine, WorkerPool
+    from deploy.bench_engines import CannedEngine
+    from search.driver import run_mcts
+
+    tokenizer, prompt, params = _simulated_setup(granularity)
+    canned = CannedEngine(tokenizer, prompt_length=len(prompt))
+    pool = WorkerPool([canned], max_in_flight=1 << 30, engine_for=lambda engine: engine)
+    gate = asyncio.Semaphore(active)
+    expansions = 0
+
+    async def one(i: int):
+        nonlocal expansions
+        async with gate:
+            engine = TreeEngine(pool)
+            try:
+                result = await run_mcts(engine, tokenizer, prompt, dataclasses.replace(params, seed=abs(i)))
+            finally:
+                engine.close()
+            expansions += int((result.tree.nodes["num_children"][:result.tree.num_nodes] > 0).sum())
+            if write_nodes:
+                node_table(result.tree, run_id="bench", tree_id=str(i), decode=tokenizer.decode)
+            return result.stats.generated_tokens
+
+    await one(-1)  # warm up: first-use imports (pyarrow's pandas shim) are not the manager's steady state
+    expansions, canned.busy_seconds = 0, 0.0
+    start = time.process_time()
+    wall = time.monotonic()
+    tokens = sum(await asyncio.gather(*(one(i) for i in range(trees))))
+    return {"cpu_seconds": time.process_time() - start, "wall_seconds": time.monotonic() - wall,
+            "expansions": expansions, "tokens": tokens, "engine_seconds": canned.busy_seconds}
+
+
+def _manager_process(args) -> dict:
+    trees, active, granularity = args
+    return asyncio.run(_manager_run(trees, active, granularity))
+
+
+def bench_manager(*, trees: int, active: int, granularity: str, managers: list[int]) -> list[Figure]:
+    """Expansions/s: one manager's rate per CPU second (the engine's simulated cost subtracted), then N managers in
+    N processes at once (wall-clock aggregate, so bounded by this machine's cores)."""
+    figures = []
+    for count in managers:
+        with multiprocessing.get_context("spawn").Pool(count) as pool:
+            wall = time.monotonic()
+            runs = pool.map(_manager_process, [(trees, active, granularity)] * count)
+            wall = time.monotonic() - wall
+        expansions = sum(r["expansions"] for r in runs)
+        if count == 1:
+            run = runs[0]
+            manager_cpu = run["cpu_seconds"] - run["engine_seconds"]
+            value = expansions / manager_cpu
+            context = {"cpu_seconds": round(run["cpu_seconds"], 2), "simulated_engine_seconds":
+                       round(run["engine_seconds"], 2), "tokens_per_s": round(run["tokens"] / manager_cpu)}
+        else:
+            value = expansions / max(r["wall_seconds"] for r in runs)
+            context = {"wall_seconds": round(wall, 2), "cores": multiprocessing.cpu_count()}
+        figures.append(Figure("manager", "expansions_per_s", round(value, 1), {
+            "managers": count, "trees_per_manager": trees, "active_trees": active, "granularity": granularity,
+            "expansions": expansions, "engine": "SIMULATED", **context}))
+    return figures
+
+
+def _memory_process(args) -> dict:
+    """In a fresh process: grow ``active`` trees to the end of their searches and hold them all; measure."""
+    active, granularity = args
+    import gc
+    import os
+
+    import psutil
+
+    from actors.tree_manager import TreeEngine, WorkerPool
+    from deploy.bench_engines import CannedEngine
+    from search.driver import run_mcts
+
+    tokenizer, prompt, params = _simulated_setup(granularity)
+    canned = CannedEngine(tokenizer, prompt_length=len(prompt))
+    pool = WorkerPool([canned], max_in_flight=1 << 30, engine_for=lambda engine: engine)
+    gc.collect()
+    before = psutil.Process(os.getpid()).memory_info().rss
+
+    async def go():
+        return await asyncio.gather(*(run_mcts(TreeEngine(pool), tokenizer, prompt, dataclasses.replace(params,
+                                                                                                          seed=i))
+                                      for i in range(active)))
+
+    results = asyncio.run(go())
+    gc.collect()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    after = psutil.Process(os.getpid()).memory_info().rss
+    tokens = sum(r.tree.num_tokens for r in results)
+    token_bytes = sum(sum(a.nbytes for a in r.tree.tokens.values()) for r in results)
+    tree_bytes = token_bytes + sum(sum(a.nbytes for a in r.tree.nodes.values()) for r in results)
+    return {"tokens": tokens, "token_array_bytes": token_bytes, "tree_bytes": tree_bytes,
+            "rss_growth": max(peak, after) - before, "nodes": sum(r.tree.num_nodes for r in results)}
+
+
+def bench_memory(*, active: int, granularity: str) -> list[Figure]:
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        m = pool.map(_memory_process, [(active, granularity)])[0]
+    raw = m["tokens"] * RAW_TOKEN_BYTES
+    return [
+        Figure("memory", "bytes_per_token_ratio", round(m["tree_bytes"] / raw, 3), {
+            "bytes_per_token": round(m["tree_bytes"] / m["tokens"], 1), "raw_bytes_per_token": RAW_TOKEN_BYTES,
+            "tokens": m["tokens"], "nodes": m["nodes"], "active_trees": active, "engine": "SIMULATED"}),
+        Figure("memory", "rss_ratio", round(m["rss_growth"] / raw, 3), {
+            "rss_mib_per_1000_trees": round(m["rss_growth"] / 2**20 * 1000 / active, 1),
+            "raw_mib_per_1000_trees": round(raw / 2**20 * 1000 / active, 1), "active_trees": active}),
+    ]
+
+
+def run_bench(name: str, config: ForestConfig | None, *, problems: int, block_sizes: list[int], trees: int,
+              active: int, granularity: str, managers: list[int]) -> list[Figure]:
+    if name in ("engine", "designs", "cache"):
+        from cluster.runtime import connect
+        connect()
+        if name == "engine":
+            return bench_engine(config, problems=problems)
+        if name == "designs":
+            return bench_designs(config, problems=problems)
+        return bench_cache(config, problems=problems, block_sizes=block_sizes)
+    if name == "manager":
+        return bench_manager(trees=trees, active=active, granularity=granularity, managers=managers)
+    return bench_memory(active=active, granularity=granularity)

@@ -1,0 +1,138 @@
+"""The bundled trained model on real vLLM (CPU build): ``forest eval``'s strategies, the benchmark's engines,
+and a build written to a local S3-compatible server (moto) through a pyarrow filesystem URI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BUNDLED_MODEL = str(REPO / "models" / "forest-arith")
+WORKER = "forest-arith-test-worker-0"
+
+
+@pytest.fixture(scope="module")
+def arith_config():
+    from cluster.config import load_config
+
+    return load_config(REPO / "deploy" / "build.cpu.yaml", attach_workers=[WORKER],
+                       **{"engine.dtype": "float32", "engine.max_model_len": 1024, "build.flush_trees": 4,
+                          "build.flush_seconds": 1.0})
+
+
+@pytest.fixture(scope="module")
+def arith_worker(ray_cluster, arith_config):
+    """One named GeneratorWorker with the bundled model (runs attach to it by name, as a shared pool would)."""
+    from actors.generator import start_generator_workers
+
+    (worker,) = start_generator_workers(arith_config.engine, 1, name_prefix="forest-arith-test")
+    ray_cluster.get(worker.check_health.remote(), timeout=600)
+    yield worker
+    ray_cluster.kill(worker)
+
+
+def test_eval_compares_every_strategy_at_one_budget(arith_worker, arith_config):
+    from actors.records import Problem
+    from deploy.arithmetic import HELD_OUT_SEED_START, make_problems
+    from deploy.evaluate import STRATEGIES, format_table, run_eval
+
+    problems = [Problem(p.id, p.question, p.answer) for p in make_problems(12, HELD_OUT_SEED_START + 7)]
+    seen = []
+    reports = run_eval(arith_config, problems, list(STRATEGIES), budget_tokens=400, concurrency=12,
+                       on_report=seen.append)
+    assert [r.strategy for r in reports] == list(STRATEGIES) and seen == reports
+    for r in reports:
+        assert r.problems == 12 and 0 <= r.correct <= 12 and r.ci_low <= r.accuracy <= r.ci_high
+        assert 0 < r.mean_tokens <= 400 and r.wall_seconds > 0
+    greedy = reports[0]
+    assert greedy.correct >= 1, "the bundled model is trained: greedy decoding solves some problems"
+    assert greedy.mean_tokens <= arith_config.search.max_path_tokens
+    assert "mcts-mini32" in format_table(reports)
+
+
+def test_per_token_design_generates_what_one_call_does(arith_worker):
+    """The one-call-per-token engine of `forest bench designs` is the same model, driven slowly."""
+    import ray
+
+    from actors.generator import RemoteEngine
+    from actors.tokenizer import HFTokenizer
+    from deploy.bench_engines import PerTokenEngine
+    from search.prompts import OUTPUT_END, build_prompt
+    from search.protocol import GenerationRequest
+
+    tokenizer = HFTokenizer(BUNDLED_MODEL)
+    prompt = np.asarray(tokenizer.encode(build_prompt("Ann has 12 eggs. Then Ann finds 3 more. How many eggs does "
+                                                      "Ann have now?")), dtype=np.int32)
+    request = GenerationRequest(prompt, max_tokens=40, temperature=0.0, stop=(OUTPUT_END, "\n\n"))
+    engine = RemoteEngine(arith_worker)
+    (whole,) = asyncio.run(engine.generate(request))
+    per_token = PerTokenEngine(engine, tokenizer)
+    (stepped,) = asyncio.run(per_token.generate(request))
+    assert stepped.token_ids.tolist() == whole.token_ids.tolist()
+    assert per_token.calls == len(whole)
+    np.testing.assert_allclose(stepped.logprobs, whole.logprobs, atol=1e-3)
+    replayed = ray.get(arith_worker.replay.remote([request] * 4, 4))
+    assert replayed["generated_tokens"] == 4 * len(whole) and replayed["seconds"] > 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def s3_server():
+    """moto's S3-compatible server on a free port; yields a URI prefix with credentials and endpoint."""
+    port = _free_port()
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            assert time.monotonic() < deadline and server.poll() is None, "moto_server did not start"
+            time.sleep(0.2)
+    query = f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+    filesystem, _ = pafs.FileSystem.from_uri(f"s3://testing:testing@forest/x?{query}")
+    filesystem.create_dir("forest")  # the bucket
+    yield lambda path: f"s3://testing:testing@forest/{path}?{query}", filesystem
+    server.terminate()
+    server.wait(timeout=30)
+
+
+def test_a_build_reads_and_writes_object_storage_and_resumes(arith_worker, arith_config, s3_server):
+    from deploy.arithmetic import make_problems
+    from deploy.build import run_build
+
+    uri, filesystem = s3_server
+    rows = [p.row() for p in make_problems(6, 31)] + [{"id": "bad"}]
+    with filesystem.open_output_stream("forest/problems.jsonl") as f:
+        f.write("\n".join(json.dumps(r) for r in rows).encode() + b"\n")
+    config = arith_config.model_copy(update={"build": arith_config.build.model_copy(update={
+        "input": uri("problems.jsonl"), "output": uri("trees-out")})})
+    first = run_build(config)
+    assert (first.built, first.input_errors) == (6, 1)
+    trees = pq.read_table("forest/trees-out/trees", filesystem=filesystem)
+    assert sorted(trees.column("problem_id").to_pylist()) == sorted(r["id"] for r in rows[:6])
+    nodes = pq.read_table("forest/trees-out/nodes", filesystem=filesystem)
+    assert nodes.num_rows == sum(trees.column("num_nodes").to_pylist())
+    errors = pq.read_table("forest/trees-out/errors", filesystem=filesystem).to_pylist()
+    assert any(e["problem_id"] == "bad" and "question" in e["message"] for e in errors)
+    names = {info.base_name for info in filesystem.get_file_info(pafs.FileSelector("forest/trees-out"))}
+    assert {"manifest.json", "sft.jsonl", "pairs.parquet", "trees", "nodes"} <= names
+    again = run_build(config)  # resume: nothing left, nothing duplicated
+    assert (again.skipped, again.built) == (6, 0)
+    assert pq.read_table("forest/trees-out/trees", filesystem=filesystem).num_rows == 6

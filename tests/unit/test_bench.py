@@ -1,0 +1,84 @@
+"""``forest bench``'s parts that need no model: the SIMULATED canned engine, the level-synchronous barrier, the
+manager and memory figures, and the JSON lines."""
+
+import asyncio
+import json
+
+import numpy as np
+
+from deploy.bench import RAW_TOKEN_BYTES, Figure, _block_aligned_reusable, bench_manager, bench_memory
+from deploy.bench_engines import CannedEngine, LevelSyncEngine, RecordingEngine, RequestLog
+from search import Budget, MCTSParams, SimulatedEngine, SimulatedTokenizer, build_prompt, run_mcts
+from search.params import Granularity
+from search.protocol import GenerationRequest
+
+TOK = SimulatedTokenizer()
+
+
+def test_canned_engine_cuts_steps_and_answers_from_its_script():
+    prompt = TOK.encode(build_prompt("q"))
+    engine = CannedEngine(TOK, prompt_length=len(prompt), steps=3, step_tokens=5)
+
+    def ask(ids, **kw):
+        return asyncio.run(engine.generate(GenerationRequest(np.asarray(ids, np.int32), **kw)))
+
+    (step,) = ask(prompt, max_tokens=100, stop=("</Output>", "\n\n"))
+    assert TOK.decode(step.token_ids.tolist()).endswith("\n\n") and len(step) == 1 + 5 + 1
+    (rest,) = ask(prompt + step.token_ids.tolist(), max_tokens=1000, stop=("</Output>",))
+    assert TOK.decode(rest.token_ids.tolist()).endswith("<Output>42</Output>")
+    two = ask(prompt, max_tokens=4, n=2)
+    assert [len(c) for c in two] == [4, 4] and not np.array_equal(two[0].logprobs, two[1].logprobs)
+
+
+def test_mcts_on_the_canned_engine_finds_the_answer():
+    prompt = TOK.encode(build_prompt("q"))
+    engine = CannedEngine(TOK, prompt_length=len(prompt))
+    params = MCTSParams(granularity=Granularity.parse("mini_step:64"), budget=Budget(iterations=8))
+    result = asyncio.run(run_mcts(engine, TOK, prompt, params))
+    assert result.answer == "42" and result.stats.iterations == 8
+
+
+def test_level_sync_engine_releases_a_level_only_when_every_tree_has_asked():
+    inner = SimulatedEngine(TOK)
+    log = RequestLog()
+    trees = 5
+    barrier = LevelSyncEngine(RecordingEngine(inner, log), trees)
+    params = MCTSParams(budget=Budget(iterations=4), parallel=1)
+
+    async def go():
+        async def one(i):
+            try:
+                return await run_mcts(barrier, TOK, TOK.encode(build_prompt(f"q{i}")), params)
+            finally:
+                barrier.tree_done()
+        return await asyncio.gather(*(one(i) for i in range(trees)))
+
+    results = asyncio.run(go())
+    assert all(r.stats.iterations >= 1 for r in results)
+    assert log.peak_in_flight == trees  # each batch is one request per tree, all at once
+    assert barrier.batches < len(log.requests)
+
+
+def test_block_aligned_upper_bound():
+    a = GenerationRequest(np.arange(40, dtype=np.int32), max_tokens=1)
+    b = GenerationRequest(np.arange(50, dtype=np.int32), max_tokens=1)  # shares a's first 40 tokens
+    assert _block_aligned_reusable([a, b], 16) == 32  # two whole blocks; the partial third is never cached
+    assert _block_aligned_reusable([a, b], 8) == 40
+
+
+def test_manager_and_memory_figures(capsys):
+    (one,) = bench_manager(trees=12, active=12, granularity="mini_step:64", managers=[1])
+    assert one.figure == "expansions_per_s" and one.value > 0 and one.context["managers"] == 1
+    per_token, rss = bench_memory(active=20, granularity="mini_step:64")
+    assert per_token.figure == "bytes_per_token_ratio" and per_token.context["raw_bytes_per_token"] == 48
+    assert RAW_TOKEN_BYTES == 48 and 1.0 <= per_token.value < 1.25  # capacity grows by 1/8, never doubles
+    assert rss.figure == "rss_ratio" and rss.value > 0
+    line = json.loads(one.line(as_json=True))
+    assert {"bench", "figure", "value", "managers"} <= set(line)
+
+
+def test_figure_lines():
+    figure = Figure("cache", "cached_prompt_fraction", 0.9, {"block_size": 32})
+    assert json.loads(figure.line(True)) == {"bench": "cache", "figure": "cached_prompt_fraction", "value": 0.9,
+                                             "block_size": 32}
+    assert "block_size=32" in figure.line(False)

@@ -1,0 +1,79 @@
+"""The bundled model's problem distribution and the statistics ``forest eval`` reports."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from deploy.arithmetic import HELD_OUT_SEED_START, make_problems
+from deploy.cli import main
+from deploy.evaluate import EvalError, auroc, format_markdown, format_table, parse_strategies, wilson_interval
+from deploy.evaluate import StrategyReport
+from deploy.train_model import DEV_SEED
+from search.prompts import extract_answer, split_response
+
+
+def test_problems_are_reproducible_and_solutions_are_right():
+    first, again = make_problems(200, seed=5), make_problems(200, seed=5)
+    assert first == again
+    assert first != make_problems(200, seed=6)
+    for p in first:
+        reasoning, answer = split_response(p.solution)
+        assert answer == p.answer == extract_answer(p.solution)
+        steps = reasoning.split("\n\n")
+        assert 3 <= len(steps) <= 2 + 4  # start, 1-4 changes, conclusion
+        for step in steps[1:-1]:  # every worked step's arithmetic is correct
+            lhs, rhs = step.split(" = ")
+            a, op, b = lhs.split(", so ")[1].split()
+            assert int(rhs.rstrip(".")) == (int(a) + int(b) if op == "+" else int(a) - int(b))
+        assert int(p.answer) >= 0
+
+
+def test_held_out_seeds_are_never_training_seeds():
+    assert DEV_SEED < HELD_OUT_SEED_START
+    assert {p.id for p in make_problems(50, HELD_OUT_SEED_START)}.isdisjoint(p.id for p in make_problems(50, 0))
+
+
+def test_make_problems_cli_writes_jsonl(tmp_path, capsys):
+    out = tmp_path / "held-out.jsonl"
+    assert main(["make-problems", "--n", "7", "--seed", str(HELD_OUT_SEED_START), "--output", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 7 and set(rows[0]) == {"id", "question", "answer"}
+    assert main(["make-problems", "--n", "0", "--seed", "1", "--output", str(out)]) == 2
+    assert "--n must be >= 1" in capsys.readouterr().err
+
+
+def test_wilson_interval():
+    low, high = wilson_interval(50, 100)
+    assert low < 0.5 < high and high - low == pytest.approx(0.192, abs=0.005)
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_auroc_against_pairwise_definition():
+    rng = np.random.default_rng(0)
+    scores = np.round(rng.random(60), 1)  # many ties
+    labels = rng.random(60) < 0.4
+    pos, neg = scores[labels], scores[~labels]
+    pairwise = np.mean([(p > n) + 0.5 * (p == n) for p in pos for n in neg])
+    assert auroc(scores, labels) == pytest.approx(pairwise)
+    assert auroc([0.9, 0.8, 0.1], [True, True, False]) == 1.0
+    assert auroc([float("nan"), 0.5], [False, True]) == 1.0  # unvalued ranks lowest
+    assert auroc([0.1, 0.2], [True, True]) is None
+
+
+def test_strategies_are_checked():
+    assert parse_strategies("greedy, mcts-mini32") == ["greedy", "mcts-mini32"]
+    with pytest.raises(EvalError, match="unknown.*'beam'"):
+        parse_strategies("greedy,beam")
+
+
+def test_tables_show_every_strategy():
+    reports = [StrategyReport("greedy", 10, 4, 0.4, 0.17, 0.69, 80.0, 3.2, None, 512),
+               StrategyReport("mcts-step", 10, 6, 0.6, 0.31, 0.83, 400.0, 9.9, 0.75, 512)]
+    table, markdown = format_table(reports), format_markdown(reports)
+    for name in ("greedy", "mcts-step"):
+        assert name in table and f"| {name} |" in markdown
+    assert "60.0% (6/10)" in markdown and "0.750" in table and "n/a" in table
+    assert not math.isnan(reports[1].auroc)
