@@ -8,8 +8,10 @@ weights saved at each evaluation equal those of a run with ``--steps`` set to th
 weak: greedy decoding should solve 30-70% of held-out problems, leaving room for search. Digits are single tokens,
 so carries are learnable, and mistakes happen on digits, where the model's token confidence drops.
 
-Every ``--eval-every`` steps the script decodes a dev set (a seed never used for training) greedily with transformers
-and logs its accuracy; the last evaluation is written to ``training.json`` beside the weights.
+Every ``--eval-every`` steps (from ``--eval-from`` on) the script decodes a dev set (a seed never used for training)
+greedily with transformers, logs its accuracy and saves the weights; ``training.json`` beside them records every
+evaluation. With ``--target-accuracy`` training stops at the first evaluation that reaches it: that is how the
+bundled model's difficulty is tuned (greedy should solve about half of the problems, so search has room to help).
 """
 
 from __future__ import annotations
@@ -96,8 +98,9 @@ def greedy_accuracy(model, tokenizer, problems, *, max_new_tokens: int = 160) ->
 
 
 def train(output: str | Path, *, seed: int = 0, steps: int = 3000, batch_size: int = 32, lr: float = 3e-3,
-          hidden_size: int = 128, layers: int = 4, vocab_size: int = 512, eval_every: int = 500,
-          dev_problems: int = 256, threads: int | None = None, device: str = "cpu") -> dict:
+          hidden_size: int = 128, layers: int = 4, vocab_size: int = 512, eval_every: int = 500, eval_from: int = 0,
+          target_accuracy: float | None = None, dev_problems: int = 256, threads: int | None = None,
+          device: str = "cpu") -> dict:
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
@@ -136,7 +139,7 @@ def train(output: str | Path, *, seed: int = 0, steps: int = 3000, batch_size: i
         optimizer.step()
         if step % 50 == 0:
             log.info("step %d/%d loss %.4f (%.0f s)", step, steps, loss.item(), time.monotonic() - started)
-        if (step + 1) % eval_every == 0 or step + 1 == steps:
+        if ((step + 1) % eval_every == 0 and step + 1 >= eval_from) or step + 1 == steps:
             accuracy = greedy_accuracy(model, tokenizer, dev)
             history.append({"step": step + 1, "loss": round(loss.item(), 4), "dev_greedy_accuracy": accuracy,
                             "seconds": round(time.monotonic() - started, 1)})
@@ -147,6 +150,9 @@ def train(output: str | Path, *, seed: int = 0, steps: int = 3000, batch_size: i
             model.save_pretrained(out, safe_serialization=True)  # the weights as of this step
             GenerationConfig(eos_token_id=eos_id).save_pretrained(out)
             (out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
+            if target_accuracy is not None and accuracy >= target_accuracy:
+                log.info("dev greedy accuracy %.3f reached the target %.3f: stopping", accuracy, target_accuracy)
+                break
     return report
 
 
@@ -160,12 +166,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hidden-size", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--eval-every", type=int, default=500)
+    p.add_argument("--eval-from", type=int, default=0, help="first step to evaluate at")
+    p.add_argument("--target-accuracy", type=float, help="stop at the first evaluation reaching this dev accuracy")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     report = train(args.output, seed=args.seed, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                    hidden_size=args.hidden_size, layers=args.layers, eval_every=args.eval_every,
+                   eval_from=args.eval_from, target_accuracy=args.target_accuracy,
                    threads=args.threads, device=args.device)
     print(json.dumps(report["history"][-1]))
     return 0

@@ -22,13 +22,15 @@ def token_confidence(
 ) -> np.ndarray:
     """Per-token confidence, float64 [T], from token_ids/logprobs [T] and top_ids/top_logprobs [T, K]."""
     lp = np.asarray(logprobs, dtype=np.float64)
-    top = np.asarray(top_logprobs, dtype=np.float64)
     if lp.size == 0:
         return np.zeros(0, dtype=np.float64)
-    in_top = (np.asarray(top_ids) == np.asarray(token_ids)[:, None]).any(axis=1)
-    peak = np.maximum(top.max(axis=1), lp)
+    top = np.asarray(top_logprobs, dtype=np.float64)
+    peak = top.max(axis=1)
+    np.maximum(peak, lp, out=peak)
     sampled = np.exp(lp - peak)
-    denom = np.exp(top - peak[:, None]).sum(axis=1) + np.where(in_top, 0.0, sampled)
+    denom = np.exp(top - peak[:, None]).sum(axis=1)
+    outside = (np.asarray(top_ids) != np.asarray(token_ids)[:, None]).all(axis=1)
+    denom += sampled * outside  # the sampled token as a sixth term when it is not in the top-5
     return sampled / denom
 
 
