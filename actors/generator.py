@@ -40,9 +40,13 @@ class WorkerStats:
 def _engine_args(config: EngineConfig, *, seed: int, device: str):
     from vllm.engine.arg_utils import AsyncEngineArgs
 
+    cpu_only = {}
     if device == "cpu":  # else the CPU build claims most of the RAM for its KV cache
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(config.cpu_kvcache_gib)
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # several workers may share the cores
+        # vLLM 0.32's CPU build kills the engine when a seeded request's prefill is chunked: it rewinds the
+        # request's torch.Generator by an offset, which CPU generators do not have. Whole prefills avoid that.
+        cpu_only = {"enable_chunked_prefill": False, "max_num_batched_tokens": max(config.max_model_len, 8192)}
     # Tensor parallelism on GPUs: vLLM starts its shard workers in the actor's placement group.
     backend = "ray" if device == "cuda" and config.tensor_parallel_size > 1 else None
     return AsyncEngineArgs(
@@ -50,7 +54,8 @@ def _engine_args(config: EngineConfig, *, seed: int, device: str):
         model=config.model, tokenizer=config.model, dtype=config.dtype, max_model_len=config.max_model_len,
         tensor_parallel_size=config.tensor_parallel_size, gpu_memory_utilization=config.gpu_memory_utilization,
         enforce_eager=config.enforce_eager, max_num_seqs=config.max_num_seqs, seed=seed,
-        max_logprobs=TOP_K, enable_prefix_caching=config.enable_prefix_caching, block_size=config.block_size)
+        max_logprobs=TOP_K, enable_prefix_caching=config.enable_prefix_caching, block_size=config.block_size,
+        **cpu_only)
 
 
 def chunk_from_output(completion, eos_token_id: int, num_cached_tokens: int) -> Chunk:

@@ -28,7 +28,7 @@ import numpy as np
 from search import mcts
 from search.params import REFLECTION_PHRASE, MCTSParams, ValueKind
 from search.prompts import OUTPUT_END, extract_answer
-from search.protocol import Chunk, Engine, EngineDeadError, EngineError, GenerationRequest, Tokenizer
+from search.protocol import Chunk, Engine, EngineDeadError, EngineError, FinishReason, GenerationRequest, Tokenizer
 from search.tree import ROOT, NodeKind, Tree
 from search.values import VALUE_FUNCTIONS, Evaluation
 
@@ -295,6 +295,33 @@ class _Search:
         path = mcts.best_path(tree, self.params.final)
         ids = tree.path_token_ids(path[-1])
         response = self.tokenizer.decode(ids.tolist())
+        answer = extract_answer(response)
+        if not self._finished(path[-1], response):
+            # e.g. the token budget cut the chosen line's rollout short: take the best line the model finished
+            answered = self._best_answered_path()
+            if answered is not None:
+                path, ids, response, answer = answered
         leaf = path[-1] if tree.nodes["kind"][path[-1]] != NodeKind.ROLLOUT else path[-2]
-        return SearchResult(tree, path, ids, response, extract_answer(response), tree.mean_value(leaf), reason,
-                            self.stats)
+        return SearchResult(tree, path, ids, response, answer, tree.mean_value(leaf), reason, self.stats)
+
+    def _finished(self, node: int, response: str) -> bool:
+        """The line ends because the model finished its answer (not because a budget or limit cut it)."""
+        return OUTPUT_END in response or self.tree.nodes["finish_reason"][node] == FinishReason.EOS
+
+    def _best_answered_path(self):
+        """(path, token ids, text, answer) of the highest-valued line the model finished with an answer."""
+        tree, best, best_key = self.tree, None, None
+        kinds, reasons = tree.nodes["kind"], tree.nodes["finish_reason"]
+        for node in range(1, tree.num_nodes):
+            if reasons[node] not in (FinishReason.STOP, FinishReason.EOS):
+                continue
+            ids = tree.path_token_ids(node)
+            response = self.tokenizer.decode(ids.tolist())
+            answer = extract_answer(response)
+            if answer is None or not self._finished(node, response):
+                continue
+            valued = int(tree.nodes["parent"][node]) if kinds[node] == NodeKind.ROLLOUT else node
+            key = (np.nan_to_num(tree.mean_value(valued), nan=-1.0), int(tree.nodes["visits"][valued]))
+            if best_key is None or key > best_key:
+                best, best_key = (tree.path(node), ids, response, answer), key
+        return best

@@ -171,3 +171,19 @@ def test_a_killed_engine_is_reported_and_the_worker_restarts(workers, prompt):
             assert time.monotonic() < deadline, "the worker did not come back"
             time.sleep(2)
     assert len(chunks) == 1 and len(chunks[0].token_ids) >= 1
+
+
+def test_many_seeded_requests_with_long_prompts_keep_the_engine_alive(workers, prompt):
+    """vLLM 0.32's CPU build died on seeded requests whose prefill got chunked (more prompt tokens at once than
+    one step takes); Forest's CPU engines prefill whole prompts. 48 prompts of ~600 tokens arrive together."""
+    rng = np.random.default_rng(3)
+    prompts = [list(prompt) + rng.integers(10, 400, 600 - len(prompt)).tolist() for _ in range(48)]
+
+    async def burst():
+        engine = RemoteEngine(workers[1])
+        return await asyncio.gather(*(engine.generate(request(p, n=2, max_tokens=4, seed=i))
+                                      for i, p in enumerate(prompts)))
+
+    results = asyncio.run(burst())
+    assert all(len(chunks) == 2 and all(len(c) >= 1 for c in chunks) for chunks in results)
+    assert asyncio.run(RemoteEngine(workers[1]).generate(request(prompt, seed=5)))  # still serving

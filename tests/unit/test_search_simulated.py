@@ -219,3 +219,23 @@ def test_progress_is_reported_after_every_iteration():
     asyncio.run(run_mcts(engine, TOK, PROMPT, params, on_progress=lambda s, v: seen.append((s.iterations, v))))
     assert [i for i, _ in seen] == list(range(1, 10))
     assert all(0 < v <= 1 for _, v in seen)
+
+
+def test_a_budget_cut_line_gives_way_to_the_best_finished_line():
+    """When the token budget cuts the chosen line's rollout short (no </Output>), the answer comes from the
+    highest-valued line the model did finish, rather than no answer (or half of one)."""
+    from search import mcts
+    from search.params import FinalChoice
+
+    def finished(tree, node):
+        return "</Output>" in TOK.decode(tree.path_token_ids(node).tolist())
+
+    cut = 0
+    for seed in range(20):
+        result = search(SimulatedEngine(TOK, seed=seed, steps=4), seed=seed, parallel=4, early_stop=False,
+                        budget=Budget(iterations=100, tokens=120))
+        tree = result.tree
+        if any(finished(tree, n) for n in range(1, tree.num_nodes)):
+            assert result.answer == "42" and "</Output>" in result.response, f"seed {seed}"
+            cut += not finished(tree, mcts.best_path(tree, FinalChoice.MOST_VISITS)[-1])
+    assert cut >= 5  # the most-visited line really is cut short in this setup
