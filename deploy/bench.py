@@ -195,32 +195,12 @@ def bench_cache(config: ForestConfig, *, problems: int, block_sizes: list[int]) 
             asyncio.run(go())
         finally:
             ray.kill(worker)
-        # the most a block-granular cache could serve: each prompt's longest prefix already sent, in whole blocks
-        reusable = _block_aligned_reusable(log.requests, block_size)
         figures.append(Figure("cache", "cached_prompt_fraction",
                               round(log.cached_prompt_tokens / log.prompt_tokens, 3), {
                                   "block_size": block_size, "prompt_tokens": log.prompt_tokens,
                                   "cached_prompt_tokens": log.cached_prompt_tokens,
-                                  "block_aligned_upper_bound": round(reusable / log.prompt_tokens, 3),
                                   "requests": len(log.requests)}))
     return figures
-
-
-def _block_aligned_reusable(requests, block_size: int) -> int:
-    """Prompt tokens a perfect prefix cache with this block size could serve: for each request, the longest prefix
-    shared with any earlier request, rounded down to whole blocks (vLLM never caches a partial block)."""
-    seen: set[bytes] = set()
-    total = 0
-    for request in requests:
-        ids = request.prompt_token_ids
-        blocks = len(ids) // block_size
-        hit = 0
-        while hit < blocks and ids[:(hit + 1) * block_size].tobytes() in seen:
-            hit += 1
-        total += hit * block_size
-        for b in range(1, blocks + 1):
-            seen.add(ids[:b * block_size].tobytes())
-    return total
 
 
 # -- the manager and memory benchmarks: SIMULATED engine, no model -------------------------------------------------

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from deploy.bench import RAW_TOKEN_BYTES, Figure, _block_aligned_reusable, bench_manager, bench_memory
+from deploy.bench import RAW_TOKEN_BYTES, Figure, bench_manager, bench_memory
 from deploy.bench_engines import CannedEngine, LevelSyncEngine, RecordingEngine, RequestLog
 from search import Budget, MCTSParams, SimulatedEngine, SimulatedTokenizer, build_prompt, run_mcts
 from search.params import Granularity
@@ -57,13 +57,6 @@ def test_level_sync_engine_releases_a_level_only_when_every_tree_has_asked():
     assert all(r.stats.iterations >= 1 for r in results)
     assert log.peak_in_flight == trees  # each batch is one request per tree, all at once
     assert barrier.batches < len(log.requests)
-
-
-def test_block_aligned_upper_bound():
-    a = GenerationRequest(np.arange(40, dtype=np.int32), max_tokens=1)
-    b = GenerationRequest(np.arange(50, dtype=np.int32), max_tokens=1)  # shares a's first 40 tokens
-    assert _block_aligned_reusable([a, b], 16) == 32  # two whole blocks; the partial third is never cached
-    assert _block_aligned_reusable([a, b], 8) == 40
 
 
 def test_manager_and_memory_figures(capsys):
