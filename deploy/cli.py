@@ -91,6 +91,8 @@ def parser() -> argparse.ArgumentParser:
                        help="engine and search settings (the real-engine benches)")
     bench.add_argument("--model", help="model directory (engine.model)")
     bench.add_argument("--problems", type=int, default=32, help="trees searched by engine, designs and cache")
+    bench.add_argument("--per-token-problems", type=int, default=4,
+                       help="designs: trees the (slow) one-call-per-token loop searches")
     bench.add_argument("--block-sizes", default="32,128", help="cache: KV block sizes to compare")
     bench.add_argument("--trees", type=int, default=400, help="manager: trees per manager")
     bench.add_argument("--active", type=int, default=1000, help="manager/memory: trees active at once")
@@ -157,7 +159,7 @@ def cmd_bench(args) -> int:
     config = load_config(args.config, **{"engine.model": args.model})
     figures = run_bench(args.bench, config, problems=args.problems, trees=args.trees, active=args.active,
                         block_sizes=[int(b) for b in args.block_sizes.split(",")], granularity=args.granularity,
-                        managers=[int(m) for m in args.managers.split(",")])
+                        managers=[int(m) for m in args.managers.split(",")], per_token_problems=args.per_token_problems)
     for figure in figures:
         print(figure.line(args.json), flush=True)
     return 0

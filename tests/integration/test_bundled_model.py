@@ -106,7 +106,7 @@ def s3_server():
             assert time.monotonic() < deadline and server.poll() is None, "moto_server did not start"
             time.sleep(0.2)
     query = f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
-    filesystem, _ = pafs.FileSystem.from_uri(f"s3://testing:testing@forest/x?{query}")
+    filesystem, _ = pafs.FileSystem.from_uri(f"s3://testing:testing@forest/x?{query}&allow_bucket_creation=true")
     filesystem.create_dir("forest")  # the bucket
     yield lambda path: f"s3://testing:testing@forest/{path}?{query}", filesystem
     server.terminate()
