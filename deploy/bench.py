@@ -78,6 +78,20 @@ async def _search_all(engine_for_tree, tokenizer, prompts, params, *, on_tree_do
     return time.monotonic() - start, results
 
 
+async def _forest_run(worker, config: ForestConfig, tokenizer, prompts, params, log=None) -> tuple[float, list]:
+    """Forest's own dispatch on one warmed-up worker with a cold prefix cache; records requests into ``log``."""
+    from actors.tree_manager import TreeEngine, WorkerPool
+    from deploy.bench_engines import RecordingEngine
+
+    await _warm_up(worker, prompts[0])
+    pool = WorkerPool([worker], max_in_flight=config.build.max_in_flight_per_worker)
+
+    def engine_for_tree(_):
+        return TreeEngine(pool) if log is None else RecordingEngine(TreeEngine(pool), log)
+
+    return await _search_all(engine_for_tree, tokenizer, prompts, params)
+
+
 async def _warm_up(worker, prompt) -> None:
     from actors.generator import RemoteEngine
     from search.protocol import GenerationRequest
@@ -91,22 +105,15 @@ def bench_engine(config: ForestConfig, *, problems: int) -> list[Figure]:
     import ray
 
     from actors.tokenizer import HFTokenizer
-    from actors.tree_manager import TreeEngine, WorkerPool
-    from deploy.bench_engines import RecordingEngine, RequestLog
+    from deploy.bench_engines import RequestLog
 
     (worker,) = _start_workers(config)
     tokenizer = HFTokenizer(config.engine.model)
     prompts = _prompts(config, tokenizer, problems)
     params = config.search.to_params()
     log = RequestLog()
-
-    async def forest():
-        await _warm_up(worker, prompts[0])
-        pool = WorkerPool([worker], max_in_flight=config.build.max_in_flight_per_worker)
-        return await _search_all(lambda i: RecordingEngine(TreeEngine(pool), log), tokenizer, prompts, params)
-
     try:
-        forest_seconds, _ = asyncio.run(forest())
+        forest_seconds, _ = asyncio.run(_forest_run(worker, config, tokenizer, prompts, params, log))
         plain = ray.get(worker.replay.remote(log.requests, log.peak_in_flight))
     finally:
         ray.kill(worker)
@@ -126,7 +133,6 @@ def bench_designs(config: ForestConfig, *, problems: int, per_token_problems: in
 
     from actors.generator import RemoteEngine
     from actors.tokenizer import HFTokenizer
-    from actors.tree_manager import TreeEngine, WorkerPool
     from deploy.bench_engines import LevelSyncEngine, PerTokenEngine
 
     worker, = _start_workers(config)
@@ -135,11 +141,6 @@ def bench_designs(config: ForestConfig, *, problems: int, per_token_problems: in
     params = config.search.to_params()
     runs = {}
 
-    async def forest():
-        await _warm_up(worker, prompts[0])
-        pool = WorkerPool([worker], max_in_flight=config.build.max_in_flight_per_worker)
-        return await _search_all(lambda i: TreeEngine(pool), tokenizer, prompts, params)
-
     async def level_sync():
         await worker.reset_prefix_cache.remote()
         barrier = LevelSyncEngine(RemoteEngine(worker), len(prompts))
@@ -147,7 +148,7 @@ def bench_designs(config: ForestConfig, *, problems: int, per_token_problems: in
                                  on_tree_done=barrier.tree_done)
 
     try:
-        runs["forest"] = asyncio.run(forest())
+        runs["forest"] = asyncio.run(_forest_run(worker, config, tokenizer, prompts, params))
         runs["level_sync"] = asyncio.run(level_sync())
     finally:
         ray.kill(worker)
@@ -177,8 +178,7 @@ def bench_cache(config: ForestConfig, *, problems: int, block_sizes: list[int]) 
     import ray
 
     from actors.tokenizer import HFTokenizer
-    from actors.tree_manager import TreeEngine, WorkerPool
-    from deploy.bench_engines import RecordingEngine, RequestLog
+    from deploy.bench_engines import RequestLog
 
     tokenizer = HFTokenizer(config.engine.model)
     prompts = _prompts(config, tokenizer, problems)
@@ -187,14 +187,8 @@ def bench_cache(config: ForestConfig, *, problems: int, block_sizes: list[int]) 
     for block_size in block_sizes:
         worker, = _start_workers(config, block_size=block_size)
         log = RequestLog()
-
-        async def go(worker=worker, log=log):
-            await _warm_up(worker, prompts[0])
-            pool = WorkerPool([worker], max_in_flight=config.build.max_in_flight_per_worker)
-            return await _search_all(lambda i: RecordingEngine(TreeEngine(pool), log), tokenizer, prompts, params)
-
         try:
-            asyncio.run(go())
+            asyncio.run(_forest_run(worker, config, tokenizer, prompts, params, log))
         finally:
             ray.kill(worker)
         figures.append(Figure("cache", "cached_prompt_fraction",
@@ -207,7 +201,10 @@ def bench_cache(config: ForestConfig, *, problems: int, block_sizes: list[int]) 
 
 # -- the manager and memory benchmarks: SIMULATED engine, no model -------------------------------------------------
 
-def _simulated_setup(granularity: str):
+def _simulated_manager(granularity: str):
+    """(tokenizer, prompt, params, canned engine, pool): a manager's parts around a SIMULATED engine."""
+    from actors.tree_manager import WorkerPool
+    from deploy.bench_engines import CannedEngine
     from search.params import Budget, Granularity, MCTSParams
     from search.prompts import build_prompt
     from search.simulated import SimulatedTokenizer
@@ -216,20 +213,19 @@ def _simulated_setup(granularity: str):
     prompt = tokenizer.encode(build_prompt("Simulated question 0000."))
     params = MCTSParams(granularity=Granularity.parse(granularity), children=2, parallel=4, max_path_tokens=1024,
                         budget=Budget(iterations=32), early_stop=False)
-    return tokenizer, prompt, params
+    canned = CannedEngine(tokenizer, prompt_length=len(prompt))
+    pool = WorkerPool([canned], max_in_flight=1 << 30, engine_for=lambda engine: engine)
+    return tokenizer, prompt, params, canned, pool
 
 
-async def _manager_run(trees: int, active: int, granularity: str, *, write_nodes: bool = True) -> dict:
+async def _manager_run(trees: int, active: int, granularity: str) -> dict:
     """One manager's hot path: ``trees`` searches, ``active`` at a time, through a WorkerPool, each finished tree
     turned into its Arrow node table as the TreeManager does."""
     from actors.records import node_table
-    from actors.tree_manager import TreeEngine, WorkerPool
-    from deploy.bench_engines import CannedEngine
+    from actors.tree_manager import TreeEngine
     from search.driver import run_mcts
 
-    tokenizer, prompt, params = _simulated_setup(granularity)
-    canned = CannedEngine(tokenizer, prompt_length=len(prompt))
-    pool = WorkerPool([canned], max_in_flight=1 << 30, engine_for=lambda engine: engine)
+    tokenizer, prompt, params, canned, pool = _simulated_manager(granularity)
     gate = asyncio.Semaphore(active)
     expansions = 0
 
@@ -242,8 +238,7 @@ async def _manager_run(trees: int, active: int, granularity: str, *, write_nodes
             finally:
                 engine.close()
             expansions += int((result.tree.nodes["num_children"][:result.tree.num_nodes] > 0).sum())
-            if write_nodes:
-                node_table(result.tree, run_id="bench", tree_id=str(i), decode=tokenizer.decode)
+            node_table(result.tree, run_id="bench", tree_id=str(i), decode=tokenizer.decode)
             return result.stats.generated_tokens
 
     await one(-1)  # warm up: first-use imports (pyarrow's pandas shim) are not the manager's steady state
@@ -293,13 +288,10 @@ def _memory_process(args) -> dict:
 
     import psutil
 
-    from actors.tree_manager import TreeEngine, WorkerPool
-    from deploy.bench_engines import CannedEngine
+    from actors.tree_manager import TreeEngine
     from search.driver import run_mcts
 
-    tokenizer, prompt, params = _simulated_setup(granularity)
-    canned = CannedEngine(tokenizer, prompt_length=len(prompt))
-    pool = WorkerPool([canned], max_in_flight=1 << 30, engine_for=lambda engine: engine)
+    tokenizer, prompt, params, _, pool = _simulated_manager(granularity)
     gc.collect()
     before = psutil.Process(os.getpid()).memory_info().rss
 

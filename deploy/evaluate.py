@@ -15,13 +15,16 @@ import json
 import math
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from actors.records import Problem
 from cluster.config import ForestConfig
 from search.params import Budget, Granularity, MCTSParams
 from search.prompts import answers_match, build_prompt
+
+if TYPE_CHECKING:  # pyarrow stays out of the CLI's start-up
+    from actors.records import Problem
 
 STRATEGIES = ("greedy", "best_of_n", "self_consistency", "mcts-step", "mcts-mini64", "mcts-mini32")
 MCTS_GRANULARITY = {"mcts-step": "step", "mcts-mini64": "mini_step:64", "mcts-mini32": "mini_step:32"}

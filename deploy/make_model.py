@@ -37,21 +37,25 @@ def synthetic_corpus(lines: int, seed: int) -> list[str]:
     return out
 
 
-def train_tokenizer(out_dir: Path, *, vocab_size: int, seed: int) -> int:
-    """Train and save a byte-level BPE tokenizer with the ChatML special tokens; returns its vocab size."""
+def train_tokenizer(out_dir: Path, corpus: list[str], *, vocab_size: int, split_digits: bool = False):
+    """Train and save a byte-level BPE tokenizer with the ChatML special tokens and chat template; returns it.
+
+    ``split_digits`` makes every digit its own token (arithmetic is learnable that way)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                         if split_digits else byte_level)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(synthetic_corpus(4000, seed), trainer=trainer)
+    tok.train_from_iterator(corpus, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    bos_token=None, unk_token=None, chat_template=CHAT_TEMPLATE)
     fast.save_pretrained(out_dir)
-    return len(fast)
+    return fast
 
 
 def make_tiny_random(out_dir: str | Path, *, seed: int = 0, vocab_size: int = 2048, hidden_size: int = 128,
@@ -62,7 +66,7 @@ def make_tiny_random(out_dir: str | Path, *, seed: int = 0, vocab_size: int = 20
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    real_vocab = train_tokenizer(out, vocab_size=vocab_size, seed=seed)
+    real_vocab = len(train_tokenizer(out, synthetic_corpus(4000, seed), vocab_size=vocab_size))
     tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
     eos_id = json.loads((out / "tokenizer.json").read_text())["model"]["vocab"].get("<|im_end|>", 2)
     config = Qwen2Config(

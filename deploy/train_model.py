@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from deploy.arithmetic import HELD_OUT_SEED_START, make_problems
-from deploy.make_model import CHAT_TEMPLATE, SPECIAL_TOKENS
+from deploy.make_model import train_tokenizer
 from search.params import DEFAULT_SYSTEM_PROMPT, REFLECTION_PHRASE
 from search.prompts import build_prompt, extract_answer
 
@@ -34,24 +34,11 @@ TRAIN_SEED_OFFSET = 0
 DEV_SEED = HELD_OUT_SEED_START - 1  # never a training seed: training streams use seeds in [seed, seed + 1)
 
 
-def train_tokenizer(out_dir: Path, *, vocab_size: int, seed: int):
-    """Byte-level BPE with one token per digit, trained on the problem distribution and the prompts."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+def _tokenizer_corpus(seed: int) -> list[str]:
+    """The problem distribution and the prompts (digits are split into single tokens by the tokenizer)."""
     corpus = [build_prompt(p.question) + p.solution + "<|im_end|>\n"
               for p in make_problems(3000, seed + 7_777)]  # any training-side seed
-    tok.train_from_iterator(corpus + [DEFAULT_SYSTEM_PROMPT, REFLECTION_PHRASE] * 50, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   bos_token=None, unk_token=None, chat_template=CHAT_TEMPLATE)
-    fast.save_pretrained(out_dir)
-    return fast
+    return corpus + [DEFAULT_SYSTEM_PROMPT, REFLECTION_PHRASE] * 50
 
 
 def _batch(tokenizer, problems, device):
@@ -108,7 +95,7 @@ def train(output: str | Path, *, seed: int = 0, steps: int = 3000, batch_size: i
         torch.set_num_threads(threads)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = train_tokenizer(out, vocab_size=vocab_size, seed=seed)
+    tokenizer = train_tokenizer(out, _tokenizer_corpus(seed), vocab_size=vocab_size, split_digits=True)
     eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     config = Qwen2Config(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=4 * hidden_size,
