@@ -20,13 +20,13 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
-# retrain the bundled model committed in $(MODEL) (about 16 minutes on 2 CPU cores; see deploy/train_model.py)
+# retrain the bundled model committed in $(MODEL) (about 16 minutes on 2 CPU cores; see modelkit/train.py)
 model: $(BIN)/.installed
-	$(BIN)/python -m deploy.train_model --output $(MODEL) --steps 1000 --eval-every 25 --eval-from 750 \
+	$(BIN)/python -m modelkit.train --output $(MODEL) --steps 1000 --eval-every 25 --eval-from 750 \
 	  --target-accuracy 0.5 --threads 2
 
 demo: $(BIN)/.installed
-	$(BIN)/forest build --config deploy/build.cpu.yaml --input deploy/demo_problems.jsonl --output out/demo
+	$(BIN)/forest build --config deploy/configs/build.cpu.yaml --input deploy/demo_problems.jsonl --output out/demo
 	@echo "trees, nodes, pairs and sft.jsonl are in out/demo"
 
 unit: $(BIN)/.installed
@@ -38,7 +38,7 @@ browser:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; }
 
 test: $(BIN)/.installed browser
-	$(BIN)/ruff check search actors cluster deploy tests
+	$(BIN)/ruff check search dataset cluster actors modelkit bench deploy tests
 	$(BIN)/python -m pytest -q tests
 
 clean:

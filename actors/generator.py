@@ -1,9 +1,6 @@
-"""GeneratorWorker: one vLLM ``AsyncLLM`` behind the search core's ``Engine`` protocol.
+"""GeneratorWorker: the Ray actor that owns one vLLM engine (``actors.vllm_engine.VLLMEngine``).
 
-``VLLMEngine`` is the plain class (constructible and testable without Ray); ``GeneratorWorker`` is the thin
-Ray actor around it. Many requests are in flight at once (vLLM batches them); cancelling a caller's
-``generate`` aborts the request in the engine. Bad requests fail alone with ``EngineError``; a dead engine
-raises ``EngineDeadError`` so the caller can re-send the work to another worker.
+Started and reached through ``actors.pool`` (``start_generator_workers``, ``RemoteEngine``).
 """
 
 from __future__ import annotations
@@ -11,219 +8,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
-import uuid
-from dataclasses import dataclass
 
-import numpy as np
-
+from actors.vllm_engine import VLLMEngine, WorkerStats
 from cluster.config import EngineConfig
-from search.protocol import (TOP_K, Chunk, EngineDeadError, EngineError, FinishReason, GenerationRequest)
+from search.protocol import Chunk, EngineDeadError, GenerationRequest
 
 log = logging.getLogger(__name__)
 
-_FINISH = {"length": FinishReason.LENGTH, "stop": FinishReason.STOP, "abort": FinishReason.ABORTED}
+EXIT_DELAY_SECONDS = 0.2
+"""After its engine dies the worker exits this long after answering, so the caller hears why first."""
 
 
-@dataclass(frozen=True, slots=True)
-class WorkerStats:
-    seed: int
-    requests_in_flight: int
-    requests_done: int
-    requests_failed: int
-    prompt_tokens: int
-    cached_prompt_tokens: int
-    generated_tokens: int
-    busy_seconds: float  # wall time with at least one request in flight
-
-
-def _engine_args(config: EngineConfig, *, seed: int, device: str):
-    from vllm.engine.arg_utils import AsyncEngineArgs
-
-    cpu_only = {}
-    if device == "cpu":  # else the CPU build claims most of the RAM for its KV cache
-        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(config.cpu_kvcache_gib)
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # several workers may share the cores
-        # vLLM 0.32's CPU build kills the engine when a seeded request's prefill is chunked: it rewinds the
-        # request's torch.Generator by an offset, which CPU generators do not have. Whole prefills avoid that.
-        cpu_only = {"enable_chunked_prefill": False, "max_num_batched_tokens": max(config.max_model_len, 8192)}
-    # Tensor parallelism on GPUs: vLLM starts its shard workers in the actor's placement group.
-    backend = "ray" if device == "cuda" and config.tensor_parallel_size > 1 else None
-    return AsyncEngineArgs(
-        distributed_executor_backend=backend,
-        model=config.model, tokenizer=config.model, dtype=config.dtype, max_model_len=config.max_model_len,
-        tensor_parallel_size=config.tensor_parallel_size, gpu_memory_utilization=config.gpu_memory_utilization,
-        enforce_eager=config.enforce_eager, max_num_seqs=config.max_num_seqs, seed=seed,
-        max_logprobs=TOP_K, enable_prefix_caching=config.enable_prefix_caching, block_size=config.block_size,
-        **cpu_only)
-
-
-def chunk_from_output(completion, eos_token_id: int, num_cached_tokens: int) -> Chunk:
-    """A vLLM ``CompletionOutput`` with flat logprobs -> ``Chunk``.
-
-    With ``flat_logprobs=True`` position i holds the sampled token first, then the top-k by rank.
-    """
-    flat = completion.logprobs
-    count = len(completion.token_ids)
-    token_ids = np.asarray(completion.token_ids, dtype=np.int32)
-    starts = np.asarray(flat.start_indices[:count], dtype=np.int64)
-    ends = np.asarray(flat.end_indices[:count], dtype=np.int64)
-    all_ids = np.asarray(flat.token_ids, dtype=np.int32)
-    all_lps = np.asarray(flat.logprobs, dtype=np.float32)
-    if count and (ends - starts == TOP_K + 1).all():  # the usual case: gather without a Python loop
-        columns = starts[:, None] + 1 + np.arange(TOP_K)
-        return _chunk(completion, token_ids, all_lps[starts], all_ids[columns], all_lps[columns], eos_token_id,
-                      num_cached_tokens)
-    logprobs = np.empty(count, dtype=np.float32)
-    top_ids = np.full((count, TOP_K), -1, dtype=np.int32)
-    top_lps = np.full((count, TOP_K), -np.inf, dtype=np.float32)
-    for i in range(count):  # fewer alternatives than TOP_K somewhere (a tiny vocabulary)
-        start, end = flat.start_indices[i], flat.end_indices[i]
-        logprobs[i] = flat.logprobs[start]
-        alternatives = min(end - start - 1, TOP_K)
-        top_ids[i, :alternatives] = flat.token_ids[start + 1:start + 1 + alternatives]
-        top_lps[i, :alternatives] = flat.logprobs[start + 1:start + 1 + alternatives]
-    return _chunk(completion, token_ids, logprobs, top_ids, top_lps, eos_token_id, num_cached_tokens)
-
-
-def _chunk(completion, token_ids, logprobs, top_ids, top_lps, eos_token_id: int, num_cached_tokens: int) -> Chunk:
-    count = len(token_ids)
-    finish = _FINISH.get(completion.finish_reason, FinishReason.STOP)
-    if finish is FinishReason.STOP and count and completion.stop_reason is None and token_ids[-1] == eos_token_id:
-        finish = FinishReason.EOS
-    return Chunk(token_ids, logprobs, top_ids, top_lps, finish, num_cached_tokens)
-
-
-class VLLMEngine:
-    """One vLLM engine implementing ``search.protocol.Engine`` (the GPU build or the CPU build)."""
-
-    def __init__(self, config: EngineConfig, *, seed: int, device: str = "cpu"):
-        from vllm.v1.engine.async_llm import AsyncLLM
-
-        self.config, self.seed = config, seed
-        self.engine = AsyncLLM.from_engine_args(_engine_args(config, seed=seed, device=device))
-        self.eos_token_id = self.engine.tokenizer.eos_token_id if hasattr(self.engine, "tokenizer") else None
-        if self.eos_token_id is None:
-            from transformers import AutoTokenizer
-            self.eos_token_id = AutoTokenizer.from_pretrained(config.model).eos_token_id
-        self.in_flight = 0
-        self.done = self.failed = 0
-        self.prompt_tokens = self.cached_prompt_tokens = self.generated_tokens = 0
-        self._busy_since: float | None = None
-        self._busy_total = 0.0
-
-    def _validate(self, request: GenerationRequest) -> int:
-        """Checks a request; returns ``max_tokens`` clipped to the context left after the prompt."""
-        prompt_len = len(request.prompt_token_ids)
-        problems = []
-        if prompt_len == 0:
-            problems.append("prompt_token_ids is empty")
-        if prompt_len >= self.config.max_model_len:
-            problems.append(f"prompt has {prompt_len} tokens; the model allows at most "
-                            f"{self.config.max_model_len - 1} before generating")
-        if request.max_tokens < 1:
-            problems.append(f"max_tokens={request.max_tokens} must be >= 1")
-        if request.n < 1:
-            problems.append(f"n={request.n} must be >= 1")
-        if request.temperature < 0:
-            problems.append(f"temperature={request.temperature} must be >= 0")
-        if not 0 < request.top_p <= 1:
-            problems.append(f"top_p={request.top_p} must lie in (0, 1]")
-        if problems:
-            raise EngineError("bad request: " + "; ".join(problems))
-        return min(request.max_tokens, self.config.max_model_len - prompt_len)
-
-    def _sampling_params(self, request: GenerationRequest, max_tokens: int):
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
-
-        return SamplingParams(
-            n=request.n, max_tokens=max_tokens, temperature=request.temperature, top_p=request.top_p,
-            seed=request.seed, stop=list(request.stop), stop_token_ids=list(request.stop_token_ids),
-            logprobs=request.logprobs, flat_logprobs=True, output_kind=RequestOutputKind.FINAL_ONLY)
-
-    async def generate(self, request: GenerationRequest) -> list[Chunk]:
-        from vllm.inputs import TokensPrompt
-        from vllm.v1.engine.exceptions import EngineDeadError as VLLMEngineDead
-
-        max_tokens = self._validate(request)
-        params = self._sampling_params(request, max_tokens)
-        prompt = TokensPrompt(prompt_token_ids=np.asarray(request.prompt_token_ids).tolist())
-        request_id = f"{request.request_id or 'req'}-{uuid.uuid4().hex[:8]}"
-        self._enter()
-        final = None
-        try:
-            async for output in self.engine.generate(prompt, params, request_id=request_id):
-                final = output
-        except VLLMEngineDead as exc:
-            self.failed += 1
-            raise EngineDeadError(f"vLLM engine (seed {self.seed}) died: {exc}") from exc
-        except (ValueError, TypeError) as exc:  # vLLM's validation errors
-            self.failed += 1
-            raise EngineError(f"bad request: {exc}") from exc
-        finally:
-            self._leave()
-        if final is None:
-            raise EngineError(f"request {request_id} returned no output")
-        cached = final.num_cached_tokens or 0
-        chunks = [chunk_from_output(c, self.eos_token_id, cached) for c in final.outputs]
-        self.done += 1
-        self.prompt_tokens += len(request.prompt_token_ids)
-        self.cached_prompt_tokens += cached
-        self.generated_tokens += sum(len(c) for c in chunks)
-        return chunks
-
-    def _enter(self) -> None:
-        if self.in_flight == 0:
-            self._busy_since = time.monotonic()
-        self.in_flight += 1
-
-    def _leave(self) -> None:
-        self.in_flight -= 1
-        if self.in_flight == 0 and self._busy_since is not None:
-            self._busy_total += time.monotonic() - self._busy_since
-            self._busy_since = None
-
-    def stats(self) -> WorkerStats:
-        busy = self._busy_total + (time.monotonic() - self._busy_since if self._busy_since else 0.0)
-        return WorkerStats(self.seed, self.in_flight, self.done, self.failed, self.prompt_tokens,
-                           self.cached_prompt_tokens, self.generated_tokens, busy)
-
-    async def check_health(self) -> None:
-        from vllm.v1.engine.exceptions import EngineDeadError as VLLMEngineDead
-        try:
-            await self.engine.check_health()
-        except VLLMEngineDead as exc:
-            raise EngineDeadError(f"vLLM engine (seed {self.seed}) died: {exc}") from exc
-
-    async def replay(self, requests: list[GenerationRequest], concurrency: int) -> dict:
-        """Plain vLLM: run ``requests`` straight into the engine, ``concurrency`` at a time, from a cold prefix
-        cache (the engine's limit, which ``forest bench engine`` compares the search against)."""
-        await self.engine.reset_prefix_cache()
-        gate = asyncio.Semaphore(concurrency)
-
-        async def one(request):
-            async with gate:
-                return await self.generate(request)
-
-        start = time.monotonic()
-        results = await asyncio.gather(*(one(r) for r in requests))
-        return {"seconds": time.monotonic() - start, "generated_tokens": sum(len(c) for cs in results for c in cs)}
-
-    async def reset_prefix_cache(self) -> None:
-        await self.engine.reset_prefix_cache()
-
-    def engine_core_pids(self) -> list[int]:
-        """Pids of the engine's child processes (for fault-injection tests)."""
-        import psutil
-        return [p.pid for p in psutil.Process().children(recursive=True)]
-
-    def shutdown(self) -> None:
-        self.engine.shutdown()
-
-
-class GeneratorWorkerImpl:
-    """The Ray actor's body (kept apart from ``ray.remote`` so it reads as a plain class)."""
+class GeneratorWorker:
+    """One vLLM engine as a Ray actor; a dead engine makes the actor exit, and Ray restarts it (``max_restarts``)."""
 
     def __init__(self, config: EngineConfig, seed: int, device: str):
         self.engine = VLLMEngine(config, seed=seed, device=device)
@@ -232,9 +29,9 @@ class GeneratorWorkerImpl:
         try:
             return await self.engine.generate(request)
         except EngineDeadError:
-            # Exit so that Ray restarts this actor with a fresh engine (max_restarts); the caller re-sends.
+            # Exit so that Ray restarts this actor with a fresh engine; the caller re-sends the request.
             log.error("engine died; restarting the worker")
-            asyncio.get_running_loop().call_later(0.2, os._exit, 1)
+            asyncio.get_running_loop().call_later(EXIT_DELAY_SECONDS, os._exit, 1)
             raise
 
     def stats(self) -> WorkerStats:
@@ -244,79 +41,8 @@ class GeneratorWorkerImpl:
         await self.engine.check_health()
         return True
 
-    async def replay(self, requests: list[GenerationRequest], concurrency: int) -> dict:
-        return await self.engine.replay(requests, concurrency)
-
     async def reset_prefix_cache(self) -> None:
         await self.engine.reset_prefix_cache()
 
-    def engine_core_pids(self) -> list[int]:
-        return self.engine.engine_core_pids()
-
     def shutdown(self) -> None:
         self.engine.shutdown()
-
-
-
-def start_generator_workers(config: EngineConfig, count: int, *, max_restarts: int = 3,
-                            name_prefix: str | None = None) -> list:
-    """Start ``count`` GeneratorWorker actors with distinct seeds, placed by ``cluster.placement``.
-
-    Named ``{name_prefix}-worker-{i}`` when a prefix is given (so operators and tests can find them).
-    """
-    import ray
-
-    from cluster.placement import worker_placement
-
-    cluster_gpus = ray.cluster_resources().get("GPU", 0.0)
-    device = config.resolved_device(cluster_gpus)
-    worker_cls = ray.remote(GeneratorWorkerImpl)
-    workers = []
-    for index in range(count):
-        options = worker_placement(config, device=device, index=index)
-        name = f"{name_prefix}-worker-{index}" if name_prefix else None
-        actor = worker_cls.options(max_restarts=max_restarts, max_task_retries=0, max_concurrency=1000,
-                                   name=name, **options)
-        workers.append(actor.remote(config, config.seed + index, device))
-    return workers
-
-
-def acquire_workers(config, *, name_prefix: str | None = None) -> tuple[list, list]:
-    """(workers to use, workers this caller started and must stop): the running workers named in
-    ``config.attach_workers`` (a ForestConfig), or ``config.workers`` new ones."""
-    import ray
-
-    if config.attach_workers:
-        return [ray.get_actor(name) for name in config.attach_workers], []
-    workers = start_generator_workers(config.engine, config.workers, name_prefix=name_prefix)
-    return workers, workers
-
-
-class RemoteEngine:
-    """The ``Engine`` protocol over a GeneratorWorker actor handle.
-
-    Cancelling ``generate`` cancels the actor task, which aborts the request in vLLM. A dead or restarting
-    actor surfaces as ``EngineDeadError``; a failed request as ``EngineError``.
-    """
-
-    def __init__(self, actor):
-        self.actor = actor
-
-    async def generate(self, request: GenerationRequest) -> list[Chunk]:
-        import ray
-
-        ref = self.actor.generate.remote(request)
-        try:
-            return await ref
-        except asyncio.CancelledError:
-            ray.cancel(ref)
-            raise
-        except ray.exceptions.RayTaskError as exc:
-            cause = exc.cause
-            if isinstance(cause, EngineDeadError):
-                raise EngineDeadError(str(cause)) from exc
-            if isinstance(cause, EngineError):
-                raise EngineError(str(cause)) from exc
-            raise
-        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
-            raise EngineDeadError(f"worker unavailable: {exc}") from exc

@@ -13,10 +13,11 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from search.params import (DEFAULT_SYSTEM_PROMPT, Budget, FinalChoice, Granularity, MCTSParams, ReflectionPolicy,
-                           ValueKind)
+from search.params import Budget, FinalChoice, Granularity, MCTSParams, ReflectionPolicy, ValueKind
+from search.prompts import DEFAULT_SYSTEM_PROMPT
 
-DEFAULT_MODEL_DIR = "models/forest-arith"  # bundled, trained by deploy/train_model.py
+DEFAULT_MODEL_DIR = "models/forest-arith"  # bundled, trained by modelkit/train.py
+DEFAULTS = MCTSParams()  # the search core's defaults: SearchConfig's fields start from these, never restated
 
 
 CountOrAuto = Annotated[int, Field(ge=1)] | Literal["auto"]  # resolved by cluster.placement.resolve_auto
@@ -54,27 +55,29 @@ class EngineConfig(_Strict):
 
 
 class SearchConfig(_Strict):
-    """Marco-o1 MCTS settings (see ``search.params.MCTSParams`` for their meaning)."""
+    """Marco-o1 MCTS settings (see ``search.params.MCTSParams`` for their meaning and defaults)."""
 
-    granularity: str = Field("step", description="'step' or 'mini_step:N' (e.g. mini_step:64).")
-    step_delimiter: str = Field("\n\n", description="Text that ends a step.")
-    max_step_tokens: int = Field(256, description="Most tokens one step may take.")
-    children: int = Field(2, description="k: children per expansion (one request with n=k).")
-    exploration: float = Field(1.414, description="UCT exploration constant c.")
-    max_depth: int = Field(16, description="Depth at which a node is terminal.")
-    max_path_tokens: int = Field(1024, description="Generated tokens along one path before it is terminal.")
-    parallel: int = Field(4, description="Iterations of one tree in flight at once (virtual loss).")
-    temperature: float = Field(1.0, description="Sampling temperature.")
-    top_p: float = Field(1.0, description="Nucleus sampling mass.")
-    value: ValueKind = Field(ValueKind.ROLLOUT_CONFIDENCE, description="How a state is valued.")
-    reflection: str = Field("off", description="off | always | below:<value> | wrong_answer.")
-    max_reflections: int = Field(1, description="Reflections allowed on one path.")
-    final: FinalChoice = Field(FinalChoice.MOST_VISITS, description="How the answer path is chosen.")
-    iterations: int = Field(32, description="Iteration budget per tree.")
-    budget_tokens: int | None = Field(None, description="Generated-token budget per tree (never exceeded).")
-    budget_seconds: float | None = Field(None, description="Wall-clock budget per tree.")
-    early_stop: bool = Field(True, description="Stop once the root's most-visited child is settled.")
-    seed: int | None = Field(None, description="Seed requests for reproducible searches.")
+    granularity: str = Field(str(DEFAULTS.granularity), description="'step' or 'mini_step:N' (e.g. mini_step:64).")
+    step_delimiter: str = Field(DEFAULTS.granularity.delimiter, description="Text that ends a step.")
+    max_step_tokens: int = Field(DEFAULTS.granularity.tokens, description="Most tokens one step may take.")
+    children: int = Field(DEFAULTS.children, description="k: children per expansion (one request with n=k).")
+    exploration: float = Field(DEFAULTS.exploration, description="UCT exploration constant c.")
+    max_depth: int = Field(DEFAULTS.max_depth, description="Depth at which a node is terminal.")
+    max_path_tokens: int = Field(DEFAULTS.max_path_tokens,
+                                 description="Generated tokens along one path before it is terminal.")
+    parallel: int = Field(DEFAULTS.parallel, description="Iterations of one tree in flight at once (virtual loss).")
+    temperature: float = Field(DEFAULTS.temperature, description="Sampling temperature.")
+    top_p: float = Field(DEFAULTS.top_p, description="Nucleus sampling mass.")
+    value: ValueKind = Field(DEFAULTS.value, description="How a state is valued.")
+    reflection: str = Field(str(DEFAULTS.reflection), description="off | always | below:<value> | wrong_answer.")
+    max_reflections: int = Field(DEFAULTS.max_reflections, description="Reflections allowed on one path.")
+    final: FinalChoice = Field(DEFAULTS.final, description="How the answer path is chosen.")
+    iterations: int = Field(DEFAULTS.budget.iterations, description="Iteration budget per tree.")
+    budget_tokens: int | None = Field(DEFAULTS.budget.tokens,
+                                      description="Generated-token budget per tree (never exceeded).")
+    budget_seconds: float | None = Field(DEFAULTS.budget.seconds, description="Wall-clock budget per tree.")
+    early_stop: bool = Field(DEFAULTS.early_stop, description="Stop once the root's most-visited child is settled.")
+    seed: int | None = Field(DEFAULTS.seed, description="Seed requests for reproducible searches.")
     system_prompt: str = Field(DEFAULT_SYSTEM_PROMPT, description="System message of the ChatML prompt.")
 
     @model_validator(mode="after")
@@ -82,9 +85,10 @@ class SearchConfig(_Strict):
         self.to_params()  # raises ConfigError naming the field
         return self
 
-    def to_params(self) -> MCTSParams:
+    def to_params(self, *, granularity: str | None = None) -> MCTSParams:
+        """The search core's parameters; ``granularity`` overrides the configured one (a strategy preset's)."""
         return MCTSParams(
-            granularity=Granularity.parse(self.granularity, max_step_tokens=self.max_step_tokens,
+            granularity=Granularity.parse(granularity or self.granularity, max_step_tokens=self.max_step_tokens,
                                           delimiter=self.step_delimiter),
             children=self.children, exploration=self.exploration, max_depth=self.max_depth,
             max_path_tokens=self.max_path_tokens, parallel=self.parallel, temperature=self.temperature,
@@ -107,7 +111,6 @@ class BuildConfig(_Strict):
         1, description="TreeManager actors; problems are partitioned among them. auto: one per "
                        "cluster.placement.GPUS_PER_MANAGER workers (the manager benchmark's sizing rule).")
     max_active_trees: int = Field(64, ge=1, description="Trees one manager searches at once (bounds memory).")
-    max_in_flight_per_worker: int = Field(128, ge=1, description="Engine requests in flight per worker.")
     flush_trees: int = Field(64, ge=1, description="Commit to Parquet after this many finished trees.")
     flush_seconds: float = Field(10.0, gt=0, description="... or after this many seconds.")
 
@@ -125,12 +128,13 @@ class ServeConfig(_Strict):
     request_timeout_s: float = Field(120.0, gt=0, description="Wall-clock budget of one search.")
     max_iterations: int = Field(64, ge=1, description="Cap on a request's iterations.")
     max_budget_tokens: int = Field(16384, ge=1, description="Cap on a request's generated-token budget.")
-    max_path_tokens: int = Field(1024, ge=1, description="Cap on a request's max_tokens (per reasoning path).")
+    max_path_tokens: int = Field(DEFAULTS.max_path_tokens, ge=1,
+                                 description="Cap on a request's max_tokens (per reasoning path).")
     recent_trees: int = Field(32, ge=0, description="Finished trees kept for the tree viewer.")
 
 
 class ForestConfig(_Strict):
-    """A whole run: the engine, the search, the workers and the build."""
+    """A whole run: the engine, the search, the build, the endpoint, and the worker pool they share."""
 
     engine: EngineConfig = EngineConfig()
     search: SearchConfig = SearchConfig()
@@ -141,6 +145,8 @@ class ForestConfig(_Strict):
                        "(one on a cluster without GPUs).")
     attach_workers: list[str] = Field(default_factory=list, description="Names of running GeneratorWorkers to "
                                       "use instead of starting new ones (a pool shared by builds and serving).")
+    max_in_flight_per_worker: int = Field(128, ge=1, description="Engine requests in flight per worker, for every "
+                                          "app (vLLM reaches its throughput with many concurrent sequences).")
 
     def search_identity(self) -> dict:
         """What decides the trees' content (hashed; a resumed build must match it)."""

@@ -11,14 +11,20 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from search.driver import SearchResult
 from search.prompts import split_response
+from search.strategies import STRATEGIES, Strategy
 from search.tree import Tree
 
-PRESETS = {  # model name -> (strategy, granularity)
-    "forest-mcts-step": ("mcts", "step"),
-    "forest-mcts-mini64": ("mcts", "mini_step:64"),
-    "forest-mcts-mini32": ("mcts", "mini_step:32"),
-    "forest-greedy": ("greedy", None),
-}
+MODEL_PREFIX = "forest-"
+"""A request's ``model`` names a strategy of the registry: ``forest-mcts-step`` is ``mcts-step``."""
+
+
+def model_names() -> list[str]:
+    return [MODEL_PREFIX + name for name in STRATEGIES]
+
+
+def strategy_for(model: str) -> Strategy | None:
+    """The strategy a model name stands for (None when it names none)."""
+    return STRATEGIES.get(model.removeprefix(MODEL_PREFIX)) if model.startswith(MODEL_PREFIX) else None
 
 
 class Message(BaseModel):
@@ -72,7 +78,7 @@ def search_summary(result: SearchResult) -> dict:
 
 def tree_json(tree: Tree, decode, best_path: list[int]) -> dict:
     """The whole tree for ``/v1/search`` and the viewer: one object per node."""
-    from actors.records import KIND_NAMES
+    from dataset.schema import KIND_NAMES
 
     n = tree.nodes
     nodes = []

@@ -13,14 +13,13 @@
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 import sys
 import time
 import uuid
 from dataclasses import dataclass
 
-from actors.records import config_hash, error_row
+from dataset.records import config_hash, error_row
 from cluster.config import ForestConfig
 
 log = logging.getLogger(__name__)
@@ -57,8 +56,8 @@ def _versions() -> dict:
 
 def _prepare_output(config: ForestConfig, output: str, digest: str) -> dict:
     """Resume bookkeeping; returns the manifest to continue (a new one for a new output)."""
-    from actors.sink import open_output, write_atomically
-    from deploy.dataset import read_manifest, remove_uncommitted
+    from dataset.reader import read_manifest, remove_uncommitted
+    from dataset.writer import write_manifest
 
     manifest = read_manifest(output)
     if manifest and manifest.get("config_hash") != digest:
@@ -69,22 +68,21 @@ def _prepare_output(config: ForestConfig, output: str, digest: str) -> dict:
         now = datetime.datetime.now(datetime.timezone.utc).isoformat()
         manifest = {"run_id": uuid.uuid4().hex[:12], "created": now, "config_hash": digest,
                     "config": config.model_dump(mode="json"), "model": config.engine.model, "sessions": []}
-        filesystem, root = open_output(output)
-        filesystem.create_dir(root, recursive=True)
-        write_atomically(filesystem, f"{root}/manifest.json", data=json.dumps(manifest, indent=2).encode())
+        write_manifest(output, manifest)
     return manifest
 
 
 def run_build(config: ForestConfig) -> BuildSummary:
     import ray
 
-    from actors.generator import acquire_workers
-    from actors.sink import ParquetSink
-    from actors.tree_manager import ManagerSettings, TreeManagerImpl
-    from cluster.placement import resolve_auto, sink_placement
+    from actors.pool import open_pool
+    from actors.sink import start_sink
+    from actors.tree_manager import MAX_CONCURRENCY, ManagerSettings, TreeManager
+    from cluster.placement import resolve_auto
     from cluster.runtime import connect
-    from deploy.dataset import committed_problem_ids, recorded_errors, write_exports
-    from deploy.problems import read_problems
+    from dataset.exports import write_exports
+    from dataset.problems import read_problems
+    from dataset.reader import committed_problem_ids, recorded_errors
 
     b = config.build
     if not b.input or not b.output:
@@ -111,31 +109,34 @@ def run_build(config: ForestConfig) -> BuildSummary:
     connect()
     config = resolve_auto(config)
     b = config.build
-    sink = ray.remote(ParquetSink).options(**sink_placement(b.output)).remote(b.output, session=session,
-                                                                               flush_trees=b.flush_trees)
-    fresh = [error_row(run_id, e.problem_id, "input", e.message) for e in input_errors
-             if (e.problem_id, "input", e.message) not in known]
-    ray.get(sink.add_errors.remote(fresh))
-    workers, owned = acquire_workers(config, name_prefix=f"forest-build-{session}") if todo else ([], [])
-    settings = ManagerSettings(model_dir=config.engine.model, params=config.search.to_params(),
-                               system_prompt=config.search.system_prompt, max_model_len=config.engine.max_model_len,
-                               run_id=run_id, config_hash=digest, max_active_trees=b.max_active_trees,
-                               max_in_flight_per_worker=b.max_in_flight_per_worker)
-    managers = [ray.remote(TreeManagerImpl).options(num_cpus=0, max_concurrency=10_000,
-                                                    name=f"forest-build-{session}-manager-{i}")
-                .remote(workers, sink, settings) for i in range(min(b.managers, max(len(todo), 1)))]
-    built, failed, tokens = _dispatch(todo, managers, sink, window=2 * b.max_active_trees,
-                                      flush_seconds=b.flush_seconds)
-    ray.get(sink.flush.remote())
-    seconds = time.monotonic() - start
-    manifest["sessions"] = manifest.get("sessions", []) + [{"session": session, "built": built, "failed": failed,
-                                                            "tokens": tokens, "seconds": round(seconds, 3)}]
-    manifest.update(updated=datetime.datetime.now(datetime.timezone.utc).isoformat(), versions=_versions())
-    restarts = _worker_restarts(managers)
-    manifest["sessions"][-1]["worker_failures"] = restarts
-    counts = write_exports(b.output, manifest)
-    for actor in [*managers, *owned, sink]:
-        ray.kill(actor)
+    sink = start_sink(b.output, session=session, flush_trees=b.flush_trees)
+    managers: list = []
+    try:
+        fresh = [error_row(run_id, e.problem_id, "input", e.message) for e in input_errors
+                 if (e.problem_id, "input", e.message) not in known]
+        ray.get(sink.add_errors.remote(fresh))
+        with open_pool(config, name_prefix=f"forest-build-{session}", start=bool(todo)) as pool:
+            settings = ManagerSettings(
+                model_dir=config.engine.model, params=config.search.to_params(),
+                system_prompt=config.search.system_prompt, max_model_len=config.engine.max_model_len,
+                run_id=run_id, config_hash=digest, max_active_trees=b.max_active_trees,
+                max_in_flight_per_worker=config.max_in_flight_per_worker)
+            managers = [ray.remote(TreeManager).options(num_cpus=0, max_concurrency=MAX_CONCURRENCY,
+                                                        name=f"forest-build-{session}-manager-{i}")
+                        .remote(pool.workers, sink, settings) for i in range(min(b.managers, max(len(todo), 1)))]
+            built, failed, tokens = _dispatch(todo, managers, sink, window=2 * b.max_active_trees,
+                                              flush_seconds=b.flush_seconds)
+            restarts = _worker_restarts(managers)
+        ray.get(sink.flush.remote())
+        seconds = time.monotonic() - start
+        manifest["sessions"] = manifest.get("sessions", []) + [{
+            "session": session, "built": built, "failed": failed, "tokens": tokens, "seconds": round(seconds, 3),
+            "worker_failures": restarts}]
+        manifest.update(updated=datetime.datetime.now(datetime.timezone.utc).isoformat(), versions=_versions())
+        counts = write_exports(b.output, manifest)
+    finally:
+        for actor in [*managers, sink]:
+            ray.kill(actor)
     return BuildSummary(b.output, len(problems), skipped, built, failed + len(problems) - skipped - len(todo),
                         len(input_errors), tokens, seconds, counts, restarts)
 
@@ -202,8 +203,8 @@ def _worker_restarts(managers) -> int:
     for manager in managers:
         try:
             total += ray.get(manager.stats.remote())["worker_restarts"]
-        except ray.exceptions.RayActorError:
-            continue  # a manager that died mid-build
+        except ray.exceptions.RayActorError as exc:  # a manager that died mid-build: its count is lost
+            log.warning("TreeManager stats unavailable (worker failures it saw are not counted): %s", exc)
     return total
 
 
@@ -217,9 +218,28 @@ def print_summary(summary: BuildSummary, stream=sys.stdout) -> None:
           f"  dataset: {summary.counts}", file=stream)
 
 
+def cmd_build(args) -> int:
+    """``forest build`` / ``python -m deploy.build``: run, print the summary; exit 2 when the build cannot run."""
+    from deploy.flags import EXIT_USAGE, load
+
+    try:
+        summary = run_build(load(args))
+    except BuildError as exc:
+        print(f"forest build: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print_summary(summary)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    from deploy.cli import main as cli_main
-    return cli_main(["build", *(sys.argv[1:] if argv is None else argv)])
+    """The ``ray job submit`` entrypoint: the same flags as ``forest build``."""
+    import argparse
+
+    from deploy.flags import add_build_flags, run
+
+    parser = argparse.ArgumentParser(prog="python -m deploy.build", description="Build a dataset of search trees.")
+    add_build_flags(parser)
+    return run("build", cmd_build, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -4,46 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 
-from pydantic import ValidationError
-
-from deploy.bench import BENCHES
-from deploy.evaluate import STRATEGIES
-from search.params import ConfigError
-
-
-def _count_or_auto(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
-
-
-def _add_run_flags(p: argparse.ArgumentParser) -> None:
-    """Flags shared by commands that run searches; each overrides the config file."""
-    p.add_argument("--config", help="YAML config (see deploy/build.cpu.yaml); flags below override it")
-    p.add_argument("--model", help="model directory (engine.model)")
-    p.add_argument("--workers", type=_count_or_auto, help="GeneratorWorkers (vLLM engines) to start, or auto")
-    p.add_argument("--iterations", type=int, help="MCTS iterations per tree (search.iterations)")
-    p.add_argument("--granularity", help="step | mini_step:N (search.granularity)")
-    p.add_argument("--max-tokens", type=int, dest="max_tokens",
-                   help="most generated tokens along one reasoning path (search.max_path_tokens)")
-    p.add_argument("--budget-tokens", type=int, dest="budget_tokens",
-                   help="generated-token budget per tree, never exceeded (search.budget_tokens)")
-    p.add_argument("--reflection", help="off | always | below:<value> | wrong_answer (search.reflection)")
-
-
-def _overrides(args: argparse.Namespace) -> dict:
-    return {"engine.model": args.model, "workers": args.workers, "search.iterations": args.iterations,
-            "search.granularity": args.granularity, "search.max_path_tokens": args.max_tokens,
-            "search.budget_tokens": args.budget_tokens, "search.reflection": args.reflection,
-            "build.input": getattr(args, "input", None), "build.output": getattr(args, "output", None),
-            "build.managers": getattr(args, "managers", None), "build.limit": getattr(args, "limit", None),
-            "serve.host": getattr(args, "host", None), "serve.port": getattr(args, "port", None)}
+from bench.benchmarks import BENCHES
+from deploy.flags import DEFAULT_CONFIG, EXIT_USAGE, add_build_flags, add_run_flags, load, run
+from search.strategies import EVAL_STRATEGIES, STRATEGIES
 
 
 def parser() -> argparse.ArgumentParser:
@@ -62,24 +27,22 @@ def parser() -> argparse.ArgumentParser:
     mp.add_argument("--output", required=True, metavar="FILE", help="JSONL file of id, question, answer")
 
     build = sub.add_parser("build", help="build a dataset of search trees from a problems file (resumable)")
-    _add_run_flags(build)
-    build.add_argument("--input", help="problems: JSONL or Parquet with id, question, optional answer")
-    build.add_argument("--output", help="output directory or filesystem URI (s3://...)")
-    build.add_argument("--managers", type=_count_or_auto, help="TreeManager actors (build.managers), or auto")
-    build.add_argument("--limit", type=int, help="build at most this many problems")
+    add_build_flags(build)
 
     search = sub.add_parser("search", help="search one question and print the answer and the chosen path")
-    _add_run_flags(search)
+    add_run_flags(search)
     search.add_argument("question", help="the question to reason about")
+    search.add_argument("--strategy", default="mcts", choices=list(STRATEGIES),
+                        help="how to answer (search.strategies; default: MCTS as configured)")
     search.add_argument("--json", action="store_true", help="print the result as JSON")
     srv = sub.add_parser("serve", help="run the OpenAI-compatible reasoning endpoint until Ctrl-C")
-    _add_run_flags(srv)
+    add_run_flags(srv)
     srv.add_argument("--host", help="bind address (serve.host, default 127.0.0.1)")
     srv.add_argument("--port", type=int, help="HTTP port (serve.port, default 8000)")
     ev = sub.add_parser("eval", help="compare search strategies' accuracy on problems with answers, at one budget")
-    _add_run_flags(ev)
+    add_run_flags(ev)
     ev.add_argument("--input", required=True, help="problems with answers: JSONL or Parquet")
-    ev.add_argument("--strategies", default=",".join(STRATEGIES),
+    ev.add_argument("--strategies", default=",".join(EVAL_STRATEGIES),
                     help=f"comma-separated, from {', '.join(STRATEGIES)}")
     ev.add_argument("--limit", type=int, help="evaluate only the first N problems")
     ev.add_argument("--concurrency", type=int, default=64, help="problems searched at once")
@@ -87,7 +50,7 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     bench = sub.add_parser("bench", help="performance benchmarks, printed as ratios measured in one run")
     bench.add_argument("bench", choices=BENCHES, help="which benchmark (see docs/benchmarks.md)")
-    bench.add_argument("--config", default="deploy/build.cpu.yaml",
+    bench.add_argument("--config", default=DEFAULT_CONFIG,
                        help="engine and search settings (the real-engine benches)")
     bench.add_argument("--model", help="model directory (engine.model)")
     bench.add_argument("--problems", type=int, default=32, help="trees searched by engine, designs and cache")
@@ -106,31 +69,26 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
-def _load(args):
-    from cluster.config import load_config
-    return load_config(args.config, **_overrides(args))
-
-
 def cmd_make_model(args) -> int:
-    from deploy.make_model import make_tiny_random
+    from modelkit.make_model import make_tiny_random
     print(make_tiny_random(args.tiny_random, seed=args.seed))
     return 0
 
 
 def cmd_make_problems(args) -> int:
-    from deploy.arithmetic import write_problems
+    from modelkit.arithmetic import write_problems
     if args.n < 1:
         print(f"forest make-problems: --n must be >= 1, got {args.n}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     print(write_problems(args.output, args.n, args.seed))
     return 0
 
 
 def cmd_eval(args) -> int:
+    from dataset.problems import read_problems
     from deploy.evaluate import EvalError, format_markdown, format_table, parse_strategies, report_json, run_eval
-    from deploy.problems import read_problems
 
-    config = _load(args)
+    config = load(args)
     try:
         strategies = parse_strategies(args.strategies)
         budget = args.budget_tokens or config.search.budget_tokens
@@ -144,7 +102,7 @@ def cmd_eval(args) -> int:
                            concurrency=args.concurrency, on_report=on_report)
     except EvalError as exc:
         print(f"forest eval: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     if not args.json:
         print(f"{reports[0].problems} problems from {args.input}, "
               f"budget {budget} generated tokens per problem, model {config.engine.model}")
@@ -154,7 +112,7 @@ def cmd_eval(args) -> int:
 
 def cmd_bench(args) -> int:
     from cluster.config import load_config
-    from deploy.bench import run_bench
+    from bench.benchmarks import run_bench
 
     config = load_config(args.config, **{"engine.model": args.model})
     figures = run_bench(args.bench, config, problems=args.problems, trees=args.trees, active=args.active,
@@ -165,32 +123,36 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def cmd_build(args) -> int:
-    from deploy.build import BuildError, print_summary, run_build
-    try:
-        summary = run_build(_load(args))
-    except BuildError as exc:
-        print(f"forest build: {exc}", file=sys.stderr)
-        return 2
-    print_summary(summary)
-    return 0
-
-
 def cmd_search(args) -> int:
-    from deploy.search_one import search_one
-    result = search_one(_load(args), args.question)
+    import asyncio
+
+    from actors.pool import open_pool
+    from search.prompts import prompt_token_ids
+    from search.strategies import get_strategy
+
+    config = load(args)
+    strategy = get_strategy(args.strategy)
+    with open_pool(config) as pool:
+        prompt = prompt_token_ids(pool.tokenizer, args.question, system_prompt=config.search.system_prompt)
+        params = config.search.to_params(granularity=strategy.granularity)
+        result = asyncio.run(pool.worker_pool().search(strategy, pool.tokenizer, prompt, params))
+    summary = {"answer": result.answer, "response": result.response, "value": result.value,
+               "iterations": result.stats.iterations, "nodes": result.tree.num_nodes,
+               "tokens": result.stats.generated_tokens, "seconds": result.stats.seconds,
+               "stop_reason": result.stop_reason.value}
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(json.dumps(summary, indent=2))
     else:
-        print(f"answer: {result['answer']}\n\n{result['response']}\n\n"
-              f"({result['iterations']} iterations, {result['nodes']} nodes, {result['tokens']} tokens, "
-              f"{result['seconds']:.1f}s, stop: {result['stop_reason']})")
+        print(f"answer: {result.answer}\n\n{result.response}\n\n"
+              f"({result.stats.iterations} iterations, {result.tree.num_nodes} nodes, "
+              f"{result.stats.generated_tokens} tokens, {result.stats.seconds:.1f}s, "
+              f"stop: {result.stop_reason.value})")
     return 0
 
 
 def cmd_serve(args) -> int:
     from deploy.serve import run_forever
-    run_forever(_load(args))
+    run_forever(load(args))
     return 0
 
 
@@ -200,7 +162,7 @@ def cmd_view(args) -> int:
         tree, answer = tree_from_output(args.output, args.tree)
     except (KeyError, ValueError) as exc:
         print(f"forest view: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     path = args.html or f"tree-{args.tree}.html"
     with open(path, "w", encoding="utf-8") as f:
         f.write(render(tree, title=f"tree {args.tree}", answer=answer))
@@ -208,19 +170,18 @@ def cmd_view(args) -> int:
     return 0
 
 
+def cmd_build(args) -> int:
+    from deploy.build import cmd_build as build
+    return build(args)
+
+
 COMMANDS = {"make-model": cmd_make_model, "make-problems": cmd_make_problems, "eval": cmd_eval, "bench": cmd_bench,
-            "build": cmd_build, "search": cmd_search, "serve": cmd_serve,
-            "view": cmd_view}
+            "build": cmd_build, "search": cmd_search, "serve": cmd_serve, "view": cmd_view}
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parser().parse_args(argv)
-    try:
-        return COMMANDS[args.command](args)
-    except (ValidationError, ConfigError) as exc:
-        print(f"forest {args.command}: invalid configuration:\n{exc}", file=sys.stderr)
-        return 2
+    return run(args.command, COMMANDS[args.command], args)
 
 
 if __name__ == "__main__":

@@ -20,14 +20,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from cluster.config import ForestConfig
-from search.params import Budget, Granularity, MCTSParams
-from search.prompts import answers_match, build_prompt
+from search.params import Budget, MCTSParams
+from search.prompts import answers_match, prompt_token_ids
+from search.strategies import STRATEGIES, Strategy
 
-if TYPE_CHECKING:  # pyarrow stays out of the CLI's start-up
-    from actors.records import Problem
+if TYPE_CHECKING:
+    from actors.pool import WorkerPool
+    from dataset.problems import Problem
 
-STRATEGIES = ("greedy", "best_of_n", "self_consistency", "mcts-step", "mcts-mini64", "mcts-mini32")
-MCTS_GRANULARITY = {"mcts-step": "step", "mcts-mini64": "mini_step:64", "mcts-mini32": "mini_step:32"}
 MAX_MCTS_ITERATIONS = 1024  # high enough that the token budget, not the iteration count, stops the search
 
 
@@ -90,54 +90,32 @@ class StrategyReport:
         return dataclasses.asdict(self)
 
 
-def mcts_params(config: ForestConfig, strategy: str, budget_tokens: int) -> MCTSParams:
-    search = config.search
-    params = search.to_params()
-    return dataclasses.replace(
-        params, granularity=Granularity.parse(MCTS_GRANULARITY[strategy], max_step_tokens=search.max_step_tokens,
-                                              delimiter=search.step_delimiter),
-        budget=Budget(MAX_MCTS_ITERATIONS, budget_tokens, params.budget.seconds))
+def eval_params(config: ForestConfig, strategy: Strategy, budget_tokens: int, seed: int) -> MCTSParams:
+    """The configured search with the strategy's granularity, the token budget (which, not the iteration count,
+    stops every strategy) and the problem's seed."""
+    params = config.search.to_params(granularity=strategy.granularity)
+    return dataclasses.replace(params, seed=seed,
+                               budget=Budget(MAX_MCTS_ITERATIONS, budget_tokens, params.budget.seconds))
 
 
-async def _solve(strategy: str, engine, tokenizer, prompt, config: ForestConfig, budget_tokens: int, seed: int):
-    from search.baselines import best_of_n, greedy, self_consistency
-    from search.driver import run_mcts
-
-    max_tokens = config.search.max_path_tokens
-    if strategy == "greedy":
-        return await greedy(engine, tokenizer, prompt, max_tokens=max_tokens, budget_tokens=budget_tokens)
-    if strategy in ("best_of_n", "self_consistency"):
-        n = max(1, budget_tokens // max_tokens)
-        sample = best_of_n if strategy == "best_of_n" else self_consistency
-        return await sample(engine, tokenizer, prompt, n=n, max_tokens=max_tokens, budget_tokens=budget_tokens,
-                            temperature=config.search.temperature, seed=seed)
-    params = dataclasses.replace(mcts_params(config, strategy, budget_tokens), seed=seed)
-    return await run_mcts(engine, tokenizer, prompt, params)
-
-
-async def evaluate_strategy(strategy: str, problems: list[Problem], pool, tokenizer, config: ForestConfig, *,
-                            budget_tokens: int, concurrency: int) -> StrategyReport:
+async def evaluate_strategy(name: str, problems: list[Problem], pool: WorkerPool, tokenizer, config: ForestConfig,
+                            *, budget_tokens: int, concurrency: int) -> StrategyReport:
     """Solve every problem with one strategy, ``concurrency`` searches at a time, on the pool's workers."""
-    from actors.tree_manager import TreeEngine
-
+    strategy = STRATEGIES[name]
     gate = asyncio.Semaphore(concurrency)
-    prompts = [tokenizer.encode(build_prompt(p.question, system_prompt=config.search.system_prompt))
-               for p in problems]
+    prompts = [prompt_token_ids(tokenizer, p.question, system_prompt=config.search.system_prompt) for p in problems]
 
     async def one(index: int):
         async with gate:
-            engine = TreeEngine(pool)
-            try:
-                return await _solve(strategy, engine, tokenizer, prompts[index], config, budget_tokens, seed=index)
-            finally:
-                engine.close()
+            params = eval_params(config, strategy, budget_tokens, seed=index)
+            return await pool.search(strategy, tokenizer, prompts[index], params)
 
     start = time.monotonic()
     results = await asyncio.gather(*(one(i) for i in range(len(problems))))
     wall = time.monotonic() - start
     right = [answers_match(r.answer, p.answer) for r, p in zip(results, problems, strict=True)]
     low, high = wilson_interval(sum(right), len(problems))
-    return StrategyReport(strategy, len(problems), sum(right), sum(right) / len(problems), low, high,
+    return StrategyReport(name, len(problems), sum(right), sum(right) / len(problems), low, high,
                           float(np.mean([r.stats.generated_tokens for r in results])), wall,
                           auroc([r.value for r in results], right), budget_tokens)
 
@@ -145,13 +123,7 @@ async def evaluate_strategy(strategy: str, problems: list[Problem], pool, tokeni
 def run_eval(config: ForestConfig, problems: list[Problem], strategies: list[str], *, budget_tokens: int,
              concurrency: int = 64, on_report=None) -> list[StrategyReport]:
     """Start the workers once, then evaluate each strategy in turn (one at a time, so wall times compare)."""
-    import ray
-
-    from actors.generator import acquire_workers
-    from actors.tokenizer import HFTokenizer
-    from actors.tree_manager import WorkerPool
-    from cluster.placement import resolve_auto
-    from cluster.runtime import connect
+    from actors.pool import open_pool
 
     missing = [p.problem_id for p in problems if p.answer is None]
     if missing:
@@ -162,27 +134,20 @@ def run_eval(config: ForestConfig, problems: list[Problem], strategies: list[str
     if budget_tokens < config.search.max_path_tokens:
         raise EvalError(f"--budget-tokens {budget_tokens} is below search.max_path_tokens "
                         f"({config.search.max_path_tokens}): no strategy could finish one path")
-    connect()
-    config = resolve_auto(config)
-    workers, owned = acquire_workers(config)
-    tokenizer = HFTokenizer(config.engine.model)
+    with open_pool(config) as pool:
 
-    async def go():
-        pool = WorkerPool(workers, max_in_flight=config.build.max_in_flight_per_worker)
-        reports = []
-        for strategy in strategies:
-            report = await evaluate_strategy(strategy, problems, pool, tokenizer, config,
-                                             budget_tokens=budget_tokens, concurrency=concurrency)
-            if on_report:
-                on_report(report)
-            reports.append(report)
-        return reports
+        async def go():
+            workers = pool.worker_pool()
+            reports = []
+            for strategy in strategies:
+                report = await evaluate_strategy(strategy, problems, workers, pool.tokenizer, pool.config,
+                                                 budget_tokens=budget_tokens, concurrency=concurrency)
+                if on_report:
+                    on_report(report)
+                reports.append(report)
+            return reports
 
-    try:
         return asyncio.run(go())
-    finally:
-        for worker in owned:
-            ray.kill(worker)
 
 
 def format_table(reports: list[StrategyReport]) -> str:

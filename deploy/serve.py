@@ -1,6 +1,6 @@
 """The online endpoint: a Ray Serve deployment with a FastAPI ingress; one request = one search tree.
 
-``forest serve --config ...`` or ``serve run deploy/serve.yaml``. Routes: ``POST /v1/chat/completions``
+``forest serve --config ...`` or ``serve run deploy/configs/serve.yaml``. Routes: ``POST /v1/chat/completions``
 (OpenAI-compatible, ``stream`` supported: progress chunks while the search runs, then the answer, then
 ``[DONE]``), ``POST /v1/search`` (the whole tree), ``GET /v1/models``, ``GET /healthz``. The replica searches
 through the same ``TreeEngine``/``WorkerPool`` as the build's TreeManager, over GeneratorWorkers it starts (or
@@ -10,6 +10,7 @@ attaches to by name). A client that disconnects cancels its search, which aborts
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hmac
 import logging
@@ -77,26 +78,23 @@ async def _chat_request(request: Request) -> api.ChatRequest:
 @serve.ingress(fastapi_app)
 class ForestServer:
     def __init__(self, config: ForestConfig):
-        import ray
-
-        from actors.generator import acquire_workers
-        from actors.tokenizer import HFTokenizer
-        from actors.tree_manager import WorkerPool
+        from actors.pool import open_pool
         from cluster.metrics import ForestMetrics
-        from cluster.placement import resolve_auto
 
-        config = resolve_auto(config)
-        self.config, self.limits = config, config.serve
+        self._resources = contextlib.ExitStack()  # the pool lives as long as the replica (closed in __del__)
+        pool = self._resources.enter_context(open_pool(config))
+        self.config, self.limits = pool.config, pool.config.serve
         self.api_key = os.environ.get("FOREST_API_KEY") or config.serve.api_key
-        self.workers, _ = acquire_workers(config)
-        ray.get([w.check_health.remote() for w in self.workers])
-        self.tokenizer = HFTokenizer(config.engine.model)
+        self.workers, self.tokenizer = pool.workers, pool.tokenizer
         self.metrics = ForestMetrics()
-        self.pool = WorkerPool(self.workers, max_in_flight=config.build.max_in_flight_per_worker,
-                               metrics=self.metrics)
+        self.pool = pool.worker_pool(metrics=self.metrics)
         self.searches = 0
         self._count_search(0)
         self.recent: OrderedDict[str, dict] = OrderedDict()
+
+    def __del__(self):
+        """Serve calls this when the replica shuts down: stop the workers the replica started."""
+        self._resources.close()
 
     # -- request handling -------------------------------------------------------------------------
     def _authorize(self, request: Request) -> None:
@@ -108,15 +106,15 @@ class ForestServer:
 
     def _plan(self, body: api.ChatRequest):
         """(strategy, prompt ids, MCTSParams) for a request, with its settings capped by the server's limits."""
-        from actors.tree_manager import MIN_GENERATION_ROOM
-        from search.params import Budget, Granularity
-        from search.prompts import build_chat_prompt
+        from search.params import Budget
+        from search.prompts import MIN_GENERATION_ROOM, build_chat_prompt
 
-        if body.model not in api.PRESETS:
-            raise ApiError(400, f"unknown model {body.model!r}; available: {', '.join(api.PRESETS)}", field="model")
+        strategy = api.strategy_for(body.model)
+        if strategy is None:
+            raise ApiError(400, f"unknown model {body.model!r}; available: {', '.join(api.model_names())}",
+                           field="model")
         if body.messages[-1].role != "user":
             raise ApiError(400, "the last message must come from the user", field="messages")
-        strategy, granularity = api.PRESETS[body.model]
         search, limits = self.config.search, self.limits
         prompt_text = build_chat_prompt([(m.role, m.content) for m in body.messages],
                                         system_prompt=search.system_prompt)
@@ -125,7 +123,7 @@ class ForestServer:
         if room < MIN_GENERATION_ROOM:
             raise ApiError(400, f"prompt has {len(prompt)} tokens; the model allows "
                                 f"{self.config.engine.max_model_len} including the answer", field="messages")
-        params = search.to_params()
+        params = search.to_params(granularity=strategy.granularity)
         budget = Budget(min(body.iterations or params.budget.iterations, limits.max_iterations),
                         min(body.budget_tokens or params.budget.tokens or limits.max_budget_tokens,
                             limits.max_budget_tokens),
@@ -136,24 +134,7 @@ class ForestServer:
             temperature=params.temperature if body.temperature is None else body.temperature,
             top_p=body.top_p or params.top_p, children=body.children or params.children,
             seed=body.seed if body.seed is not None else params.seed)
-        if granularity is not None:
-            params = dataclasses.replace(params, granularity=Granularity.parse(
-                granularity, max_step_tokens=search.max_step_tokens, delimiter=search.step_delimiter))
         return strategy, prompt, params
-
-    async def _search(self, strategy: str, prompt, params, on_progress=None):
-        from actors.tree_manager import TreeEngine
-        from search.baselines import greedy
-        from search.driver import run_mcts
-
-        engine = TreeEngine(self.pool)
-        try:
-            if strategy == "greedy":
-                return await greedy(engine, self.tokenizer, prompt, max_tokens=params.max_path_tokens,
-                                    budget_tokens=params.budget.tokens)
-            return await run_mcts(engine, self.tokenizer, prompt, params, on_progress=on_progress)
-        finally:
-            engine.close()
 
     def _admit(self) -> None:
         if self.searches >= self.limits.max_concurrent_searches:
@@ -180,7 +161,8 @@ class ForestServer:
             from search.driver import SearchError
             from search.protocol import EngineError
             try:
-                result = await self._search(strategy, prompt, params, on_progress)
+                result = await self.pool.search(strategy, self.tokenizer, prompt, params,
+                                                on_progress=on_progress)
             except (SearchError, EngineError) as exc:
                 raise ApiError(503, f"the search failed: {exc}") from exc
             finally:
@@ -246,27 +228,27 @@ class ForestServer:
     async def models(self, request: Request):
         self._authorize(request)
         return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "forest"}
-                                           for name in api.PRESETS]}
+                                           for name in api.model_names()]}
 
     @fastapi_app.get("/trees")
     async def recent_trees(self, request: Request):
         self._authorize(request)
         return {"trees": list(reversed(self.recent))}
 
-    @fastapi_app.get("/trees/{tree_id}")
-    async def view_tree(self, tree_id: str, request: Request):
-        """The tree viewer for a recent request id (the ``id`` of its completion)."""
+    @fastapi_app.get("/trees/{request_id}")
+    async def view_tree(self, request_id: str, request: Request):
+        """The tree viewer for a recent request (the ``id`` of its completion)."""
         from fastapi.responses import HTMLResponse
 
         from deploy.viewer import TREE_ID_RE, render
 
         self._authorize(request)
-        if not TREE_ID_RE.match(tree_id):
-            raise ApiError(400, f"{tree_id!r} is not a valid tree id", field="tree_id")
-        if tree_id not in self.recent:
-            raise ApiError(404, f"no recent tree {tree_id!r} (the server keeps the last "
-                                f"{self.limits.recent_trees})", field="tree_id")
-        return HTMLResponse(render(self.recent[tree_id], title=f"tree {tree_id}"))
+        if not TREE_ID_RE.match(request_id):
+            raise ApiError(400, f"{request_id!r} is not a valid request id", field="request_id")
+        if request_id not in self.recent:
+            raise ApiError(404, f"no recent request {request_id!r} (the server keeps the trees of the last "
+                                f"{self.limits.recent_trees})", field="request_id")
+        return HTMLResponse(render(self.recent[request_id], title=f"tree of {request_id}"))
 
     @fastapi_app.get("/healthz")
     async def healthz(self):
@@ -280,7 +262,7 @@ class ForestServer:
 
 
 def build_app(args: dict | None = None):
-    """``serve run deploy.serve:build_app config=PATH`` (and ``deploy/serve.yaml``)."""
+    """``serve run deploy.serve:build_app config=PATH`` (and ``deploy/configs/serve.yaml``)."""
     args = args or {}
     config = load_config(args.get("config"), **{k: v for k, v in args.items() if k != "config"})
     return app_for(config)

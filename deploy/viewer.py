@@ -109,7 +109,7 @@ def layout(nodes: list[dict]) -> list[float]:
     depth = max((n["depth"] for n in nodes), default=0) + 1
     y_gap = max(Y_GAP, (max(xs) - min(xs)) / 1.6 / depth)  # wide, shallow trees fill the screen, not a strip
     for n in nodes:
-        n["y"] = n["depth"] * y_gap + (y_gap / 2 if n["kind"] == "rollout" else 0)
+        n["y"] = n["depth"] * y_gap - (y_gap / 2 if n["kind"] == "rollout" else 0)  # between parent and children
     return [min(xs), max(xs), max((n["y"] for n in nodes), default=0.0)]
 
 
@@ -124,25 +124,12 @@ def render(tree: dict, *, title: str, answer: str | None = None) -> str:
 
 
 def tree_from_output(output: str, tree_id: str) -> tuple[dict, str | None]:
-    """Read one tree of a build's output back into the viewer's shape."""
-    import pyarrow.compute as pc
-
-    from actors.records import NODE_SCHEMA, TREE_SCHEMA
-    from actors.sink import open_output
-    from deploy.dataset import read_parts
+    """Read one tree of a build's output back into the viewer's shape; (tree, final answer)."""
+    from dataset.reader import read_tree
 
     if not TREE_ID_RE.match(tree_id):
         raise ValueError(f"tree id {tree_id!r} is not a valid id")
-    filesystem, root = open_output(output)
-    trees = read_parts(filesystem, f"{root}/trees", TREE_SCHEMA)
-    trees = trees.filter(pc.equal(trees["tree_id"], tree_id))
-    if trees.num_rows == 0:
-        raise KeyError(f"no tree {tree_id!r} in {output}")
-    row = trees.to_pylist()[0]
-    nodes = read_parts(filesystem, f"{root}/nodes", NODE_SCHEMA,
-                       columns=["tree_id", "node_id", "parent_id", "depth", "kind", "text", "confidence", "visits",
-                                "value_sum", "is_terminal"])
-    nodes = nodes.filter(pc.equal(nodes["tree_id"], tree_id)).sort_by("node_id").to_pylist()
+    row, nodes = read_tree(output, tree_id)
     out = [{"id": n["node_id"], "parent": n["parent_id"], "depth": n["depth"], "kind": n["kind"], "text": n["text"],
             "confidence": None if n["confidence"] is None or n["confidence"] != n["confidence"] else n["confidence"],
             "visits": n["visits"], "value": n["value_sum"] / n["visits"] if n["visits"] else None,

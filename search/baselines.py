@@ -1,6 +1,7 @@
 """Baselines in the same framework as the tree search: same engine protocol, same token accounting.
 
-Each samples complete responses as children of a one-level tree and picks one:
+Each samples complete responses (at most ``params.max_path_tokens`` each, within ``params.budget.tokens``) as
+children of a one-level tree and picks one:
 greedy chain-of-thought (temperature 0, one sample), best-of-N (highest mean token confidence),
 self-consistency (majority vote of extracted answers; ties go to the more confident answer).
 """
@@ -12,17 +13,26 @@ import time
 
 import numpy as np
 
-from search.driver import SearchResult, SearchStats, StopReason
+from search.driver import ProgressCallback, SearchResult, SearchStats, StopReason
+from search.params import ConfigError, MCTSParams
 from search.prompts import OUTPUT_END, extract_answer, normalize_answer
 from search.protocol import Engine, GenerationRequest, Tokenizer
 from search.tree import ROOT, Tree
 
 
-async def _sample(engine: Engine, tokenizer: Tokenizer, prompt_token_ids, *, n: int, max_tokens: int,
-                  budget_tokens: int | None, temperature: float, top_p: float, seed: int | None,
-                  request_id: str) -> tuple[Tree, SearchStats]:
-    if budget_tokens is not None:
-        max_tokens = min(max_tokens, budget_tokens // n)
+def _samples(params: MCTSParams) -> int:
+    """N for the sampling baselines: as many whole paths as the token budget affords (at least one)."""
+    if params.budget.tokens is None:
+        raise ConfigError("budget_tokens", None, "best-of-N and self-consistency size N from the token budget")
+    return max(1, params.budget.tokens // params.max_path_tokens)
+
+
+async def _sample(engine: Engine, prompt_token_ids, params: MCTSParams, *, n: int, temperature: float,
+                  top_p: float, seed: int | None, request_id: str,
+                  on_progress: ProgressCallback | None) -> tuple[Tree, SearchStats]:
+    max_tokens = params.max_path_tokens
+    if params.budget.tokens is not None:
+        max_tokens = min(max_tokens, params.budget.tokens // n)
     if n < 1 or max_tokens < 1:
         raise ValueError(f"n={n}, max_tokens={max_tokens}: need n >= 1 and a token budget of at least n")
     start = time.monotonic()
@@ -37,6 +47,8 @@ async def _sample(engine: Engine, tokenizer: Tokenizer, prompt_token_ids, *, n: 
                         prompt_tokens=len(request.prompt_token_ids), requests=1,
                         cached_prompt_tokens=chunks[0].num_cached_tokens if chunks else 0,
                         seconds=time.monotonic() - start)
+    if on_progress is not None:
+        on_progress(stats, float(np.nanmax(tree.nodes["confidence"][tree.children(ROOT)], initial=np.nan)))
     return tree, stats
 
 
@@ -53,29 +65,30 @@ def _result(tree: Tree, node: int, stats: SearchStats, tokenizer: Tokenizer) -> 
                         float(tree.nodes["confidence"][node]), StopReason.EXHAUSTED, stats)
 
 
-async def greedy(engine: Engine, tokenizer: Tokenizer, prompt_token_ids, *, max_tokens: int,
-                 budget_tokens: int | None = None, request_id: str = "greedy") -> SearchResult:
-    tree, stats = await _sample(engine, tokenizer, prompt_token_ids, n=1, max_tokens=max_tokens,
-                                budget_tokens=budget_tokens, temperature=0.0, top_p=1.0, seed=None,
-                                request_id=request_id)
+async def greedy(engine: Engine, tokenizer: Tokenizer, prompt_token_ids, params: MCTSParams, *,
+                 reference: str | None = None, request_prefix: str = "",
+                 on_progress: ProgressCallback | None = None) -> SearchResult:
+    """One sample at temperature 0 (``params.seed``, ``temperature`` and ``top_p`` do not apply)."""
+    tree, stats = await _sample(engine, prompt_token_ids, params, n=1, temperature=0.0, top_p=1.0, seed=None,
+                                request_id=f"{request_prefix}greedy", on_progress=on_progress)
     return _result(tree, 1, stats, tokenizer)
 
 
-async def best_of_n(engine: Engine, tokenizer: Tokenizer, prompt_token_ids, *, n: int, max_tokens: int,
-                    budget_tokens: int | None = None, temperature: float = 1.0, top_p: float = 1.0,
-                    seed: int | None = None, request_id: str = "best_of_n") -> SearchResult:
-    tree, stats = await _sample(engine, tokenizer, prompt_token_ids, n=n, max_tokens=max_tokens,
-                                budget_tokens=budget_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                                request_id=request_id)
+async def best_of_n(engine: Engine, tokenizer: Tokenizer, prompt_token_ids, params: MCTSParams, *,
+                    reference: str | None = None, request_prefix: str = "",
+                    on_progress: ProgressCallback | None = None) -> SearchResult:
+    tree, stats = await _sample(engine, prompt_token_ids, params, n=_samples(params), temperature=params.temperature,
+                                top_p=params.top_p, seed=params.seed, request_id=f"{request_prefix}best_of_n",
+                                on_progress=on_progress)
     return _result(tree, _most_confident(tree), stats, tokenizer)
 
 
-async def self_consistency(engine: Engine, tokenizer: Tokenizer, prompt_token_ids, *, n: int, max_tokens: int,
-                           budget_tokens: int | None = None, temperature: float = 1.0, top_p: float = 1.0,
-                           seed: int | None = None, request_id: str = "self_consistency") -> SearchResult:
-    tree, stats = await _sample(engine, tokenizer, prompt_token_ids, n=n, max_tokens=max_tokens,
-                                budget_tokens=budget_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                                request_id=request_id)
+async def self_consistency(engine: Engine, tokenizer: Tokenizer, prompt_token_ids, params: MCTSParams, *,
+                           reference: str | None = None, request_prefix: str = "",
+                           on_progress: ProgressCallback | None = None) -> SearchResult:
+    tree, stats = await _sample(engine, prompt_token_ids, params, n=_samples(params), temperature=params.temperature,
+                                top_p=params.top_p, seed=params.seed,
+                                request_id=f"{request_prefix}self_consistency", on_progress=on_progress)
     votes: dict[str, list[int]] = collections.defaultdict(list)
     for node in tree.children(ROOT):
         answer = extract_answer(tokenizer.decode(tree.node_token_ids(node).tolist()))

@@ -26,13 +26,16 @@ from typing import Callable
 import numpy as np
 
 from search import mcts
-from search.params import REFLECTION_PHRASE, MCTSParams, ValueKind
-from search.prompts import OUTPUT_END, extract_answer
+from search.params import MCTSParams, ValueKind
+from search.prompts import OUTPUT_END, REFLECTION_PHRASE, extract_answer
 from search.protocol import Chunk, Engine, EngineDeadError, EngineError, FinishReason, GenerationRequest, Tokenizer
 from search.tree import ROOT, NodeKind, Tree
 from search.values import VALUE_FUNCTIONS, Evaluation
 
 MAX_REQUEST_FAILURES = 3
+SEED_STRIDE = 1_000_003
+"""Request ``i`` of a search seeded with ``s`` uses seed ``s * SEED_STRIDE + i`` (a prime, so the requests of
+searches with nearby seeds never share a seed)."""
 
 
 class StopReason(enum.Enum):
@@ -179,7 +182,7 @@ class _Search:
             self._abandon(node)
             return False
         stop = (OUTPUT_END,) + ((p.granularity.delimiter,) if expansion and p.granularity.kind == "step" else ())
-        seed = None if p.seed is None else p.seed * 1_000_003 + self.stats.requests
+        seed = None if p.seed is None else p.seed * SEED_STRIDE + self.stats.requests
         request = GenerationRequest(
             prompt_token_ids=self.tree.prompt_for(node), max_tokens=max_tokens, n=n, temperature=p.temperature,
             top_p=p.top_p, seed=seed, stop=stop, request_id=f"{self.request_prefix}{self.stats.requests}")

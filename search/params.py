@@ -10,14 +10,6 @@ import enum
 import math
 from dataclasses import dataclass
 
-DEFAULT_SYSTEM_PROMPT = (
-    "You are a well-trained AI assistant. Important: when answering, think inside <Thought> and </Thought>, "
-    "mostly in English. Then give the result inside <Output> and </Output>, in the language of the user's "
-    "question."
-)
-REFLECTION_PHRASE = "Wait! Maybe I made some mistakes! I need to rethink from scratch."
-
-
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field."""
 

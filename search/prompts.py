@@ -7,11 +7,20 @@ from __future__ import annotations
 
 import re
 
-from search.params import DEFAULT_SYSTEM_PROMPT
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a well-trained AI assistant. Important: when answering, think inside <Thought> and </Thought>, "
+    "mostly in English. Then give the result inside <Output> and </Output>, in the language of the user's "
+    "question."
+)
+REFLECTION_PHRASE = "Wait! Maybe I made some mistakes! I need to rethink from scratch."
+"""Marco-o1's reflection: forced where a thought ends, then the model continues."""
 
 THOUGHT_END = "</Thought>"
 OUTPUT_START = "<Output>"
 OUTPUT_END = "</Output>"
+
+MIN_GENERATION_ROOM = 16
+"""A prompt must leave at least this many tokens of the model's context to generate into."""
 
 _OUTPUT_RE = re.compile(r"<Output>(.*?)(?:</Output>|$)", re.DOTALL)
 _NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -20,6 +29,11 @@ _NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 def build_prompt(question: str, *, system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> str:
     """The ChatML text the model sees before its answer."""
     return build_chat_prompt([("user", question)], system_prompt=system_prompt)
+
+
+def prompt_token_ids(tokenizer, question: str, *, system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> list[int]:
+    """The token ids of ``build_prompt(question)``: what a search starts from (``tokenizer``: a ``Tokenizer``)."""
+    return tokenizer.encode(build_prompt(question, system_prompt=system_prompt))
 
 
 def build_chat_prompt(messages: list[tuple[str, str]], *, system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> str:

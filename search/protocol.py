@@ -76,7 +76,7 @@ class Chunk:
         return len(self.token_ids)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ChunkBuilder:
     """Collects per-position logprob data into a ``Chunk``'s fixed-shape arrays (for engine adapters)."""
 

@@ -48,10 +48,14 @@ class SimulatedTokenizer:
         return "".join(map(self.vocab.__getitem__, map(int, token_ids)))
 
 
+KNUTH_HASH = 2_654_435_761  # Knuth's multiplicative hash: spreads consecutive token ids over [0, 1000)
+QUALITY_LOW, QUALITY_SPAN = 0.3, 0.65
+
+
 def default_quality(response: np.ndarray) -> float:
     """A fixed pseudo-random quality in [0.3, 0.95] per first response word."""
     first = int(response[0]) if len(response) else 0
-    return 0.3 + 0.65 * ((first * 2654435761) % 1000) / 1000
+    return QUALITY_LOW + QUALITY_SPAN * ((first * KNUTH_HASH) % 1000) / 1000
 
 
 class SimulatedEngine:

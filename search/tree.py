@@ -84,16 +84,18 @@ class Tree:
         self.nodes = _allocate(_NODE_COLUMNS, capacity)
         self.nodes["children"] = np.full((capacity, max_children), NO_CHILD, dtype=np.int32)
         self.tokens = _allocate(_TOKEN_COLUMNS, token_capacity)
-        self._add(NO_PARENT, NodeKind.ROOT, depth=0)
+        self._add(NO_PARENT, NodeKind.ROOT)
 
     # -- building ---------------------------------------------------------------------------------
-    def _add(self, parent: int, kind: NodeKind, *, depth: int) -> int:
+    def _add(self, parent: int, kind: NodeKind) -> int:
+        """A new node; its depth is its distance from the root (a rollout too, though it is not a child)."""
         node = self.num_nodes
         if node >= len(self.nodes["parent"]):
             _grow(self.nodes, node + 1)
         self.nodes["children"][node] = NO_CHILD
         self.num_nodes += 1
         n = self.nodes
+        depth = 0 if parent == NO_PARENT else n["depth"][parent] + 1
         n["parent"][node], n["kind"][node], n["depth"][node] = parent, kind, depth
         n["num_children"][node] = n["visits"][node] = n["virtual_loss"][node] = 0
         n["value_sum"][node], n["is_terminal"][node], n["pending"][node] = 0.0, False, False
@@ -123,8 +125,7 @@ class Tree:
 
     def add_chunk(self, parent: int, chunk: Chunk, *, kind: NodeKind = NodeKind.CHUNK) -> int:
         """Add a generated chunk as a child (or as a rollout) of ``parent``; returns its id."""
-        depth = self.nodes["depth"][parent] + (0 if kind == NodeKind.ROLLOUT else 1)
-        node = self._add(parent, kind, depth=depth)
+        node = self._add(parent, kind)
         self._append_tokens(node, chunk.token_ids, chunk.logprobs, chunk.top_ids, chunk.top_logprobs)
         self.nodes["confidence"][node] = mean_confidence(chunk_token_confidence(chunk))
         self.nodes["finish_reason"][node] = chunk.finish_reason
@@ -132,7 +133,7 @@ class Tree:
 
     def add_forced(self, parent: int, token_ids: Sequence[int], *, kind: NodeKind = NodeKind.REFLECTION) -> int:
         """Add a child holding forced tokens (no logprobs, confidence NaN)."""
-        node = self._add(parent, kind, depth=self.nodes["depth"][parent] + 1)
+        node = self._add(parent, kind)
         self._append_tokens(node, np.asarray(token_ids, dtype=np.int32))
         self.nodes["confidence"][node] = np.nan
         return node
@@ -183,9 +184,6 @@ class Tree:
         """Tokens the model generated (forced reflection tokens excluded)."""
         generated = ~np.isnan(self.tokens["logprobs"][: self.num_tokens])
         return int(generated.sum())
-
-    def is_searchable_leaf(self, node: int) -> bool:
-        return self.nodes["num_children"][node] == 0
 
     def columns(self) -> dict[str, np.ndarray]:
         """Per-node arrays trimmed to ``num_nodes`` (children table included)."""

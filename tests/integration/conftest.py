@@ -32,7 +32,7 @@ def run_chromium(url: str, tmp_path) -> tuple[str, list[str], "os.PathLike"]:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
-    from deploy.make_model import make_tiny_random
+    from modelkit.make_model import make_tiny_random
 
     return str(make_tiny_random(tmp_path_factory.mktemp("model") / "tiny-random", seed=0))
 
@@ -60,7 +60,7 @@ def engine_config(tiny_model):
 @pytest.fixture(scope="module")
 def workers(ray_cluster, engine_config):
     """Two GeneratorWorkers (seeds 100 and 101), ready; stopped after the module to free the CPUs."""
-    from actors.generator import start_generator_workers
+    from actors.pool import start_generator_workers
 
     handles = start_generator_workers(engine_config, 2)
     ray_cluster.get([w.check_health.remote() for w in handles], timeout=600)

@@ -25,25 +25,28 @@ WORKER = "forest-arith-test-worker-0"
 def arith_config():
     from cluster.config import load_config
 
-    return load_config(REPO / "deploy" / "build.cpu.yaml", attach_workers=[WORKER],
+    return load_config(REPO / "deploy" / "configs" / "build.cpu.yaml", attach_workers=[WORKER],
                        **{"engine.dtype": "float32", "engine.max_model_len": 1024, "build.flush_trees": 4,
                           "build.flush_seconds": 1.0})
 
 
 @pytest.fixture(scope="module")
 def arith_worker(ray_cluster, arith_config):
-    """One named GeneratorWorker with the bundled model (runs attach to it by name, as a shared pool would)."""
-    from actors.generator import start_generator_workers
+    """One named GeneratorWorker with the bundled model (runs attach to it by name, as a shared pool would); the
+    benchmarks' replaying subclass, so that the replay is tested on it too."""
+    from actors.pool import start_generator_workers
+    from bench.replay import ReplayWorker
 
-    (worker,) = start_generator_workers(arith_config.engine, 1, name_prefix="forest-arith-test")
+    (worker,) = start_generator_workers(arith_config.engine, 1, name_prefix="forest-arith-test",
+                                        actor_class=ReplayWorker)
     ray_cluster.get(worker.check_health.remote(), timeout=600)
     yield worker
     ray_cluster.kill(worker)
 
 
 def test_eval_compares_every_strategy_at_one_budget(arith_worker, arith_config):
-    from actors.records import Problem
-    from deploy.arithmetic import HELD_OUT_SEED_START, make_problems
+    from dataset.problems import Problem
+    from modelkit.arithmetic import HELD_OUT_SEED_START, make_problems
     from deploy.evaluate import STRATEGIES, format_table, run_eval
 
     problems = [Problem(p.id, p.question, p.answer) for p in make_problems(12, HELD_OUT_SEED_START + 7)]
@@ -64,9 +67,9 @@ def test_per_token_design_generates_what_one_call_does(arith_worker):
     """The one-call-per-token engine of `forest bench designs` is the same model, driven slowly."""
     import ray
 
-    from actors.generator import RemoteEngine
+    from actors.pool import RemoteEngine
     from actors.tokenizer import HFTokenizer
-    from deploy.bench_engines import PerTokenEngine
+    from bench.engines import PerTokenEngine
     from search.prompts import OUTPUT_END, build_prompt
     from search.protocol import GenerationRequest
 
@@ -114,7 +117,7 @@ def s3_server():
 
 
 def test_a_build_reads_and_writes_object_storage_and_resumes(arith_worker, arith_config, s3_server):
-    from deploy.arithmetic import make_problems
+    from modelkit.arithmetic import make_problems
     from deploy.build import run_build
 
     uri, filesystem = s3_server

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from actors.generator import RemoteEngine
+from actors.pool import RemoteEngine
 from search.protocol import TOP_K, EngineDeadError, EngineError, FinishReason, GenerationRequest
 from search.prompts import build_prompt
 
@@ -156,7 +156,9 @@ def test_a_killed_engine_is_reported_and_the_worker_restarts(workers, prompt):
     import ray
 
     worker = workers[1]
-    for pid in ray.get(worker.engine_core_pids.remote()):
+    stats = ray.get(worker.stats.remote())
+    assert stats.engine_pids and stats.pid not in stats.engine_pids
+    for pid in stats.engine_pids:
         os.kill(pid, signal.SIGKILL)
     with pytest.raises(EngineDeadError):
         for _ in range(20):  # the engine notices its dead core within a moment

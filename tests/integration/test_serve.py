@@ -17,7 +17,7 @@ def server(ray_cluster, engine_config):
     """One GeneratorWorker shared by two apps: an open one at / and a keyed, one-search-at-a-time one at /secure."""
     from ray import serve
 
-    from actors.generator import start_generator_workers
+    from actors.pool import start_generator_workers
     from cluster.config import load_config
     from deploy.serve import app_for
 

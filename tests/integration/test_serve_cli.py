@@ -15,7 +15,7 @@ PORT = 8472
 
 def test_forest_serve_runs_until_ctrl_c(tmp_path, tiny_model, ray_address):
     env = {**os.environ, "RAY_ADDRESS": ray_address, "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "deploy.cli", "serve", "--config", str(REPO / "deploy/serve.cpu.yaml"),
+    command = [sys.executable, "-m", "deploy.cli", "serve", "--config", str(REPO / "deploy/configs/serve.cpu.yaml"),
                "--model", tiny_model, "--workers", "1", "--port", str(PORT)]
     log = open(tmp_path / "serve.log", "w")
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)

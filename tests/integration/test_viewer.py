@@ -4,10 +4,12 @@ import asyncio
 import re
 from pathlib import Path
 
-from actors.records import Problem, node_table, preference_pairs, tree_row
-from actors.sink import ParquetSink
+from dataset.problems import Problem
+from dataset.records import node_table, preference_pairs, tree_row
+from dataset.writer import DatasetWriter
 from deploy.cli import main as forest
-from search import Budget, MCTSParams, SimulatedEngine, SimulatedTokenizer, build_prompt, run_mcts
+from search import Budget, MCTSParams, build_prompt, run_mcts
+from search.simulated import SimulatedEngine, SimulatedTokenizer
 from tests.integration.conftest import run_chromium
 
 TOK = SimulatedTokenizer()
@@ -25,7 +27,7 @@ def test_forest_view_draws_every_node_without_console_errors(tmp_path, capsys):
     result = big_search()
     assert result.tree.num_nodes > 1000
     out = tmp_path / "out"
-    sink = ParquetSink(str(out), session="v", flush_trees=1)
+    sink = DatasetWriter(str(out), session="v", flush_trees=1)
     problem = Problem("p1", "q", "42")
     sink.add_tree(node_table(result.tree, run_id="r", tree_id="tree-1", decode=TOK.decode),
                   tree_row(result, problem, run_id="r", tree_id="tree-1", strategy="mcts", model="sim",

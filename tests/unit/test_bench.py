@@ -6,9 +6,10 @@ import json
 
 import numpy as np
 
-from deploy.bench import RAW_TOKEN_BYTES, Figure, bench_manager, bench_memory
-from deploy.bench_engines import CannedEngine, LevelSyncEngine, RecordingEngine, RequestLog
-from search import Budget, MCTSParams, SimulatedEngine, SimulatedTokenizer, build_prompt, run_mcts
+from bench.benchmarks import RAW_TOKEN_BYTES, Figure, bench_manager, bench_memory
+from bench.engines import CannedEngine, LevelSyncEngine, RecordingEngine, RequestLog
+from search import Budget, MCTSParams, build_prompt, run_mcts
+from search.simulated import SimulatedEngine, SimulatedTokenizer
 from search.params import Granularity
 from search.protocol import GenerationRequest
 

@@ -7,12 +7,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from actors.records import Problem, node_table, preference_pairs, tree_row
-from actors.sink import ParquetSink
-from deploy.dataset import committed_problem_ids, recorded_errors, remove_uncommitted, write_exports
-from deploy.problems import read_problems
-from search import Budget, MCTSParams, SimulatedEngine, SimulatedTokenizer, build_prompt, run_mcts
+from dataset.exports import write_exports
+from dataset.problems import Problem, read_problems
+from dataset.reader import committed_problem_ids, recorded_errors, remove_uncommitted
+from dataset.records import node_table, preference_pairs, tree_row
+from dataset.writer import DatasetWriter
+from search import Budget, MCTSParams, build_prompt, run_mcts
 from search.confidence import token_confidence
+from search.simulated import SimulatedEngine, SimulatedTokenizer
 
 TOK = SimulatedTokenizer()
 
@@ -78,7 +80,7 @@ def test_node_rows_carry_the_tree_and_confidence_recomputes_from_top5():
 
 def test_sink_commits_trees_last_and_resume_removes_uncommitted_parts(tmp_path):
     out = str(tmp_path / "out")
-    sink = ParquetSink(out, session="s1", flush_trees=100)
+    sink = DatasetWriter(out, session="s1", flush_trees=100)
     for i in range(3):
         result = search_result(seed=i)
         problem = Problem(f"p{i}", "q", "42")
@@ -105,3 +107,12 @@ def test_sink_commits_trees_last_and_resume_removes_uncommitted_parts(tmp_path):
     assert len(sft) == counts["sft_rows"] == 3 and all("<Output>" in r["response"] for r in sft)
     pairs = pq.read_table(tmp_path / "out" / "pairs.parquet").to_pylist()
     assert all(p["chosen_value"] > p["rejected_value"] for p in pairs)
+
+
+def test_writer_writes_through_a_filesystem_uri(tmp_path):
+    uri = (tmp_path / "out").as_uri()  # file:///...: the same code path as s3:// or gs://
+    sink = DatasetWriter(uri, session="u", flush_trees=64)
+    sink.add_errors([{"run_id": "r", "problem_id": "x", "stage": "input", "message": "m"}])
+    sink.flush()
+    assert recorded_errors(uri) == {("x", "input", "m")} and committed_problem_ids(uri) == set()
+    assert list((tmp_path / "out" / "errors").glob("part-u-*.parquet"))

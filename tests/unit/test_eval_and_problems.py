@@ -6,11 +6,11 @@ import math
 import numpy as np
 import pytest
 
-from deploy.arithmetic import HELD_OUT_SEED_START, make_problems
+from modelkit.arithmetic import HELD_OUT_SEED_START, make_problems
 from deploy.cli import main
 from deploy.evaluate import EvalError, auroc, format_markdown, format_table, parse_strategies, wilson_interval
 from deploy.evaluate import StrategyReport
-from deploy.train_model import DEV_SEED
+from modelkit.train import DEV_SEED
 from search.prompts import extract_answer, split_response
 
 

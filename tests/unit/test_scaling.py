@@ -1,12 +1,13 @@
-"""Scaling without a cluster: ``auto`` counts from a cluster shape, sink placement, and the KubeRay manifests."""
+"""Scaling without a cluster: ``auto`` counts from a cluster shape, worker and sink placement, the KubeRay
+manifests."""
 
 from pathlib import Path
 
 import pytest
 import yaml
 
-from cluster.config import load_config
-from cluster.placement import GPUS_PER_MANAGER, ClusterShape, auto_tensor_parallel, resolve_auto
+from cluster.config import EngineConfig, load_config
+from cluster.placement import GPUS_PER_MANAGER, ClusterShape, auto_tensor_parallel, resolve_auto, worker_placement
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy" / "k8s"
@@ -99,8 +100,19 @@ def test_dockerfile_installs_the_gpu_extra_and_the_code():
     text = (K8S / "Dockerfile").read_text()
     assert text.startswith("#") and "FROM rayproject/ray:" in text
     assert '".[gpu]"' in text and "[cpu]" not in text.replace("`cpu`", "")
-    for package in ("search", "actors", "cluster", "deploy"):
+    import tomllib
+
+    include = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    for package in (pattern.rstrip("*") for pattern in include):
         assert f"COPY --chown=ray:users {package} ./{package}" in text
     image = _manifest("raycluster.yaml")["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"]
     ray_version = _manifest("raycluster.yaml")["spec"]["rayVersion"]
     assert f"rayproject/ray:{ray_version}-" in text and image.endswith("-gpu")
+
+
+def test_placement_per_device():
+    assert worker_placement(EngineConfig(), device="cpu", index=0) == {"num_cpus": 1.0, "num_gpus": 0}
+    assert worker_placement(EngineConfig(), device="cuda", index=0) == {"num_cpus": 1, "num_gpus": 1}
+    assert EngineConfig(device="auto").resolved_device(cluster_gpus=0) == "cpu"
+    assert EngineConfig(device="auto", tensor_parallel_size=2).resolved_device(cluster_gpus=1) == "cpu"
+    assert EngineConfig(device="auto", tensor_parallel_size=2).resolved_device(cluster_gpus=8) == "cuda"

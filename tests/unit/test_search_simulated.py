@@ -6,9 +6,10 @@ import itertools
 import numpy as np
 import pytest
 
-from search import (Budget, EngineError, Granularity, MCTSParams, NodeKind, ReflectionPolicy, SimulatedEngine,
-                    SimulatedTokenizer, StopReason, ValueKind, best_of_n, build_prompt, greedy, run_mcts,
+from search import (STRATEGIES, Budget, ConfigError, EngineError, Granularity, MCTSParams, NodeKind,
+                    ReflectionPolicy, StopReason, ValueKind, best_of_n, build_prompt, greedy, run_mcts,
                     self_consistency)
+from search.simulated import SimulatedEngine, SimulatedTokenizer
 from search.tree import ROOT
 
 TOK = SimulatedTokenizer()
@@ -110,9 +111,17 @@ def test_step_chunks_end_at_the_delimiter():
 def test_depth_budget_makes_nodes_terminal():
     tree = search(max_depth=2, early_stop=False).tree
     depth = tree.nodes["depth"][: tree.num_nodes]
-    assert depth.max() <= 2
     chunk_nodes = tree.nodes["kind"][: tree.num_nodes] == NodeKind.CHUNK
+    assert depth[chunk_nodes].max() <= 2
     assert tree.nodes["is_terminal"][: tree.num_nodes][chunk_nodes & (depth == 2)].all()
+
+
+def test_depth_is_the_distance_from_the_root_for_every_node():
+    tree = search(early_stop=False).tree
+    parents = tree.nodes["parent"][1: tree.num_nodes]
+    assert (tree.nodes["depth"][1: tree.num_nodes] == tree.nodes["depth"][parents] + 1).all()
+    rollouts = tree.nodes["kind"][: tree.num_nodes] == NodeKind.ROLLOUT
+    assert rollouts.any()  # rollouts included
 
 
 def test_chunk_confidence_value_runs_no_rollouts():
@@ -185,10 +194,12 @@ def test_a_failing_engine_request_is_retried_then_reported():
 
 def test_baselines_share_the_budget_accounting():
     engine = SimulatedEngine(TOK, seed=9)
-    g = asyncio.run(greedy(engine, TOK, PROMPT, max_tokens=64))
-    b = asyncio.run(best_of_n(engine, TOK, PROMPT, n=4, max_tokens=64, budget_tokens=100))
-    s = asyncio.run(self_consistency(engine, TOK, PROMPT, n=4, max_tokens=64, budget_tokens=100))
+    g = asyncio.run(greedy(engine, TOK, PROMPT, MCTSParams(max_path_tokens=64)))
+    sampling = MCTSParams(max_path_tokens=25, budget=Budget(tokens=100))  # N = 100 // 25 = 4
+    b = asyncio.run(best_of_n(engine, TOK, PROMPT, sampling))
+    s = asyncio.run(self_consistency(engine, TOK, PROMPT, sampling))
     assert g.answer == "42" and engine.requests[0].temperature == 0.0
+    assert engine.requests[1].n == engine.requests[2].n == 4
     assert b.stats.generated_tokens <= 100 and s.stats.generated_tokens <= 100
     kids = b.tree.children(ROOT)
     assert b.path[-1] == kids[np.argmax(b.tree.nodes["confidence"][kids])]
@@ -208,8 +219,27 @@ def test_self_consistency_takes_the_majority_answer():
 
     engine = Voting(TOK, seed=1, steps=1)
     engine.sampled = []
-    result = asyncio.run(self_consistency(engine, TOK, PROMPT, n=4, max_tokens=64))
+    params = MCTSParams(max_path_tokens=64, budget=Budget(tokens=4 * 64))
+    result = asyncio.run(self_consistency(engine, TOK, PROMPT, params))
     assert engine.sampled == answers and result.answer == "7"
+
+
+def test_sampling_baselines_need_a_token_budget_to_size_n():
+    with pytest.raises(ConfigError, match="budget_tokens"):
+        asyncio.run(best_of_n(SimulatedEngine(TOK), TOK, PROMPT, MCTSParams()))
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_every_registered_strategy_answers_through_one_signature(name):
+    """The registry's one signature and one result type (eval, serve, build and bench rely on both)."""
+    engine = SimulatedEngine(TOK, seed=6)
+    params = MCTSParams(max_path_tokens=64, budget=Budget(iterations=8, tokens=256), seed=1)
+    seen = []
+    result = asyncio.run(STRATEGIES[name](engine, TOK, PROMPT, params, request_prefix="t-",
+                                          on_progress=lambda stats, best: seen.append(stats.generated_tokens)))
+    assert result.answer == "42" and 0 < result.stats.generated_tokens <= 256
+    assert seen and seen[-1] == result.stats.generated_tokens
+    assert all(r.request_id.startswith("t-") for r in engine.requests)
 
 
 def test_progress_is_reported_after_every_iteration():

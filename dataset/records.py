@@ -1,58 +1,25 @@
-"""Search results as Arrow tables: one row per node, one row per tree, preference pairs, errors.
+"""Search results as Arrow rows: one row per node, one row per tree, preference pairs, errors.
 
 Node rows come straight from the tree's columnar arrays (token ranges become list offsets), so no Python
-object is made per token. The schemas are the dataset's contract (ARCHITECTURE.md, "Output").
+object is made per token.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
+from dataset.problems import Problem
+from dataset.schema import KIND_NAMES, NODE_SCHEMA
 from search.driver import SearchResult
 from search.mcts import best_path
 from search.params import FinalChoice
 from search.prompts import answers_match
 from search.protocol import TOP_K
 from search.tree import ROOT, NodeKind, Tree
-
-KIND_NAMES = {k.value: k.name.lower() for k in NodeKind}
-
-NODE_SCHEMA = pa.schema([
-    ("run_id", pa.string()), ("tree_id", pa.string()), ("node_id", pa.int32()), ("parent_id", pa.int32()),
-    ("depth", pa.int32()), ("kind", pa.string()), ("token_ids", pa.list_(pa.int32())),
-    ("logprobs", pa.list_(pa.float32())), ("top_ids", pa.list_(pa.list_(pa.int32(), TOP_K))),
-    ("top_logprobs", pa.list_(pa.list_(pa.float32(), TOP_K))), ("confidence", pa.float32()),
-    ("visits", pa.int32()), ("value_sum", pa.float64()), ("is_terminal", pa.bool_()), ("text", pa.string()),
-])
-TREE_SCHEMA = pa.schema([
-    ("run_id", pa.string()), ("tree_id", pa.string()), ("problem_id", pa.string()), ("question", pa.string()),
-    ("prompt_token_ids", pa.list_(pa.int32())), ("reference_answer", pa.string()),
-    ("best_path", pa.list_(pa.int32())), ("response", pa.string()), ("final_answer", pa.string()),
-    ("correct", pa.bool_()), ("value", pa.float64()), ("num_nodes", pa.int32()), ("iterations", pa.int32()),
-    ("tokens_generated", pa.int64()), ("prompt_tokens", pa.int64()), ("cached_prompt_tokens", pa.int64()),
-    ("requests", pa.int32()), ("seconds", pa.float64()), ("stop_reason", pa.string()), ("strategy", pa.string()),
-    ("model", pa.string()), ("config_hash", pa.string()),
-])
-PAIR_SCHEMA = pa.schema([
-    ("run_id", pa.string()), ("tree_id", pa.string()), ("problem_id", pa.string()), ("prompt", pa.string()),
-    ("chosen", pa.string()), ("rejected", pa.string()), ("chosen_value", pa.float64()),
-    ("rejected_value", pa.float64()), ("depth", pa.int32()),
-])
-ERROR_SCHEMA = pa.schema([
-    ("run_id", pa.string()), ("problem_id", pa.string()), ("stage", pa.string()), ("message", pa.string()),
-])
-
-
-@dataclass(frozen=True, slots=True)
-class Problem:
-    problem_id: str
-    question: str
-    answer: str | None = None
 
 
 def config_hash(config: dict) -> str:

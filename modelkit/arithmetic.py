@@ -1,6 +1,6 @@
 """Multi-step arithmetic word problems with worked solutions in Marco-o1's format.
 
-The bundled model (``deploy/train_model.py``) is trained on this distribution and ``forest make-problems`` samples it.
+The bundled model (``modelkit/train.py``) is trained on this distribution and ``forest make-problems`` samples it.
 One seed gives one reproducible stream of problems; training uses seeds below ``HELD_OUT_SEED_START`` and every
 held-out set uses seeds at or above it, so evaluation problems never come from a training stream.
 

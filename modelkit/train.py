@@ -1,6 +1,6 @@
-"""Train Forest's bundled reasoning model: a small Qwen2 that solves ``deploy/arithmetic.py`` problems, sometimes.
+"""Train Forest's bundled reasoning model: a small Qwen2 that solves ``modelkit/arithmetic.py`` problems, sometimes.
 
-    python -m deploy.train_model --output models/forest-arith --steps STEPS   # see models/forest-arith/training.json
+    python -m modelkit.train --output models/forest-arith --steps STEPS   # see models/forest-arith/training.json
 
 Reproducible: the tokenizer, the initial weights and the training stream all come from ``--seed``; the run is a fixed
 number of steps (wall time only changes how long it takes). The learning rate is constant after warm-up, so the
@@ -23,10 +23,9 @@ import random
 import time
 from pathlib import Path
 
-from deploy.arithmetic import HELD_OUT_SEED_START, make_problems
-from deploy.make_model import train_tokenizer
-from search.params import DEFAULT_SYSTEM_PROMPT, REFLECTION_PHRASE
-from search.prompts import build_prompt, extract_answer
+from modelkit.arithmetic import HELD_OUT_SEED_START, make_problems
+from modelkit.make_model import train_tokenizer
+from search.prompts import DEFAULT_SYSTEM_PROMPT, REFLECTION_PHRASE, build_prompt, extract_answer
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +110,7 @@ def train(output: str | Path, *, seed: int = 0, steps: int = 3000, batch_size: i
         return lr * min(1.0, (step + 1) / warmup)
 
     stream = random.Random(seed + TRAIN_SEED_OFFSET)
-    from deploy.arithmetic import make_problem
+    from modelkit.arithmetic import make_problem
     dev = make_problems(dev_problems, DEV_SEED)
     history, started = [], time.monotonic()
     for step in range(steps):

@@ -12,6 +12,8 @@ import logging
 import random
 from pathlib import Path
 
+from search.prompts import REFLECTION_PHRASE
+
 log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -33,7 +35,7 @@ def synthetic_corpus(lines: int, seed: int) -> list[str]:
             f"<|im_start|>user\n{name} has {a} {item} and buys {b} more. How many {item} now?<|im_end|>\n"
             f"<|im_start|>assistant\n<Thought>\n{name} starts with {a} {item}.\n\n"
             f"Adding {b} gives {a} + {b} = {a + b}.\n</Thought>\n<Output>\n{a + b}\n</Output><|im_end|>\n"
-            "Wait! Maybe I made some mistakes! I need to rethink from scratch.\n")
+            f"{REFLECTION_PHRASE}\n")
     return out
 
 

@@ -2,7 +2,7 @@
 
 - ``engine``: Forest's MCTS on one worker vs the same requests sent straight to the same vLLM engine (its limit).
 - ``designs``: the same search and engine driven by Forest's asynchronous dispatch, a level-synchronous loop and a
-  one-call-per-token loop (see ``deploy.bench_engines``).
+  one-call-per-token loop (see ``bench.engines``).
 - ``cache``: the fraction of prompt tokens vLLM served from its prefix cache during MCTS, per KV block size.
 - ``manager``: expansions per second a tree manager sustains on one core with a SIMULATED engine, for 1, 2 and 4
   managers (one process each).
@@ -23,9 +23,13 @@ import time
 
 from cluster.config import ForestConfig
 from search.protocol import TOP_K
+from search.strategies import STRATEGIES
 
 BENCHES = ("engine", "designs", "cache", "manager", "memory")
-BENCH_SEED = 2_000_000  # a held-out problem stream (see deploy.arithmetic)
+BENCH_SEED = 2_000_000  # a held-out problem stream (see modelkit.arithmetic)
+WARM_UP_TOKENS = 8  # one small request loads the engine's kernels before a timed run
+SIMULATED_ITERATIONS = 32  # iterations per simulated tree (manager and memory benches)
+UNBOUNDED_IN_FLIGHT = 1 << 30  # the simulated engine has no batch limit
 RAW_TOKEN_BYTES = 4 + 4 + TOP_K * (4 + 4)  # token id, sampled logprob, top-5 ids and logprobs
 
 
@@ -44,31 +48,30 @@ class Figure:
 
 
 def _prompts(config: ForestConfig, tokenizer, problems: int) -> list[list[int]]:
-    from deploy.arithmetic import make_problems
-    from search.prompts import build_prompt
+    from modelkit.arithmetic import make_problems
+    from search.prompts import prompt_token_ids
 
-    return [tokenizer.encode(build_prompt(p.question, system_prompt=config.search.system_prompt))
+    return [prompt_token_ids(tokenizer, p.question, system_prompt=config.search.system_prompt)
             for p in make_problems(problems, BENCH_SEED)]
 
 
-def _start_workers(config: ForestConfig, count: int = 1, **engine_overrides) -> list:
-    import ray
-
-    from actors.generator import start_generator_workers
+def _one_worker(config: ForestConfig, **engine_overrides):
+    """``open_pool`` with one new ``ReplayWorker`` (engine settings overridden), never an attached one."""
+    from actors.pool import open_pool
+    from bench.replay import ReplayWorker
 
     engine = config.engine.model_copy(update=engine_overrides)
-    workers = start_generator_workers(engine, count)
-    ray.get([w.check_health.remote() for w in workers], timeout=900)
-    return workers
+    return open_pool(config.model_copy(update={"workers": 1, "attach_workers": [], "engine": engine}),
+                     actor_class=ReplayWorker)
 
 
 async def _search_all(engine_for_tree, tokenizer, prompts, params, *, on_tree_done=None) -> tuple[float, list]:
     """Run one MCTS per prompt, all at once; (wall seconds, results)."""
-    from search.driver import run_mcts
+    mcts = STRATEGIES["mcts"]
 
     async def one(i: int, prompt):
         try:
-            return await run_mcts(engine_for_tree(i), tokenizer, prompt, dataclasses.replace(params, seed=i))
+            return await mcts(engine_for_tree(i), tokenizer, prompt, dataclasses.replace(params, seed=i))
         finally:
             if on_tree_done:
                 on_tree_done()
@@ -78,25 +81,26 @@ async def _search_all(engine_for_tree, tokenizer, prompts, params, *, on_tree_do
     return time.monotonic() - start, results
 
 
-async def _forest_run(worker, config: ForestConfig, tokenizer, prompts, params, log=None) -> tuple[float, list]:
-    """Forest's own dispatch on one warmed-up worker with a cold prefix cache; records requests into ``log``."""
-    from actors.tree_manager import TreeEngine, WorkerPool
-    from deploy.bench_engines import RecordingEngine
+async def _forest_run(pool, prompts, params, log=None) -> tuple[float, list]:
+    """Forest's own dispatch on the pool's one warmed-up worker with a cold prefix cache; records requests into
+    ``log``."""
+    from actors.pool import TreeEngine
+    from bench.engines import RecordingEngine
 
-    await _warm_up(worker, prompts[0])
-    pool = WorkerPool([worker], max_in_flight=config.build.max_in_flight_per_worker)
+    await _warm_up(pool.workers[0], prompts[0])
+    workers = pool.worker_pool()
 
     def engine_for_tree(_):
-        return TreeEngine(pool) if log is None else RecordingEngine(TreeEngine(pool), log)
+        return TreeEngine(workers) if log is None else RecordingEngine(TreeEngine(workers), log)
 
-    return await _search_all(engine_for_tree, tokenizer, prompts, params)
+    return await _search_all(engine_for_tree, pool.tokenizer, prompts, params)
 
 
 async def _warm_up(worker, prompt) -> None:
-    from actors.generator import RemoteEngine
+    from actors.pool import RemoteEngine
     from search.protocol import GenerationRequest
 
-    await RemoteEngine(worker).generate(GenerationRequest(prompt, max_tokens=8, n=2))
+    await RemoteEngine(worker).generate(GenerationRequest(prompt, max_tokens=WARM_UP_TOKENS, n=2))
     await worker.reset_prefix_cache.remote()
 
 
@@ -104,19 +108,14 @@ def bench_engine(config: ForestConfig, *, problems: int) -> list[Figure]:
     """Forest's tokens/s over plain vLLM's on the same requests at the same concurrency (one worker, one run)."""
     import ray
 
-    from actors.tokenizer import HFTokenizer
-    from deploy.bench_engines import RequestLog
+    from bench.engines import RequestLog
 
-    (worker,) = _start_workers(config)
-    tokenizer = HFTokenizer(config.engine.model)
-    prompts = _prompts(config, tokenizer, problems)
     params = config.search.to_params()
     log = RequestLog()
-    try:
-        forest_seconds, _ = asyncio.run(_forest_run(worker, config, tokenizer, prompts, params, log))
-        plain = ray.get(worker.replay.remote(log.requests, log.peak_in_flight))
-    finally:
-        ray.kill(worker)
+    with _one_worker(config) as pool:
+        prompts = _prompts(config, pool.tokenizer, problems)
+        forest_seconds, _ = asyncio.run(_forest_run(pool, prompts, params, log))
+        plain = ray.get(pool.workers[0].replay.remote(log.requests, log.peak_in_flight))
     forest_rate = log.generated_tokens / forest_seconds
     plain_rate = plain["generated_tokens"] / plain["seconds"]
     return [Figure("engine", "throughput_ratio", round(forest_rate / plain_rate, 3), {
@@ -129,40 +128,32 @@ def bench_engine(config: ForestConfig, *, problems: int) -> list[Figure]:
 def bench_designs(config: ForestConfig, *, problems: int, per_token_problems: int) -> list[Figure]:
     """The same trees, engine and budget, dispatched three ways; Forest's speed-up (in generated tokens/s) over the
     other two. The one-call-per-token loop is so slow that it searches only the first ``per_token_problems``."""
-    import ray
+    from actors.pool import RemoteEngine
+    from bench.engines import LevelSyncEngine, PerTokenEngine
 
-    from actors.generator import RemoteEngine
-    from actors.tokenizer import HFTokenizer
-    from deploy.bench_engines import LevelSyncEngine, PerTokenEngine
-
-    worker, = _start_workers(config)
-    tokenizer = HFTokenizer(config.engine.model)
-    prompts = _prompts(config, tokenizer, problems)
     params = config.search.to_params()
     runs = {}
+    with _one_worker(config) as pool:
+        worker, tokenizer = pool.workers[0], pool.tokenizer
+        prompts = _prompts(config, tokenizer, problems)
 
-    async def level_sync():
-        await worker.reset_prefix_cache.remote()
-        barrier = LevelSyncEngine(RemoteEngine(worker), len(prompts))
-        return await _search_all(lambda i: barrier, tokenizer, prompts, dataclasses.replace(params, parallel=1),
-                                 on_tree_done=barrier.tree_done)
+        async def level_sync():
+            await worker.reset_prefix_cache.remote()
+            barrier = LevelSyncEngine(RemoteEngine(worker), len(prompts))
+            return await _search_all(lambda i: barrier, tokenizer, prompts, dataclasses.replace(params, parallel=1),
+                                     on_tree_done=barrier.tree_done)
 
-    try:
-        runs["forest"] = asyncio.run(_forest_run(worker, config, tokenizer, prompts, params))
+        runs["forest"] = asyncio.run(_forest_run(pool, prompts, params))
         runs["level_sync"] = asyncio.run(level_sync())
-    finally:
-        ray.kill(worker)
-    no_cache, = _start_workers(config, enable_prefix_caching=False)
+    with _one_worker(config, enable_prefix_caching=False) as pool:
+        no_cache = pool.workers[0]
 
-    async def per_token():
-        await _warm_up(no_cache, prompts[0])
-        engine = PerTokenEngine(RemoteEngine(no_cache), tokenizer)
-        return await _search_all(lambda i: engine, tokenizer, prompts[:per_token_problems], params)
+        async def per_token():
+            await _warm_up(no_cache, prompts[0])
+            engine = PerTokenEngine(RemoteEngine(no_cache), tokenizer)
+            return await _search_all(lambda i: engine, tokenizer, prompts[:per_token_problems], params)
 
-    try:
         runs["per_token"] = asyncio.run(per_token())
-    finally:
-        ray.kill(no_cache)
     rates = {name: sum(r.stats.generated_tokens for r in results) / seconds
              for name, (seconds, results) in runs.items()}
     context = {f"{name}_tokens_per_s": round(rate, 1) for name, rate in rates.items()}
@@ -175,22 +166,14 @@ def bench_designs(config: ForestConfig, *, problems: int, per_token_problems: in
 
 def bench_cache(config: ForestConfig, *, problems: int, block_sizes: list[int]) -> list[Figure]:
     """Prompt tokens served from the prefix cache during MCTS, over all prompt tokens sent, per block size."""
-    import ray
+    from bench.engines import RequestLog
 
-    from actors.tokenizer import HFTokenizer
-    from deploy.bench_engines import RequestLog
-
-    tokenizer = HFTokenizer(config.engine.model)
-    prompts = _prompts(config, tokenizer, problems)
     params = config.search.to_params()
     figures = []
     for block_size in block_sizes:
-        worker, = _start_workers(config, block_size=block_size)
         log = RequestLog()
-        try:
-            asyncio.run(_forest_run(worker, config, tokenizer, prompts, params, log))
-        finally:
-            ray.kill(worker)
+        with _one_worker(config, block_size=block_size) as pool:
+            asyncio.run(_forest_run(pool, _prompts(config, pool.tokenizer, problems), params, log))
         figures.append(Figure("cache", "cached_prompt_fraction",
                               round(log.cached_prompt_tokens / log.prompt_tokens, 3), {
                                   "block_size": block_size, "prompt_tokens": log.prompt_tokens,
@@ -203,27 +186,25 @@ def bench_cache(config: ForestConfig, *, problems: int, block_sizes: list[int]) 
 
 def _simulated_manager(granularity: str):
     """(tokenizer, prompt, params, canned engine, pool): a manager's parts around a SIMULATED engine."""
-    from actors.tree_manager import WorkerPool
-    from deploy.bench_engines import CannedEngine
+    from actors.pool import WorkerPool
+    from bench.engines import CannedEngine
     from search.params import Budget, Granularity, MCTSParams
     from search.prompts import build_prompt
     from search.simulated import SimulatedTokenizer
 
     tokenizer = SimulatedTokenizer()
     prompt = tokenizer.encode(build_prompt("Simulated question 0000."))
-    params = MCTSParams(granularity=Granularity.parse(granularity), children=2, parallel=4, max_path_tokens=1024,
-                        budget=Budget(iterations=32), early_stop=False)
+    params = MCTSParams(granularity=Granularity.parse(granularity), children=2, parallel=4,
+                        budget=Budget(iterations=SIMULATED_ITERATIONS), early_stop=False)
     canned = CannedEngine(tokenizer, prompt_length=len(prompt))
-    pool = WorkerPool([canned], max_in_flight=1 << 30, engine_for=lambda engine: engine)
+    pool = WorkerPool([canned], max_in_flight=UNBOUNDED_IN_FLIGHT, engine_for=lambda engine: engine)
     return tokenizer, prompt, params, canned, pool
 
 
 async def _manager_run(trees: int, active: int, granularity: str) -> dict:
     """One manager's hot path: ``trees`` searches, ``active`` at a time, through a WorkerPool, each finished tree
     turned into its Arrow node table as the TreeManager does."""
-    from actors.records import node_table
-    from actors.tree_manager import TreeEngine
-    from search.driver import run_mcts
+    from dataset.records import node_table
 
     tokenizer, prompt, params, canned, pool = _simulated_manager(granularity)
     gate = asyncio.Semaphore(active)
@@ -232,11 +213,7 @@ async def _manager_run(trees: int, active: int, granularity: str) -> dict:
     async def one(i: int):
         nonlocal expansions
         async with gate:
-            engine = TreeEngine(pool)
-            try:
-                result = await run_mcts(engine, tokenizer, prompt, dataclasses.replace(params, seed=abs(i)))
-            finally:
-                engine.close()
+            result = await pool.search(STRATEGIES["mcts"], tokenizer, prompt, dataclasses.replace(params, seed=abs(i)))
             expansions += int((result.tree.nodes["num_children"][:result.tree.num_nodes] > 0).sum())
             node_table(result.tree, run_id="bench", tree_id=str(i), decode=tokenizer.decode)
             return result.stats.generated_tokens
@@ -288,16 +265,13 @@ def _memory_process(args) -> dict:
 
     import psutil
 
-    from actors.tree_manager import TreeEngine
-    from search.driver import run_mcts
-
     tokenizer, prompt, params, _, pool = _simulated_manager(granularity)
     gc.collect()
     before = psutil.Process(os.getpid()).memory_info().rss
 
     async def go():
-        return await asyncio.gather(*(run_mcts(TreeEngine(pool), tokenizer, prompt, dataclasses.replace(params,
-                                                                                                          seed=i))
+        mcts = STRATEGIES["mcts"]
+        return await asyncio.gather(*(pool.search(mcts, tokenizer, prompt, dataclasses.replace(params, seed=i))
                                       for i in range(active)))
 
     results = asyncio.run(go())

@@ -1,4 +1,4 @@
-"""Reading problems: JSONL or Parquet rows with an id, a question and an optional answer.
+"""The problems a dataset is built from: JSONL or Parquet rows with an id, a question and an optional answer.
 
 Bad rows never stop a build: each becomes an ``InputError`` (recorded in ``errors/``) and the good rows go on.
 """
@@ -9,7 +9,15 @@ import json
 from dataclasses import dataclass
 from typing import Iterator
 
-from actors.records import Problem
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One input row: a question to search, with its reference answer when known."""
+
+    problem_id: str
+    question: str
+    answer: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,7 +28,7 @@ class InputError:
 
 def _rows(path: str) -> Iterator[tuple[int, dict | None, str | None]]:
     """(1-based row number, row or None, error) for every row of a JSONL or Parquet file."""
-    from actors.sink import open_output
+    from dataset.layout import open_output  # pyarrow stays out of the CLI's start-up
 
     filesystem, resolved = open_output(path)
     if path.endswith(".parquet"):

@@ -79,6 +79,10 @@ class LevelSyncEngine:
                 future.set_result(result)
 
 
+SAMPLE_SEED_STRIDE = 104_729  # primes, so that (request seed, sample, step) never repeat a per-token seed
+REQUEST_SEED_STRIDE = 7_919
+
+
 class PerTokenEngine:
     """Each of the ``n`` samples is generated one token per call; stops are checked on the decoded text."""
 
@@ -95,7 +99,8 @@ class PerTokenEngine:
         finish = FinishReason.LENGTH
         generated: list[int] = []
         for step in range(request.max_tokens):
-            seed = None if request.seed is None else request.seed * 7919 + index * 104_729 + step
+            seed = None if request.seed is None else (request.seed * REQUEST_SEED_STRIDE + index * SAMPLE_SEED_STRIDE
+                                                      + step)
             one = GenerationRequest(np.concatenate([prompt, np.asarray(generated, dtype=np.int32)]), max_tokens=1,
                                     temperature=request.temperature, top_p=request.top_p, seed=seed,
                                     stop_token_ids=request.stop_token_ids, request_id=f"{request.request_id}-t{step}")

@@ -1,0 +1,34 @@
+"""The exports written at the end of a build from its committed parts: ``sft.jsonl`` and ``pairs.parquet``."""
+
+from __future__ import annotations
+
+import json
+
+from dataset.layout import ERRORS, PAIRS, PAIRS_EXPORT, SFT_EXPORT, TREES, open_output, write_atomically
+from dataset.reader import read_kind
+from dataset.schema import ERROR_SCHEMA, PAIR_SCHEMA, TREE_SCHEMA
+from dataset.writer import write_manifest
+
+
+def write_exports(output: str, manifest: dict) -> dict:
+    """Write ``sft.jsonl``, ``pairs.parquet`` and ``manifest.json`` (with the counts); returns the counts.
+
+    ``sft.jsonl`` is Marco-o1's CoT format, one ``{"instruction", "response"}`` per tree that reached an
+    answer (and, when a reference exists, the right one).
+    """
+    filesystem, root = open_output(output)
+    trees = read_kind(output, TREES, TREE_SCHEMA, columns=["problem_id", "question", "response", "final_answer",
+                                                          "correct"])
+    lines = []
+    for row in trees.to_pylist():
+        if row["final_answer"] is not None and row["correct"] is not False:
+            lines.append(json.dumps({"instruction": row["question"], "response": row["response"]},
+                                    ensure_ascii=False))
+    write_atomically(filesystem, f"{root}/{SFT_EXPORT}", data=("\n".join(lines) + "\n" if lines else "").encode())
+    pairs = read_kind(output, PAIRS, PAIR_SCHEMA)
+    write_atomically(filesystem, f"{root}/{PAIRS_EXPORT}", pairs)
+    errors = read_kind(output, ERRORS, ERROR_SCHEMA, columns=["problem_id"])
+    counts = {"trees": trees.num_rows, "sft_rows": len(lines), "pairs": pairs.num_rows, "errors": errors.num_rows,
+              "correct": sum(1 for c in trees.column("correct").to_pylist() if c)}
+    write_manifest(output, {**manifest, "counts": counts})
+    return counts

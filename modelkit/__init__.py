@@ -1,0 +1,8 @@
+"""The bundled model's kit: the problems it is trained on and evaluated with, and the scripts that build models.
+
+- ``arithmetic``: seeded multi-step word problems with Marco-o1-format solutions (held-out seeds from 1,000,000);
+- ``train``: trains ``models/forest-arith`` (``make model``);
+- ``make_model``: the shared tokenizer trainer and ``forest make-model --tiny-random`` (a random-weight Qwen2).
+"""
+
+__all__ = ["arithmetic", "make_model", "train"]

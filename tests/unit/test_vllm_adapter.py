@@ -1,0 +1,30 @@
+"""The vLLM adapter's conversions, on vLLM-shaped outputs (no engine)."""
+
+from types import SimpleNamespace as Output
+
+import pytest
+
+from actors.vllm_engine import chunk_from_output
+from search.protocol import EngineError, FinishReason
+
+def test_vllm_flat_logprobs_become_fixed_shape_chunks():
+    """vLLM's flat logprobs: per position the sampled token first, then the top-k by rank."""
+    full = Output(start_indices=[0, 6], end_indices=[6, 12], token_ids=[9, 9, 1, 2, 3, 4, 7, 5, 6, 7, 8, 10],
+                  logprobs=[-0.1, -0.1, -1, -2, -3, -4, -2, -0.5, -1, -2, -3, -4])
+    c = chunk_from_output(Output(logprobs=full, token_ids=[9, 7], finish_reason="stop", stop_reason=None),
+                          eos_token_id=7, num_cached_tokens=3)
+    assert c.logprobs.tolist() == pytest.approx([-0.1, -2.0])
+    assert c.top_ids.tolist() == [[9, 1, 2, 3, 4], [5, 6, 7, 8, 10]]
+    assert c.finish_reason is FinishReason.EOS and c.num_cached_tokens == 3
+    short = Output(start_indices=[0], end_indices=[3], token_ids=[9, 9, 1], logprobs=[-0.1, -0.1, -1])
+    c = chunk_from_output(Output(logprobs=short, token_ids=[9], finish_reason="length", stop_reason=None), 7, 0)
+    assert c.top_ids.tolist() == [[9, 1, -1, -1, -1]] and c.top_logprobs[0, 2] == float("-inf")
+    assert c.finish_reason is FinishReason.LENGTH
+
+
+@pytest.mark.parametrize("reason", ["error", None])
+def test_an_unknown_finish_reason_fails_the_request(reason):
+    """Not silently a STOP: the request fails with the reason named."""
+    flat = Output(start_indices=[0], end_indices=[6], token_ids=[9, 9, 1, 2, 3, 4], logprobs=[-0.1] * 6)
+    with pytest.raises(EngineError, match=repr(reason)):
+        chunk_from_output(Output(logprobs=flat, token_ids=[9], finish_reason=reason, stop_reason=None), 7, 0)
