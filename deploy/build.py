@@ -24,6 +24,9 @@ from cluster.config import ForestConfig
 
 log = logging.getLogger(__name__)
 
+QUEUED_PER_SLOT = 2  # problems handed to a manager per active-tree slot, so a finished tree's slot never idles
+POLL_SECONDS = 1.0  # the driver wakes at least this often to flush on time
+
 
 class BuildError(RuntimeError):
     """The build itself cannot run (as opposed to bad rows, which are recorded and skipped)."""
@@ -124,7 +127,7 @@ def run_build(config: ForestConfig) -> BuildSummary:
             managers = [ray.remote(TreeManager).options(num_cpus=0, max_concurrency=MAX_CONCURRENCY,
                                                         name=f"forest-build-{session}-manager-{i}")
                         .remote(pool.workers, sink, settings) for i in range(min(b.managers, max(len(todo), 1)))]
-            built, failed, tokens = _dispatch(todo, managers, sink, window=2 * b.max_active_trees,
+            built, failed, tokens = _dispatch(todo, managers, sink, window=QUEUED_PER_SLOT * b.max_active_trees,
                                               flush_seconds=b.flush_seconds)
             restarts = _worker_restarts(managers)
         ray.get(sink.flush.remote())
@@ -176,7 +179,7 @@ def _dispatch(todo, managers, sink, *, window: int, flush_seconds: float) -> tup
                     problem = queue.pop(0)
                     outstanding[managers[index].run.remote(problem)] = (index, problem)
                     per_manager[index] += 1
-            ready, _ = ray.wait(list(outstanding), num_returns=len(outstanding), timeout=1.0,
+            ready, _ = ray.wait(list(outstanding), num_returns=len(outstanding), timeout=POLL_SECONDS,
                                 fetch_local=True) if outstanding else ([], [])
             for ref in ready:
                 index, problem = outstanding.pop(ref)
