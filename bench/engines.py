@@ -124,7 +124,8 @@ class CannedEngine:
     """SIMULATED: every tree's response is one script of ``steps`` steps of ``step_tokens`` words, then the answer.
 
     A request's position in the script is its prompt length minus ``prompt_length`` (all trees share one prompt
-    length). ``variants`` sets of logprobs make siblings differ in confidence.
+    length). ``variants`` versions of the script (other words, the same structure) and of its logprobs make
+    siblings differ in their tokens and their confidence.
     """
 
     def __init__(self, tokenizer, *, prompt_length: int, steps: int = 6, step_tokens: int = 60, variants: int = 8,
@@ -137,6 +138,9 @@ class CannedEngine:
             script += rng.choice(words, step_tokens).tolist() + [delim]
         script += tokenizer.encode(f"</Thought>\n<Output>42{OUTPUT_END}") + [eos]
         self.script = np.asarray(script, dtype=np.int32)
+        self.scripts = np.repeat(self.script[None, :], variants, axis=0)
+        is_word = np.isin(self.script, words)
+        self.scripts[:, is_word] = rng.choice(words, size=(variants, int(is_word.sum())))
         self.delims = np.flatnonzero(self.script == delim)
         self.output_end = len(self.script) - 2  # index of the last token of OUTPUT_END
         self.eos = len(self.script) - 1
@@ -144,7 +148,7 @@ class CannedEngine:
         length = len(self.script)
         p = rng.uniform(0.3, 0.99, size=(variants, length)).astype(np.float32)
         self.logprobs = np.log(p)
-        self.top_ids = np.broadcast_to(self.script[None, :, None], (variants, length, TOP_K)).astype(np.int32)
+        self.top_ids = np.broadcast_to(self.scripts[:, :, None], (variants, length, TOP_K)).astype(np.int32)
         self.top_ids[:, :, 1:] = rng.choice(words, size=(variants, length, TOP_K - 1))
         rest = np.log((1 - p) / (TOP_K - 1))
         self.top_logprobs = np.concatenate([self.logprobs[:, :, None], np.repeat(rest[:, :, None], TOP_K - 1, 2)], 2)
@@ -168,7 +172,7 @@ class CannedEngine:
         chunks = []
         for i in range(request.n):
             v = (self.calls + i) % len(self.logprobs)
-            chunks.append(Chunk(self.script[start:end], self.logprobs[v, start:end], self.top_ids[v, start:end],
+            chunks.append(Chunk(self.scripts[v, start:end], self.logprobs[v, start:end], self.top_ids[v, start:end],
                                 self.top_logprobs[v, start:end], finish, len(request.prompt_token_ids)))
         self.busy_seconds += time.perf_counter() - started
         await asyncio.sleep(0)

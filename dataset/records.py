@@ -15,11 +15,10 @@ import pyarrow as pa
 from dataset.problems import Problem
 from dataset.schema import KIND_NAMES, NODE_SCHEMA
 from search.driver import SearchResult
-from search.mcts import best_path
-from search.params import FinalChoice
+from search.mcts import most_visited_path
 from search.prompts import answers_match
 from search.protocol import TOP_K
-from search.tree import ROOT, NodeKind, Tree
+from search.tree import ROOT, Tree
 
 
 def config_hash(config: dict) -> str:
@@ -73,8 +72,8 @@ def tree_row(result: SearchResult, problem: Problem, *, run_id: str, tree_id: st
 
 
 def _subtree_text(tree: Tree, node: int, decode) -> tuple[str, float]:
-    """A sibling's continuation: the node's tokens, then greedily its most-visited line (or best rollout)."""
-    path = best_path(tree, FinalChoice.MOST_VISITS, start=node)
+    """A sibling's continuation: the node's tokens, then greedily its most-visited line."""
+    path = most_visited_path(tree, start=node)
     ids = np.concatenate([tree.node_token_ids(i) for i in path])
     return decode(ids.tolist()), tree.mean_value(node)
 
@@ -83,8 +82,6 @@ def preference_pairs(result: SearchResult, problem: Problem, *, run_id: str, tre
     """Along the chosen path, each chosen node against its lowest-valued visited sibling (for DPO)."""
     tree, rows = result.tree, []
     for parent, chosen in zip(result.path, result.path[1:], strict=False):
-        if tree.nodes["kind"][chosen] == NodeKind.ROLLOUT:
-            break
         siblings = [int(s) for s in tree.children(parent) if s != chosen and tree.nodes["visits"][s] > 0]
         if not siblings:
             continue

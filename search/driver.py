@@ -3,15 +3,17 @@
 Up to ``params.parallel`` iterations of one tree are in flight at once: each selection adds virtual loss
 so the next one goes elsewhere, and whichever engine call returns first is applied first. The loop:
 
-1. start iterations while there is room: select a leaf; a terminal leaf is valued at once; a visited leaf
-   (or the root) gets an expansion request; a new child gets a rollout request (or is valued at once when
-   the value function needs no rollout);
+1. start iterations while there is room: select a node (exhausted subtrees are never selected); a visited leaf,
+   the root, or a node that may widen gets an expansion request; a new child gets a rollout request (or is valued
+   at once when it is terminal or the value function needs no rollout);
 2. wait for the first engine result;
-3. apply it: an expansion adds children, then simulates from the most confident new child; a rollout is
-   valued and backed up;
-4. stop on the iteration, token or wall-clock budget, or once the root's choice is settled.
+3. apply it: an expansion adds its distinct samples as children, then simulates from the most confident new one;
+   a rollout's steps become children down to a terminal leaf, and the line is valued and backed up;
+4. stop on the iteration, token or wall-clock budget, once nothing is left to expand, or (``most_visits``) once
+   the root's choice is settled.
 
-The token budget is never exceeded: every request's ``n * max_tokens`` is reserved before it is sent.
+The token budget is never exceeded: every request's ``n * max_tokens`` is reserved before it is sent, and a
+rollout starts only when the budget can take it to the path limit.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from typing import Callable
 
 import numpy as np
 
-from search import mcts
-from search.params import MCTSParams, ValueKind
+from search import final, mcts
+from search.confidence import chunk_token_confidence, mean_confidence
+from search.params import FinalChoice, MCTSParams
 from search.prompts import OUTPUT_END, REFLECTION_PHRASE, extract_answer
 from search.protocol import Chunk, Engine, EngineDeadError, EngineError, FinishReason, GenerationRequest, Tokenizer
 from search.tree import ROOT, NodeKind, Tree
@@ -58,17 +61,18 @@ class SearchStats:
     cached_prompt_tokens: int = 0  # of those, served from the engine's prefix cache
     requests: int = 0
     failed_requests: int = 0
+    duplicate_tokens: int = 0  # of the generated tokens, those of samples merged into an identical sibling
     seconds: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
 class SearchResult:
     tree: Tree
-    path: list[int]  # node ids root..leaf, ending with a rollout when the leaf was not terminal
+    path: list[int]  # node ids root..leaf of the chosen line
     response_token_ids: np.ndarray  # int32, the chosen path's generated tokens
     response: str
     answer: str | None
-    value: float  # mean value of the chosen leaf (NaN when never valued)
+    value: float  # the chosen line's value (NaN when never valued)
     stop_reason: StopReason
     stats: SearchStats = field(default_factory=SearchStats)
 
@@ -78,6 +82,7 @@ class _InFlight:
     node: int
     expansion: bool
     reserved_tokens: int
+    selected: int  # the node the iteration's virtual loss runs to
 
 
 ProgressCallback = Callable[["SearchStats", float], None]
@@ -100,16 +105,17 @@ class _Search:
     def __init__(self, engine, tokenizer, prompt_token_ids, params: MCTSParams, reference, request_prefix, clock):
         self.engine, self.tokenizer, self.params = engine, tokenizer, params
         self.reference, self.request_prefix, self.clock = reference, request_prefix, clock
-        self.tree = Tree(prompt_token_ids, max_children=params.children + 1)
+        self.tree = Tree(prompt_token_ids, max_children=params.max_width + 1)  # + a reflection child
         self.value_fn, self.needs_rollout = VALUE_FUNCTIONS[params.value]
         self.stats = SearchStats()
         self.inflight: dict[asyncio.Task, _InFlight] = {}
         self.started = 0  # iterations begun (completed + in flight)
         self.reserved_tokens = 0
         self.token_blocked = False
-        self.exhausted = False  # every leaf is terminal: more iterations would only revisit them
+        self.bounds: mcts.Bounds | None = None  # lowest and highest value backed up so far
         self.on_progress: ProgressCallback | None = None
         self.reflection_ids = tokenizer.encode(REFLECTION_PHRASE + params.granularity.delimiter)
+        self._token_text: dict[int, str] = {}  # one token's text, for splitting rollouts into steps
 
     async def run(self) -> SearchResult:
         start = self.clock()
@@ -122,16 +128,17 @@ class _Search:
         return self._result(reason)
 
     async def _loop(self, deadline: float) -> StopReason:
-        budget = self.params.budget
+        budget, tree = self.params.budget, self.tree
         while True:
             while (len(self.inflight) < self.params.parallel and self.started < budget.iterations
-                   and not self.token_blocked and not self.exhausted and self._try_start()):
+                   and not self.token_blocked and self._try_start()):
                 pass
-            if self.exhausted:
+            if tree.nodes["exhausted"][ROOT]:
                 return StopReason.EXHAUSTED
             if self.stats.iterations >= budget.iterations:
                 return StopReason.ITERATIONS
-            if self.params.early_stop and mcts.root_settled(self.tree, budget.iterations - self.stats.iterations):
+            if (self.params.early_stop and self.params.final is FinalChoice.MOST_VISITS
+                    and mcts.root_settled(tree, budget.iterations - self.stats.iterations)):
                 return StopReason.SETTLED
             if not self.inflight:
                 return StopReason.TOKENS if self.token_blocked else StopReason.EXHAUSTED
@@ -146,19 +153,31 @@ class _Search:
                 self._apply(task, self.inflight.pop(task))
 
     # -- 1. starting iterations -------------------------------------------------------------------
+    def _can_widen(self, node: int) -> bool:
+        """Whether ``node`` may get another generated child now (progressive widening, rollout steps)."""
+        p, n = self.params, self.tree.nodes
+        if n["is_terminal"][node] or n["visits"][node] == 0 or n["depth"][node] + 1 >= p.max_depth:
+            return False
+        width = mcts.allowed_width(self.tree, node, children=p.children, widening=p.widening,
+                                   max_width=p.max_width)
+        return mcts.generated_children(self.tree, node) < width
+
     def _try_start(self) -> bool:
-        node = mcts.select(self.tree, self.params.exploration)
+        tree, p = self.tree, self.params
+        node = mcts.select(tree, p.exploration, bounds=self.bounds if p.normalize_values else None,
+                           can_widen=self._can_widen)
         if node is None:
             return False
         self.started += 1
-        n = self.tree.nodes
-        if n["is_terminal"][node]:
-            value = self.tree.mean_value(node) if n["visits"][node] else self._evaluate(node, None)
-            self._complete(node, value)
-            self.exhausted = not self.inflight and mcts.fully_explored(self.tree)
-        elif node == ROOT or n["visits"][node] > 0 or (
-                n["kind"][node] == NodeKind.REFLECTION and not self.needs_rollout):
-            return self._request(node, expansion=True)
+        n = tree.nodes
+        if n["is_terminal"][node]:  # a terminal node nobody valued yet (a forced child, say)
+            self._complete(node, self._evaluate(node, None), selected=node)
+        elif n["num_children"][node] > 0:  # widening
+            width = mcts.allowed_width(tree, node, children=p.children, widening=p.widening, max_width=p.max_width)
+            return self._request(node, n=width - mcts.generated_children(tree, node), expansion=True)
+        elif node == ROOT or n["visits"][node] > 0 or (n["kind"][node] == NodeKind.REFLECTION
+                                                      and not self.needs_rollout):
+            return self._request(node, n=p.children, expansion=True)
         else:
             return self._evaluate_new(node)
         return True
@@ -166,18 +185,20 @@ class _Search:
     def _evaluate_new(self, node: int) -> bool:
         """Value a new child: at once when terminal or no rollout is needed, else by a rollout request."""
         if self.tree.nodes["is_terminal"][node] or not self.needs_rollout:
-            self._complete(node, self._evaluate(node, None))
+            self._complete(node, self._evaluate(node, None), selected=node)
             return True
-        return self._request(node, expansion=False)
+        return self._request(node, n=1, expansion=False)
 
-    def _request(self, node: int, *, expansion: bool) -> bool:
-        """Send an expansion (n=k) or rollout (n=1) request; False, undoing the iteration, if unaffordable."""
+    def _request(self, node: int, *, n: int, expansion: bool) -> bool:
+        """Send an expansion (n samples) or rollout (n=1) request; False, undoing the iteration, if unaffordable.
+
+        A rollout must be able to reach the path limit within the budget: a line cut by the budget has no answer.
+        """
         p = self.params
         room = p.max_path_tokens - self.tree.path_length(node)
-        n = p.children if expansion else 1
         wanted = min(p.granularity.tokens, room) if expansion else room
         max_tokens = self._affordable(n, wanted)
-        if max_tokens < 1:
+        if max_tokens < (1 if expansion else wanted):
             self.token_blocked = True
             self._abandon(node)
             return False
@@ -191,7 +212,7 @@ class _Search:
         self.reserved_tokens += n * max_tokens
         self.tree.nodes["pending"][node] = True
         task = asyncio.ensure_future(self.engine.generate(request))
-        self.inflight[task] = _InFlight(node, expansion, n * max_tokens)
+        self.inflight[task] = _InFlight(node, expansion, n * max_tokens, selected=node)
         return True
 
     def _affordable(self, n: int, wanted: int) -> int:
@@ -219,29 +240,71 @@ class _Search:
         if job.expansion:
             self._apply_expansion(job.node, chunks)
         else:
-            rollout = self.tree.add_chunk(job.node, chunks[0], kind=NodeKind.ROLLOUT)
-            self.tree.nodes["is_terminal"][rollout] = True
-            self._complete(job.node, self._evaluate(job.node, rollout))
+            self._apply_rollout(job.node, chunks[0])
 
     def _apply_expansion(self, node: int, chunks: list[Chunk]) -> None:
         tree = self.tree
-        added = [self._add_child(node, chunk) for chunk in chunks]
-        self._maybe_reflect(node, added)
-        new = [child for child, _ in added]
+        samples, new = [], []  # (child, whether it ends the thought) per sample; the children added
+        for chunk in chunks:
+            twin = mcts.find_sibling(tree, node, chunk.token_ids) if self.params.dedup else None
+            if twin is None:
+                samples.append(self._add_child(node, chunk))
+                new.append(samples[-1][0])
+            else:
+                tree.nodes["weight"][twin] += 1
+                self.stats.duplicate_tokens += len(chunk)
+                samples.append((twin, self._ends_thought(node, chunk)))
+        self._maybe_reflect(node, samples)
+        if not new:  # every sample repeated a sibling: the tokens are spent, nothing new to value
+            mcts.add_virtual_loss(tree, node, -1)
+            self.stats.iterations += 1
+            mcts.refresh_exhausted(tree, node, self._can_widen)
+            return
         confidences = np.nan_to_num(tree.nodes["confidence"][new].astype(np.float64), nan=-np.inf)
         child = new[int(np.argmax(confidences))]
         tree.nodes["virtual_loss"][child] += 1  # the iteration now runs through the child
-        self._evaluate_new(child)
+        if not self._evaluate_new(child):
+            mcts.refresh_exhausted(tree, node, self._can_widen)
 
-    def _add_child(self, parent: int, chunk: Chunk) -> tuple[int, bool]:
+    def _add_child(self, parent: int, chunk: Chunk, kind: NodeKind = NodeKind.CHUNK) -> tuple[int, bool]:
         """Add a generated child and mark it terminal; returns (child, whether it ends the thought)."""
         tree, p = self.tree, self.params
-        child = tree.add_chunk(parent, chunk)
+        child = tree.add_chunk(parent, chunk, kind=kind)
         text = mcts.chunk_text(tree, parent, chunk.token_ids, self.tokenizer.decode)
         finished = mcts.ends_by_model(chunk, text, self.tokenizer.eos_token_id)
         tree.nodes["is_terminal"][child] = (finished or tree.nodes["depth"][child] >= p.max_depth
                                             or tree.path_length(child) >= p.max_path_tokens)
         return child, mcts.ends_thought(text, finished)
+
+    def _ends_thought(self, parent: int, chunk: Chunk) -> bool:
+        text = mcts.chunk_text(self.tree, parent, chunk.token_ids, self.tokenizer.decode)
+        return mcts.ends_thought(text, mcts.ends_by_model(chunk, text, self.tokenizer.eos_token_id))
+
+    def _apply_rollout(self, node: int, chunk: Chunk) -> None:
+        """The rollout's steps become a chain of children below ``node``, down to a terminal leaf; the line is
+        valued with the rollout's mean token confidence and backed up from the leaf."""
+        tree = self.tree
+        confidence = mean_confidence(chunk_token_confidence(chunk))
+        room = self.params.max_depth - int(tree.nodes["depth"][node])  # steps deeper than that stay in the last
+        cuts = mcts.split_points(chunk.token_ids, self.params.granularity, self._decode_token)[:max(room - 1, 0)]
+        bounds = [0, *cuts, len(chunk)]
+        leaf = node
+        for start, end in zip(bounds, bounds[1:], strict=False):
+            last = end == len(chunk)
+            piece = mcts.slice_chunk(chunk, start, end, chunk.finish_reason if last else FinishReason.STOP)
+            parent = leaf
+            leaf, thought_ends = self._add_child(parent, piece, NodeKind.ROLLOUT)
+            self._maybe_reflect(parent, [(leaf, thought_ends)])
+            if tree.nodes["is_terminal"][leaf] and not last:  # a limit reached early: the rest is one piece
+                break
+        tree.nodes["is_terminal"][leaf] = True
+        self._complete(leaf, self._evaluate(node, leaf, rollout_confidence=confidence), selected=node)
+
+    def _decode_token(self, token: int) -> str:
+        text = self._token_text.get(token)
+        if text is None:
+            text = self._token_text[token] = self.tokenizer.decode([token])
+        return text
 
     def _maybe_reflect(self, parent: int, added: list[tuple[int, bool]]) -> None:
         """Add one reflection sibling where a new child ends the thought and the policy asks for it."""
@@ -261,19 +324,29 @@ class _Search:
                 return
 
     # -- 2/4. valuing and backing up --------------------------------------------------------------
-    def _evaluate(self, node: int, rollout: int | None) -> float:
+    def _evaluate(self, node: int, leaf: int | None, *, rollout_confidence: float | None = None) -> float:
+        """The value of ``node``: of the line ending at ``leaf`` (its rollout's) or of ``node`` itself.
+
+        A line (a rollout, or a terminal node) that ends without an answer the model finished is worth
+        ``unanswered_value``.
+        """
         tree = self.tree
+        end = node if leaf is None else leaf
         answer = None
-        if self.params.value is ValueKind.ANSWER_CHECK:
-            ids = tree.path_token_ids(rollout if rollout is not None else node)
-            answer = extract_answer(self.tokenizer.decode(ids.tolist()))
-        rollout_confidence = None if rollout is None else float(tree.nodes["confidence"][rollout])
+        if leaf is not None or tree.nodes["is_terminal"][node]:
+            response = self.tokenizer.decode(tree.path_token_ids(end).tolist())
+            answer = extract_answer(response)
+            if answer is None or not final.ends_by_model(tree, end, response):
+                return self.params.unanswered_value
         return self.value_fn(Evaluation(float(tree.nodes["confidence"][node]), rollout_confidence, answer,
                                         self.reference))
 
-    def _complete(self, node: int, value: float) -> None:
-        mcts.backup(self.tree, node, value)
+    def _complete(self, leaf: int, value: float, *, selected: int) -> None:
+        mcts.backup(self.tree, leaf, value, selected=selected)
+        low, high = self.bounds or (value, value)
+        self.bounds = (min(low, value), max(high, value))
         self.stats.iterations += 1
+        mcts.refresh_exhausted(self.tree, leaf, self._can_widen)
         if self.on_progress is not None:
             self.on_progress(self.stats, mcts.best_root_value(self.tree))
 
@@ -290,41 +363,17 @@ class _Search:
         for job in self.inflight.values():
             self.reserved_tokens -= job.reserved_tokens
             self.tree.nodes["pending"][job.node] = False
-            self._abandon(job.node)
+            self._abandon(job.selected)
         self.inflight.clear()
 
     def _result(self, reason: StopReason) -> SearchResult:
         tree = self.tree
-        path = mcts.best_path(tree, self.params.final)
-        ids = tree.path_token_ids(path[-1])
-        response = self.tokenizer.decode(ids.tolist())
-        answer = extract_answer(response)
-        if not self._finished(path[-1], response):
-            # e.g. the token budget cut the chosen line's rollout short: take the best line the model finished
-            answered = self._best_answered_path()
-            if answered is not None:
-                path, ids, response, answer = answered
-        leaf = path[-1] if tree.nodes["kind"][path[-1]] != NodeKind.ROLLOUT else path[-2]
-        return SearchResult(tree, path, ids, response, answer, tree.mean_value(leaf), reason, self.stats)
-
-    def _finished(self, node: int, response: str) -> bool:
-        """The line ends because the model finished its answer (not because a budget or limit cut it)."""
-        return OUTPUT_END in response or self.tree.nodes["finish_reason"][node] == FinishReason.EOS
-
-    def _best_answered_path(self):
-        """(path, token ids, text, answer) of the highest-valued line the model finished with an answer."""
-        tree, best, best_key = self.tree, None, None
-        kinds, reasons = tree.nodes["kind"], tree.nodes["finish_reason"]
-        for node in range(1, tree.num_nodes):
-            if reasons[node] not in (FinishReason.STOP, FinishReason.EOS):
-                continue
-            ids = tree.path_token_ids(node)
+        line = final.choose(tree, final.finished_lines(tree, self.tokenizer.decode), self.params.final)
+        if line is None:  # no finished line: the most-visited one, whatever it holds
+            leaf = mcts.most_visited_path(tree)[-1]
+            ids = tree.path_token_ids(leaf)
             response = self.tokenizer.decode(ids.tolist())
-            answer = extract_answer(response)
-            if answer is None or not self._finished(node, response):
-                continue
-            valued = int(tree.nodes["parent"][node]) if kinds[node] == NodeKind.ROLLOUT else node
-            key = (np.nan_to_num(tree.mean_value(valued), nan=-1.0), int(tree.nodes["visits"][valued]))
-            if best_key is None or key > best_key:
-                best, best_key = (tree.path(node), ids, response, answer), key
-        return best
+            return SearchResult(tree, tree.path(leaf), ids, response, extract_answer(response),
+                                tree.mean_value(leaf), reason, self.stats)
+        return SearchResult(tree, tree.path(line.leaf), tree.path_token_ids(line.leaf), line.response, line.answer,
+                            line.value, reason, self.stats)

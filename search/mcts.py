@@ -3,48 +3,65 @@
 Engine calls are asynchronous, so a phase that needs the model stops at a request and a separate
 function applies the result (``search.driver`` makes the call in between):
 
-1. ``select``: descend from the root by UCT until a node without children, adding virtual loss on the way.
-2. ``expand``: the engine samples ``k`` chunks from the leaf (one request, ``n=k``); ``apply_expansion``
-   adds them as children (plus a reflection child where the policy asks for one).
-3. ``simulate``: the engine continues a new child to a terminal state; its value comes from a value function.
-4. ``backup``: visits and value sums along the path; the virtual loss is removed.
-5. ``best_path``: the answer the search settles on.
+1. ``select``: descend from the root by UCT (values normalised, exhausted subtrees skipped) until a node without
+   children or one that may widen, adding virtual loss on the way.
+2. ``expand``: the engine samples ``k`` chunks from the node (one request, ``n=k``); identical samples merge
+   (``find_sibling``), and a reflection child is added where the policy asks for one.
+3. ``simulate``: the engine continues a new child to a terminal state; the rollout's steps become children
+   (``split_points``) and the line is valued by a value function.
+4. ``backup``: visits and value sums along the path; the virtual loss is removed; ``refresh_exhausted``.
+5. The answer: a rule over the tree's finished lines (``search.final``).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
 
-from search.params import FinalChoice, ReflectionMode, ReflectionPolicy
+from search.params import Granularity, ReflectionMode, ReflectionPolicy
 from search.prompts import OUTPUT_END, OUTPUT_START, THOUGHT_END, answers_match
 from search.protocol import Chunk, FinishReason
-from search.tree import ROOT, NodeKind, Tree
+from search.tree import NO_PARENT, ROOT, NodeKind, Tree
 
 TEXT_OVERLAP_TOKENS = 8
 """Tokens of the parent's path decoded with a chunk, so a tag split across two chunks is still seen."""
 
 
-def uct_scores(tree: Tree, node: int, exploration: float) -> np.ndarray:
-    """UCT score per child of ``node``: Q + c * sqrt(ln N_parent / N_child).
+Bounds = tuple[float, float]
+"""(lowest, highest) value backed up in a tree so far: UCT sees values min-max normalised into [0, 1]."""
+
+
+def normalize(value: float, bounds: Bounds | None) -> float:
+    """``value`` mapped into [0, 1] by ``bounds`` (unchanged without bounds; 0.5 while all values are equal)."""
+    if bounds is None:
+        return value
+    low, high = bounds
+    return (value - low) / (high - low) if high > low else 0.5
+
+
+def uct_scores(tree: Tree, node: int, exploration: float, bounds: Bounds | None = None) -> np.ndarray:
+    """UCT score per child of ``node``: Q + c * sqrt(ln N_parent / N_child), Q normalised by ``bounds``.
 
     Virtual loss counts as visits with value 0, so in-flight paths look worse and concurrent selections
     spread out. Unvisited children (no visits, none in flight) score +inf: they are tried first.
-    A child that is a leaf with a request in flight scores -inf: nothing can be done there until it returns.
-    Plain Python over the few children: numpy's per-call overhead would dominate (see ``forest bench manager``).
+    A child that is a leaf with a request in flight, or whose subtree is exhausted, scores -inf: nothing can be
+    done there. Plain Python over the few children: numpy's per-call overhead would dominate
+    (see ``forest bench manager``).
     """
     n = tree.nodes
     visits, virtual, value_sum = n["visits"], n["virtual_loss"], n["value_sum"]
-    pending, num_children = n["pending"], n["num_children"]
+    pending, num_children, exhausted = n["pending"], n["num_children"], n["exhausted"]
     log_parent = math.log(max(float(visits[node] + virtual[node]), 1.0))
     scores = []
     for kid in tree.children(node).tolist():
         count = float(visits[kid] + virtual[kid])
-        if pending[kid] and num_children[kid] == 0:
+        if exhausted[kid] or (pending[kid] and num_children[kid] == 0):
             scores.append(-math.inf)
         elif count > 0:
-            scores.append(float(value_sum[kid]) / count + exploration * math.sqrt(log_parent / count))
+            q = normalize(float(value_sum[kid]) / float(visits[kid]), bounds) * visits[kid] / count
+            scores.append(q + exploration * math.sqrt(log_parent / count))
         else:
             scores.append(math.inf)
     return np.array(scores, dtype=np.float64)
@@ -55,16 +72,22 @@ def add_virtual_loss(tree: Tree, node: int, amount: int) -> None:
         tree.nodes["virtual_loss"][i] += amount
 
 
-def select(tree: Tree, exploration: float) -> int | None:
-    """Descend from the root to a node without children, adding one virtual loss along the path.
+def select(tree: Tree, exploration: float, *, bounds: Bounds | None = None,
+           can_widen: Callable[[int], bool] | None = None) -> int | None:
+    """Descend from the root to a node to work on, adding one virtual loss along the path: a node without
+    children, or one that ``can_widen`` says may get another child (progressive widening).
 
-    Returns None (and changes nothing) when every way down ends at a leaf that is waiting for the engine.
+    Returns None (and changes nothing) when the root is exhausted or every way down ends at a leaf that is
+    waiting for the engine.
     """
+    n = tree.nodes
     node = ROOT
-    if tree.nodes["pending"][ROOT] and tree.nodes["num_children"][ROOT] == 0:
+    if n["exhausted"][ROOT] or (n["pending"][ROOT] and n["num_children"][ROOT] == 0):
         return None
-    while tree.nodes["num_children"][node] > 0:
-        scores = uct_scores(tree, node, exploration)
+    while n["num_children"][node] > 0:
+        if can_widen is not None and not n["pending"][node] and can_widen(node):
+            break
+        scores = uct_scores(tree, node, exploration, bounds)
         best = int(np.argmax(scores))
         if scores[best] == -np.inf:
             return None
@@ -73,12 +96,81 @@ def select(tree: Tree, exploration: float) -> int | None:
     return node
 
 
-def backup(tree: Tree, node: int, value: float) -> None:
-    """Add one visit and ``value`` on the path root..node, removing the virtual loss ``select`` added."""
-    for i in tree.path(node):
+def backup(tree: Tree, leaf: int, value: float, *, selected: int | None = None) -> None:
+    """Add one visit and ``value`` on the path root..leaf, removing the virtual loss ``select`` added on the path
+    root..selected (``selected`` defaults to ``leaf``; a rollout's steps below it never had any)."""
+    on_selected_path = set(tree.path(leaf if selected is None else selected))
+    for i in tree.path(leaf):
         tree.nodes["visits"][i] += 1
         tree.nodes["value_sum"][i] += value
-        tree.nodes["virtual_loss"][i] -= 1
+        if i in on_selected_path:
+            tree.nodes["virtual_loss"][i] -= 1
+
+
+def generated_children(tree: Tree, node: int) -> int:
+    """Samples the model generated below ``node``, merged ones included (their weights): a sample that repeated
+    a sibling still used up a try. A reflection child is forced, so not counted against the width."""
+    kids = tree.children(node)
+    generated = tree.nodes["kind"][kids] != NodeKind.REFLECTION
+    return int(tree.nodes["weight"][kids][generated].sum())
+
+
+def allowed_width(tree: Tree, node: int, *, children: int, widening: float, max_width: int) -> int:
+    """How many generated children ``node`` may have now: ``children`` (k), plus progressive widening's
+    floor(widening * sqrt(visits)), plus one more when every child is exhausted (so a step whose children all
+    failed can be retried); never more than ``max_width``."""
+    width = children + math.floor(widening * math.sqrt(float(tree.nodes["visits"][node])))
+    kids = tree.children(node)
+    if widening > 0 and len(kids) and tree.nodes["exhausted"][kids].all():
+        width = max(width, generated_children(tree, node) + 1)
+    return min(width, max_width)
+
+
+def refresh_exhausted(tree: Tree, node: int, can_widen: Callable[[int], bool]) -> None:
+    """Recompute ``exhausted`` from ``node`` up to the root: a terminal node is exhausted once valued; an inner
+    node when it waits for nothing, may get no other child, and all its children are exhausted."""
+    n = tree.nodes
+    while node != NO_PARENT:
+        kids = tree.children(node)
+        if n["is_terminal"][node]:
+            n["exhausted"][node] = n["visits"][node] > 0
+        else:
+            n["exhausted"][node] = (len(kids) > 0 and not n["pending"][node] and bool(n["exhausted"][kids].all())
+                                    and not can_widen(node))
+        node = int(n["parent"][node])
+
+
+def find_sibling(tree: Tree, parent: int, token_ids: np.ndarray) -> int | None:
+    """A child of ``parent`` with exactly these tokens (an identical sample), or None."""
+    starts, ends = tree.nodes["token_start"], tree.nodes["token_end"]
+    for kid in tree.children(parent).tolist():
+        if ends[kid] - starts[kid] == len(token_ids) and np.array_equal(tree.node_token_ids(kid), token_ids):
+            return kid
+    return None
+
+
+def split_points(token_ids: np.ndarray, granularity: Granularity, decode_token: Callable[[int], str]) -> list[int]:
+    """Where a rollout's tokens split into steps: after each step delimiter (``step``) or every N tokens
+    (``mini_step``); the end is not included. ``decode_token`` decodes one token id."""
+    if granularity.kind != "step":
+        return list(range(granularity.tokens, len(token_ids), granularity.tokens))
+    cuts, tail, since = [], "", 0
+    keep = len(granularity.delimiter) - 1
+    for i, token in enumerate(token_ids.tolist()):
+        tail += decode_token(token)
+        since += 1
+        if granularity.delimiter in tail or since >= granularity.tokens:
+            if i + 1 < len(token_ids):
+                cuts.append(i + 1)
+            tail, since = "", 0
+        else:
+            tail = tail[-keep:] if keep else ""
+    return cuts
+
+
+def slice_chunk(chunk: Chunk, start: int, end: int, finish: FinishReason) -> Chunk:
+    return Chunk(chunk.token_ids[start:end], chunk.logprobs[start:end], chunk.top_ids[start:end],
+                 chunk.top_logprobs[start:end], finish, chunk.num_cached_tokens)
 
 
 def chunk_text(tree: Tree, parent: int, chunk_ids: np.ndarray, decode) -> str:
@@ -121,28 +213,20 @@ def has_reflection_child(tree: Tree, node: int) -> bool:
     return bool((tree.nodes["kind"][tree.children(node)] == NodeKind.REFLECTION).any())
 
 
-def best_child(tree: Tree, node: int, final: FinalChoice) -> int:
-    """Most visits (ties: higher mean value), or best mean value among visited children."""
+def best_child(tree: Tree, node: int) -> int:
+    """The most-visited child (ties: the higher mean value)."""
     kids = tree.children(node)
     visits = tree.nodes["visits"][kids].astype(np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         means = np.where(visits > 0, tree.nodes["value_sum"][kids] / visits, -np.inf)
-    if final is FinalChoice.BEST_VALUE and (visits > 0).any():
-        order = np.lexsort((visits, means))
-    else:
-        order = np.lexsort((means, visits))
-    return int(kids[order[-1]])
+    return int(kids[np.lexsort((means, visits))[-1]])
 
 
-def best_path(tree: Tree, final: FinalChoice, start: int = ROOT) -> list[int]:
-    """start..leaf by ``final``; a non-terminal leaf is completed with its best rollout, when it has one."""
+def most_visited_path(tree: Tree, start: int = ROOT) -> list[int]:
+    """start..leaf, each step to the most-visited child (Marco-o1's final path)."""
     path = [start]
     while tree.nodes["num_children"][path[-1]] > 0:
-        path.append(best_child(tree, path[-1], final))
-    leaf = path[-1]
-    rollouts = tree.rollouts(leaf)
-    if not tree.nodes["is_terminal"][leaf] and len(rollouts):
-        path.append(int(rollouts[np.argmax(tree.nodes["value_sum"][rollouts])]))
+        path.append(best_child(tree, path[-1]))
     return path
 
 
@@ -153,13 +237,6 @@ def best_root_value(tree: Tree) -> float:
     if not (visits > 0).any():
         return float("nan")
     return float((tree.nodes["value_sum"][kids][visits > 0] / visits[visits > 0]).max())
-
-
-def fully_explored(tree: Tree) -> bool:
-    """Every leaf of the searchable tree is terminal (so no expansion is possible anywhere)."""
-    n = tree.num_nodes
-    leaves = (tree.nodes["num_children"][:n] == 0) & (tree.nodes["kind"][:n] != NodeKind.ROLLOUT)
-    return bool(tree.nodes["is_terminal"][:n][leaves].all())
 
 
 def root_settled(tree: Tree, remaining_iterations: int) -> bool:

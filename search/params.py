@@ -89,8 +89,11 @@ class ValueKind(enum.Enum):
 
 
 class FinalChoice(enum.Enum):
-    MOST_VISITS = "most_visits"
-    BEST_VALUE = "best_value"
+    """How the answer is chosen from the finished lines of a tree (a line the model ended with an answer)."""
+
+    VOTE = "vote"  # the answer with the largest sum of line values; its best-valued line is the response
+    BEST_VALUE = "best_value"  # the best-valued finished line
+    MOST_VISITS = "most_visits"  # descend by visits (Marco-o1's rule); a leaf that is no finished line gives way
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,10 +128,15 @@ class MCTSParams:
     value: ValueKind = ValueKind.ROLLOUT_CONFIDENCE
     reflection: ReflectionPolicy = ReflectionPolicy()
     max_reflections: int = 1  # reflection nodes allowed on one path
-    final: FinalChoice = FinalChoice.MOST_VISITS
+    final: FinalChoice = FinalChoice.VOTE
     budget: Budget = Budget()
-    early_stop: bool = True  # stop once no remaining iteration can change the root's most-visited child
+    early_stop: bool = True  # most_visits only: stop once no remaining iteration can change the root's choice
     seed: int | None = None  # seeds each request (deterministic with a deterministic engine)
+    normalize_values: bool = True  # UCT sees values min-max normalised over the tree's values (as mctx does)
+    unanswered_value: float = 0.0  # the value of a line that ends without an answer (cut by a budget or limit)
+    widening: float = 0.0  # progressive widening: a node may have children + floor(widening * sqrt(visits))
+    max_width: int = 4  # children one node may get, widening included (a reflection child not counted)
+    dedup: bool = True  # an expansion's sample identical to a sibling is merged into it (its weight), not added
 
     def __post_init__(self):
         _require(isinstance(self.children, int) and self.children >= 1, "children", self.children, "k must be >= 1")
@@ -140,3 +148,8 @@ class MCTSParams:
         _require(self.temperature >= 0, "temperature", self.temperature, "must be >= 0")
         _require(0 < self.top_p <= 1, "top_p", self.top_p, "must lie in (0, 1]")
         _require(self.max_reflections >= 0, "max_reflections", self.max_reflections, "must be >= 0")
+        _require(math.isfinite(self.unanswered_value), "unanswered_value", self.unanswered_value, "must be finite")
+        _require(self.widening >= 0 and math.isfinite(self.widening), "widening", self.widening,
+                 "must be a finite number >= 0")
+        _require(isinstance(self.max_width, int) and self.max_width >= self.children, "max_width", self.max_width,
+                 f"must be an integer >= children ({self.children})")

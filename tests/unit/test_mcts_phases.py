@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from search import mcts
-from search.params import FinalChoice, ReflectionMode, ReflectionPolicy
+from search.params import ReflectionMode, ReflectionPolicy
 from search.protocol import ChunkBuilder, FinishReason
 from search.tree import ROOT, NodeKind, Tree
 
@@ -75,23 +75,24 @@ def test_backup_adds_visits_and_values_and_removes_virtual_loss():
     assert tree.nodes["virtual_loss"][:tree.num_nodes].tolist() == [0, 0, 0, 0]
 
 
-def test_best_path_by_visits_or_by_value_and_completed_by_rollout():
+def test_most_visited_path_descends_by_visits_then_value():
     tree = tree_with_children([6, 4], [3.0, 3.6])
-    assert mcts.best_path(tree, FinalChoice.MOST_VISITS) == [ROOT, 1]
-    rollout = tree.add_chunk(2, chunk([30, 31]), kind=NodeKind.ROLLOUT)
-    tree.nodes["value_sum"][rollout] = 0.9
-    assert mcts.best_path(tree, FinalChoice.BEST_VALUE) == [ROOT, 2, rollout]
+    assert mcts.most_visited_path(tree) == [ROOT, 1]
+    tie = tree_with_children([4, 4], [2.0, 3.6])
+    assert mcts.most_visited_path(tie) == [ROOT, 2]
 
 
 def test_tree_storage_is_columnar_and_paths_concatenate():
     tree = Tree([1, 2], max_children=2)
     a = tree.add_chunk(ROOT, chunk([5, 6]))
     b = tree.add_forced(a, [7, 8, 9])
-    for _ in range(100):  # growth keeps earlier data
-        tree.add_chunk(ROOT, chunk([1]), kind=NodeKind.ROLLOUT)
+    step = tree.add_chunk(ROOT, chunk([1]), kind=NodeKind.ROLLOUT)
+    for _ in range(99):  # growth keeps earlier data
+        step = tree.add_chunk(step, chunk([1]), kind=NodeKind.ROLLOUT)
     assert tree.prompt_for(b).tolist() == [1, 2, 5, 6, 7, 8, 9]
     assert tree.path(b) == [ROOT, a, b]
-    assert tree.children(ROOT).tolist() == [a]
+    assert tree.children(ROOT).tolist() == [a, b + 1]  # a rollout's step is a child like any other
+    assert tree.nodes["depth"][step] == 100
     assert tree.nodes["confidence"][a] == pytest.approx(0.5)
     assert math.isnan(tree.nodes["confidence"][b])
     assert tree.generated_tokens == 2 + 100
@@ -124,3 +125,83 @@ def test_root_settled():
     tree = tree_with_children([10, 3], [5.0, 1.0])
     assert mcts.root_settled(tree, remaining_iterations=6)
     assert not mcts.root_settled(tree, remaining_iterations=7)
+
+
+def test_a_valued_terminal_leaf_is_never_selected_again():
+    """Before: a finished leaf was the only choice while its sibling waited on the engine, and collected free
+    visits. Now it is exhausted, and selection waits."""
+    tree = tree_with_children([1, 0], [0.9, 0.0])
+    tree.nodes["is_terminal"][1] = True
+    mcts.refresh_exhausted(tree, 1, can_widen=lambda node: False)
+    tree.nodes["pending"][2] = True  # its rollout is in flight
+    assert tree.nodes["exhausted"][1] and not tree.nodes["exhausted"][ROOT]
+    assert mcts.select(tree, 1.414) is None
+    tree.nodes["pending"][2] = False
+    tree.nodes["is_terminal"][2] = True
+    tree.nodes["visits"][2] = 1
+    mcts.refresh_exhausted(tree, 2, can_widen=lambda node: False)
+    assert tree.nodes["exhausted"][ROOT]  # nothing left to expand: the search stops as EXHAUSTED
+    assert mcts.select(tree, 1.414) is None
+
+
+def test_normalised_values_let_uct_tell_close_lines_apart():
+    """Confidence values of 0.95 and 0.97 differ by 0.02 against an exploration term near 1: raw, the less
+    visited (worse) child wins; normalised over the tree's values, the better one does."""
+    tree = tree_with_children([10, 4], [9.7, 3.8])  # means 0.97 and 0.95
+    c = 0.5
+    raw = mcts.uct_scores(tree, ROOT, c)
+    assert raw[1] > raw[0]
+    bounds = (0.95, 0.97)
+    scores = mcts.uct_scores(tree, ROOT, c, bounds)
+    log_n = math.log(14)
+    assert scores == pytest.approx([1.0 + c * math.sqrt(log_n / 10), 0.0 + c * math.sqrt(log_n / 4)])
+    assert mcts.select(tree, c, bounds=bounds) == 1
+
+
+def test_widening_allows_more_children_with_visits_and_after_every_child_failed():
+    tree = tree_with_children([4, 5], [1.0, 1.0], root_visits=16)
+    assert mcts.allowed_width(tree, ROOT, children=2, widening=0.0, max_width=4) == 2
+    assert mcts.allowed_width(tree, ROOT, children=2, widening=0.5, max_width=4) == 4  # 2 + floor(0.5 * 4)
+    assert mcts.allowed_width(tree, ROOT, children=2, widening=0.5, max_width=3) == 3
+    tree.nodes["exhausted"][[1, 2]] = True
+    few = tree_with_children([1, 1], [0.0, 0.0], root_visits=2)
+    few.nodes["exhausted"][[1, 2]] = True
+    assert mcts.allowed_width(few, ROOT, children=2, widening=0.1, max_width=4) == 3  # retry a failed step
+    assert mcts.allowed_width(few, ROOT, children=2, widening=0.0, max_width=4) == 2
+
+
+def test_identical_samples_are_found_among_siblings():
+    tree = tree_with_children([1, 1], [0.5, 0.5])
+    assert mcts.find_sibling(tree, ROOT, np.array([11], dtype=np.int32)) == 2
+    assert mcts.find_sibling(tree, ROOT, np.array([11, 12], dtype=np.int32)) is None
+
+
+def test_a_rollout_splits_into_steps():
+    from search.params import Granularity
+
+    decode = {1: "a", 2: "\n", 3: "\n\n", 4: "b"}.__getitem__
+    tokens = np.array([1, 3, 4, 2, 2, 1, 4], dtype=np.int32)
+    assert mcts.split_points(tokens, Granularity("step", 256), decode) == [2, 5]  # "\n" + "\n" spans two tokens
+    assert mcts.split_points(tokens, Granularity("step", 2), decode) == [2, 4, 6]  # at most 2 tokens a step
+    assert mcts.split_points(tokens, Granularity("mini_step", 3), decode) == [3, 6]
+
+
+def _lines_tree():
+    """Three finished lines under the root: answers 7 (value 0.9), 8 (0.6) and 8 (0.5); the 0.5 line has the
+    most visits."""
+    tree = tree_with_children([1, 1, 3], [0.9, 0.6, 1.5])
+    tree.nodes["is_terminal"][1:4] = True
+    tree.nodes["finish_reason"][1:4] = FinishReason.EOS
+    return tree, {10: "<Output>7</Output>", 11: "<Output>8</Output>", 12: "<Output>8.0</Output>"}
+
+
+@pytest.mark.parametrize("rule, leaf", [("vote", 2), ("best_value", 1), ("most_visits", 3)])
+def test_final_answer_rules_over_every_finished_line(rule, leaf):
+    from search import final
+    from search.params import FinalChoice
+
+    tree, texts = _lines_tree()
+    lines = final.finished_lines(tree, lambda ids: "".join(texts[i] for i in ids))
+    assert [line.key for line in lines] == ["7", "8", "8"]
+    # vote: 8 has 0.6 + 0.5 > 0.9, and its best-valued line is node 2
+    assert final.choose(tree, lines, FinalChoice(rule)).leaf == leaf

@@ -1,6 +1,7 @@
 """The asynchronous MCTS driver and the baselines against the SIMULATED engine (no model)."""
 
 import asyncio
+import dataclasses
 import itertools
 
 import numpy as np
@@ -63,13 +64,15 @@ def test_iteration_budget_is_exact(iterations, parallel):
 
 @pytest.mark.parametrize("tokens, granularity", list(itertools.product([1, 5, 17, 64, 200], ["step", "mini_step:4"])))
 def test_token_budget_is_never_exceeded(tokens, granularity):
+    path = 40
     result = search(budget=Budget(iterations=1000, tokens=tokens), granularity=Granularity.parse(granularity),
-                    children=3, parallel=4, early_stop=False)
-    assert result.stats.generated_tokens <= tokens
-    assert result.tree.generated_tokens == result.stats.generated_tokens
+                    children=3, parallel=4, early_stop=False, max_path_tokens=path)
+    stats = result.stats
+    assert stats.generated_tokens <= tokens
+    assert result.tree.generated_tokens + stats.duplicate_tokens == stats.generated_tokens
     if tokens >= 64:
         assert result.stop_reason is StopReason.TOKENS
-        assert result.stats.generated_tokens > tokens - 3 * 16  # it spends the budget, it does not stop early
+        assert stats.generated_tokens > tokens - path  # it spends the budget, it does not stop early
 
 
 def test_wall_clock_budget_cancels_in_flight_requests():
@@ -128,7 +131,7 @@ def test_chunk_confidence_value_runs_no_rollouts():
     engine = SimulatedEngine(TOK, seed=2)
     result = search(engine, value=ValueKind.CHUNK_CONFIDENCE)
     assert not (result.tree.nodes["kind"][: result.tree.num_nodes] == NodeKind.ROLLOUT).any()
-    assert all(r.n == 2 for r in engine.requests)
+    assert all("\n\n" in r.stop for r in engine.requests)  # expansions only: a rollout has no step stop
 
 
 def test_answer_check_value_rewards_the_reference():
@@ -251,21 +254,60 @@ def test_progress_is_reported_after_every_iteration():
     assert all(0 < v <= 1 for _, v in seen)
 
 
-def test_a_budget_cut_line_gives_way_to_the_best_finished_line():
-    """When the token budget cuts the chosen line's rollout short (no </Output>), the answer comes from the
-    highest-valued line the model did finish, rather than no answer (or half of one)."""
-    from search import mcts
-    from search.params import FinalChoice
+def test_a_line_the_budget_cannot_finish_is_not_started_and_unanswered_lines_are_worth_zero():
+    """A rollout starts only when the budget can take it to the path limit; a line cut by a limit is worth
+    ``unanswered_value``."""
+    engine = SimulatedEngine(TOK, seed=2, steps=4)
+    search(engine, budget=Budget(iterations=100, tokens=150), max_path_tokens=60, early_stop=False)
+    assert any(r.n == 1 and "\n\n" not in r.stop for r in engine.requests)
+    for request in engine.requests:
+        if request.n == 1 and "\n\n" not in request.stop:  # a rollout
+            assert request.max_tokens == 60 - (len(request.prompt_token_ids) - len(PROMPT))
+    never = search(SimulatedEngine(TOK, seed=2, steps=50), budget=Budget(iterations=12), max_path_tokens=30,
+                   early_stop=False)  # 50 steps never fit in 30 tokens: no line is finished
+    tree = never.tree
+    assert never.answer is None and tree.nodes["visits"][0] > 0
+    assert tree.nodes["value_sum"][: tree.num_nodes].max() == 0.0
 
-    def finished(tree, node):
-        return "</Output>" in TOK.decode(tree.path_token_ids(node).tolist())
 
-    cut = 0
-    for seed in range(20):
-        result = search(SimulatedEngine(TOK, seed=seed, steps=4), seed=seed, parallel=4, early_stop=False,
-                        budget=Budget(iterations=100, tokens=120))
-        tree = result.tree
-        if any(finished(tree, n) for n in range(1, tree.num_nodes)):
-            assert result.answer == "42" and "</Output>" in result.response, f"seed {seed}"
-            cut += not finished(tree, mcts.best_path(tree, FinalChoice.MOST_VISITS)[-1])
-    assert cut >= 5  # the most-visited line really is cut short in this setup
+def test_finished_leaves_get_one_visit_and_a_small_tree_ends_exhausted():
+    """A terminal leaf is valued once and never selected again (before: dozens of free visits while other leaves
+    waited on the engine, and a SETTLED stop)."""
+    result = search(SimulatedEngine(TOK, seed=1, steps=1), budget=Budget(iterations=500), parallel=4,
+                    early_stop=False, max_depth=3)
+    tree = result.tree
+    terminal = tree.nodes["is_terminal"][: tree.num_nodes]
+    assert (tree.nodes["visits"][: tree.num_nodes][terminal] <= 1).all()
+    assert result.stop_reason is StopReason.EXHAUSTED and result.stats.iterations < 500
+
+
+def test_identical_samples_merge_into_one_child_with_a_weight():
+    class Echo(SimulatedEngine):
+        """Every sample of a request is the same (as temperature 0 would make them)."""
+
+        async def generate(self, request):
+            chunks = await super().generate(dataclasses.replace(request, n=1))
+            return chunks * request.n
+
+    result = search(Echo(TOK, seed=3, steps=2), children=3, budget=Budget(iterations=6), early_stop=False)
+    tree = result.tree
+    first = int(tree.children(ROOT)[0])
+    assert tree.nodes["weight"][first] >= 3  # the first expansion's three samples are one child
+    assert result.stats.duplicate_tokens >= 2 * len(tree.node_token_ids(first))
+    for node in range(tree.num_nodes):
+        texts = [tree.node_token_ids(int(k)).tobytes() for k in tree.children(node)]
+        assert len(texts) == len(set(texts))  # no two siblings are the same sample
+
+
+def test_a_rollouts_steps_are_nodes_that_later_iterations_branch_from():
+    result = search(SimulatedEngine(TOK, seed=5, steps=4), budget=Budget(iterations=30), early_stop=False)
+    tree = result.tree
+    kinds = tree.nodes["kind"][: tree.num_nodes]
+    rollout_steps = np.flatnonzero(kinds == NodeKind.ROLLOUT)
+    assert len(rollout_steps) > 0
+    parents_of_steps = set(tree.nodes["parent"][rollout_steps].tolist())
+    assert any(tree.nodes["kind"][p] == NodeKind.ROLLOUT for p in parents_of_steps)  # chains of steps
+    branched = [int(n) for n in rollout_steps if (kinds[tree.children(int(n))] == NodeKind.CHUNK).any()]
+    assert branched, "no later iteration expanded a rollout's step"
+    for node in np.flatnonzero(tree.nodes["is_terminal"][: tree.num_nodes]):
+        assert tree.nodes["num_children"][node] == 0

@@ -1,0 +1,72 @@
+"""The answer of a search: a rule over every finished line of the tree.
+
+A finished line is a path from the root to a terminal leaf that the model itself ended (end of ``<Output>`` or
+EOS) with an answer; its value is the leaf's (each terminal leaf is valued once). Rules (``FinalChoice``):
+``vote`` sums the values of the lines per (normalised) answer and takes the largest sum; ``best_value`` takes the
+best-valued line; ``most_visits`` descends by visits, as Marco-o1 does, and gives way to the best-valued line when
+that descent ends at no finished line. The response is the best-valued line that gives the chosen answer.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from search.mcts import most_visited_path
+from search.params import FinalChoice
+from search.prompts import OUTPUT_END, extract_answer, normalize_answer
+from search.protocol import FinishReason
+from search.tree import Tree
+
+
+@dataclass(frozen=True, slots=True)
+class Line:
+    leaf: int
+    response: str
+    answer: str  # as written in <Output>
+    key: str  # the normalised answer (what votes and comparisons use)
+    value: float
+
+
+def ends_by_model(tree: Tree, node: int, response: str) -> bool:
+    """The line ends because the model finished its answer (not because a budget or limit cut it)."""
+    return OUTPUT_END in response or tree.nodes["finish_reason"][node] == FinishReason.EOS
+
+
+def finished_lines(tree: Tree, decode: Callable[[Sequence[int]], str]) -> list[Line]:
+    """Every finished line of the tree, in leaf-id order."""
+    n, lines = tree.nodes, []
+    for leaf in range(1, tree.num_nodes):
+        if not n["is_terminal"][leaf] or n["num_children"][leaf] or n["visits"][leaf] == 0:
+            continue
+        response = decode(tree.path_token_ids(leaf).tolist())
+        answer = extract_answer(response)
+        if answer is not None and ends_by_model(tree, leaf, response):
+            lines.append(Line(leaf, response, answer, normalize_answer(answer), tree.mean_value(leaf)))
+    return lines
+
+
+def _best(lines: list[Line]) -> Line:
+    return max(lines, key=lambda line: (np.nan_to_num(line.value, nan=-np.inf), -line.leaf))
+
+
+def choose(tree: Tree, lines: list[Line], rule: FinalChoice) -> Line | None:
+    """The line ``rule`` picks among ``lines`` (None when there is no finished line)."""
+    if not lines:
+        return None
+    if rule is FinalChoice.VOTE:
+        weight: dict[str, float] = collections.defaultdict(float)
+        for line in lines:
+            weight[line.key] += max(float(np.nan_to_num(line.value, nan=0.0)), 0.0)
+        count = collections.Counter(line.key for line in lines)
+        winner = max(weight, key=lambda key: (weight[key], count[key]))
+        return _best([line for line in lines if line.key == winner])
+    if rule is FinalChoice.MOST_VISITS:
+        leaf = most_visited_path(tree)[-1]
+        for line in lines:
+            if line.leaf == leaf:
+                return line
+    return _best(lines)
