@@ -71,12 +71,24 @@ class SearchConfig(_Strict):
     value: ValueKind = Field(DEFAULTS.value, description="How a state is valued.")
     reflection: str = Field(str(DEFAULTS.reflection), description="off | always | below:<value> | wrong_answer.")
     max_reflections: int = Field(DEFAULTS.max_reflections, description="Reflections allowed on one path.")
-    final: FinalChoice = Field(DEFAULTS.final, description="How the answer path is chosen.")
+    final: FinalChoice = Field(DEFAULTS.final, description="How the answer is chosen from the tree's finished "
+                               "lines: vote (value-weighted vote over their answers), best_value, most_visits.")
+    normalize_values: bool = Field(DEFAULTS.normalize_values, description="Min-max normalise values over the tree "
+                                   "before UCT (confidence values of one problem differ by hundredths).")
+    unanswered_value: float = Field(DEFAULTS.unanswered_value, description="Value of a line that ends without an "
+                                    "answer (cut by the path or depth limit).")
+    widening: float = Field(DEFAULTS.widening, description="Progressive widening: a visited node may have children "
+                            "+ floor(widening * sqrt(visits)) children, and one more once all its children failed; "
+                            "0 turns it off.")
+    max_width: int = Field(DEFAULTS.max_width, description="Most generated children of one node, widening included.")
+    dedup: bool = Field(DEFAULTS.dedup, description="Merge a sample identical to a sibling into it (a weight) "
+                        "instead of adding a second node.")
     iterations: int = Field(DEFAULTS.budget.iterations, description="Iteration budget per tree.")
     budget_tokens: int | None = Field(DEFAULTS.budget.tokens,
                                       description="Generated-token budget per tree (never exceeded).")
     budget_seconds: float | None = Field(DEFAULTS.budget.seconds, description="Wall-clock budget per tree.")
-    early_stop: bool = Field(DEFAULTS.early_stop, description="Stop once the root's most-visited child is settled.")
+    early_stop: bool = Field(DEFAULTS.early_stop, description="final: most_visits only: stop once the root's "
+                             "most-visited child is settled.")
     seed: int | None = Field(DEFAULTS.seed, description="Seed requests for reproducible searches.")
     system_prompt: str = Field(DEFAULT_SYSTEM_PROMPT, description="System message of the ChatML prompt.")
 
@@ -95,7 +107,8 @@ class SearchConfig(_Strict):
             top_p=self.top_p, value=self.value, reflection=ReflectionPolicy.parse(self.reflection),
             max_reflections=self.max_reflections, final=self.final,
             budget=Budget(self.iterations, self.budget_tokens, self.budget_seconds), early_stop=self.early_stop,
-            seed=self.seed)
+            seed=self.seed, normalize_values=self.normalize_values, unanswered_value=self.unanswered_value,
+            widening=self.widening, max_width=self.max_width, dedup=self.dedup)
 
 
 class BuildConfig(_Strict):

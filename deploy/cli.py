@@ -44,6 +44,10 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--input", required=True, help="problems with answers: JSONL or Parquet")
     ev.add_argument("--strategies", default=",".join(EVAL_STRATEGIES),
                     help=f"comma-separated, from {', '.join(STRATEGIES)}")
+    ev.add_argument("--budgets", help="comma-separated token budgets (e.g. 512,1024,2048): every strategy runs at "
+                                      "each, and a plot of accuracy against tokens is written")
+    ev.add_argument("--plot", default="eval-accuracy", metavar="PREFIX",
+                    help="with --budgets: write the plot to PREFIX.png and PREFIX.svg (default eval-accuracy)")
     ev.add_argument("--limit", type=int, help="evaluate only the first N problems")
     ev.add_argument("--concurrency", type=int, default=64, help="problems searched at once")
     ev.add_argument("--json", action="store_true", help="print one JSON line per strategy instead of a table")
@@ -86,27 +90,30 @@ def cmd_make_problems(args) -> int:
 
 def cmd_eval(args) -> int:
     from dataset.problems import read_problems
-    from deploy.evaluate import EvalError, format_markdown, format_table, parse_strategies, report_json, run_eval
+    from deploy.evaluate import (EvalError, format_markdown, format_table, parse_budgets, parse_strategies, plot,
+                                 report_json, run_eval)
 
     config = load(args)
     try:
         strategies = parse_strategies(args.strategies)
-        budget = args.budget_tokens or config.search.budget_tokens
-        if budget is None:
-            raise EvalError("--budget-tokens is required (or search.budget_tokens in the config)")
+        budgets = parse_budgets(args.budgets) if args.budgets else [args.budget_tokens or config.search.budget_tokens]
+        if budgets[0] is None:
+            raise EvalError("--budget-tokens or --budgets is required (or search.budget_tokens in the config)")
         problems, errors = read_problems(args.input)
         for error in errors:
             print(f"forest eval: skipped {error.problem_id}: {error.message}", file=sys.stderr)
         on_report = (lambda r: print(report_json(r), flush=True)) if args.json else None
-        reports = run_eval(config, problems[:args.limit], strategies, budget_tokens=budget,
-                           concurrency=args.concurrency, on_report=on_report)
+        reports = run_eval(config, problems[:args.limit], strategies, budgets=budgets, concurrency=args.concurrency,
+                           on_report=on_report)
     except EvalError as exc:
         print(f"forest eval: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if not args.json:
-        print(f"{reports[0].problems} problems from {args.input}, "
-              f"budget {budget} generated tokens per problem, model {config.engine.model}")
+        print(f"{reports[0].problems} problems from {args.input}, budgets {budgets} generated tokens per problem, "
+              f"model {config.engine.model} ({config.engine.dtype})")
         print(format_markdown(reports) if args.markdown else format_table(reports))
+    if args.budgets:
+        print("plot: " + ", ".join(plot(reports, args.plot)), file=sys.stderr if args.json else sys.stdout)
     return 0
 
 

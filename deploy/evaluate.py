@@ -1,16 +1,19 @@
-"""``forest eval``: search strategies compared on problems with known answers, at one token budget.
+"""``forest eval``: search strategies compared on problems with known answers, at one or more token budgets.
 
-Every strategy gets the same generated-token budget per problem (``--budget-tokens``) and the same longest path
-(``search.max_path_tokens``): the sampling baselines draw ``budget // max_path_tokens`` samples, MCTS stops when
-its budget is spent (or earlier, once its answer is settled). Greedy draws one sample whatever the budget.
-Reported per strategy: accuracy with a 95% Wilson interval, mean generated tokens, wall time for the whole set, and
-the AUROC of the chosen answer's value (its confidence) as a predictor of being right.
+Every strategy gets the same generated-token budget per problem and the same longest path
+(``search.max_path_tokens``): the sampling baselines keep drawing samples until the next would not fit, MCTS stops
+when its budget is spent or its tree is exhausted. Greedy draws one sample whatever the budget.
+Reported per strategy and budget: accuracy with a 95% Wilson interval, mean generated tokens, wall time for the
+whole set, the AUROC of the chosen answer's value as a predictor of being right, and two oracle figures: pass@tree
+(a correct finished line exists in the tree or among the samples) and, for MCTS, the accuracy each final-answer
+rule would have had on the same trees. ``plot`` draws accuracy against mean tokens.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -20,7 +23,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from cluster.config import ForestConfig
-from search.params import Budget, MCTSParams
+from search import final
+from search.params import Budget, FinalChoice, MCTSParams
 from search.prompts import answers_match, prompt_token_ids
 from search.strategies import STRATEGIES, Strategy
 
@@ -41,6 +45,16 @@ def parse_strategies(text: str) -> list[str]:
     if unknown or not names:
         raise EvalError(f"--strategies: unknown {unknown or text!r}; choose from {', '.join(STRATEGIES)}")
     return names
+
+
+def parse_budgets(text: str) -> list[int]:
+    try:
+        budgets = [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        raise EvalError(f"--budgets: expected comma-separated token counts, got {text!r}") from None
+    if not budgets or min(budgets) < 1:
+        raise EvalError(f"--budgets: expected positive token counts, got {text!r}")
+    return budgets
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -85,6 +99,8 @@ class StrategyReport:
     wall_seconds: float
     auroc: float | None
     budget_tokens: int
+    pass_at_tree: float  # share of problems whose tree holds a correct finished line (an oracle's accuracy)
+    rule_accuracy: dict[str, float] | None = None  # MCTS: the accuracy each final-answer rule would have had
 
     def row(self) -> dict:
         return dataclasses.asdict(self)
@@ -99,8 +115,9 @@ def eval_params(config: ForestConfig, strategy: Strategy, budget_tokens: int, se
 
 
 async def evaluate_strategy(name: str, problems: list[Problem], pool: WorkerPool, tokenizer, config: ForestConfig,
-                            *, budget_tokens: int, concurrency: int) -> StrategyReport:
-    """Solve every problem with one strategy, ``concurrency`` searches at a time, on the pool's workers."""
+                            *, budget_tokens: int, concurrency: int, on_problem=None) -> StrategyReport:
+    """Solve every problem with one strategy, ``concurrency`` searches at a time, on the pool's workers;
+    ``on_problem(result)`` after each one."""
     strategy = STRATEGIES[name]
     gate = asyncio.Semaphore(concurrency)
     prompts = [prompt_token_ids(tokenizer, p.question, system_prompt=config.search.system_prompt) for p in problems]
@@ -108,22 +125,39 @@ async def evaluate_strategy(name: str, problems: list[Problem], pool: WorkerPool
     async def one(index: int):
         async with gate:
             params = eval_params(config, strategy, budget_tokens, seed=index)
-            return await pool.search(strategy, tokenizer, prompts[index], params)
+            result = await pool.search(strategy, tokenizer, prompts[index], params)
+        if on_problem:
+            on_problem(result)
+        return result
 
     start = time.monotonic()
     results = await asyncio.gather(*(one(i) for i in range(len(problems))))
     wall = time.monotonic() - start
     right = [answers_match(r.answer, p.answer) for r, p in zip(results, problems, strict=True)]
     low, high = wilson_interval(sum(right), len(problems))
+    lines = [final.finished_lines(r.tree, tokenizer.decode) for r in results]
+    in_tree = [any(answers_match(line.answer, p.answer) for line in ls) for ls, p in zip(lines, problems, strict=True)]
+    rules = None
+    if strategy.search is STRATEGIES["mcts"].search:
+        rules = {rule.value: float(np.mean([answers_match(_answer(r.tree, ls, rule), p.answer)
+                                            for r, ls, p in zip(results, lines, problems, strict=True)]))
+                 for rule in FinalChoice}
     return StrategyReport(name, len(problems), sum(right), sum(right) / len(problems), low, high,
                           float(np.mean([r.stats.generated_tokens for r in results])), wall,
-                          auroc([r.value for r in results], right), budget_tokens)
+                          auroc([r.value for r in results], right), budget_tokens, float(np.mean(in_tree)), rules)
 
 
-def run_eval(config: ForestConfig, problems: list[Problem], strategies: list[str], *, budget_tokens: int,
+def _answer(tree, lines, rule: FinalChoice) -> str | None:
+    line = final.choose(tree, lines, rule)
+    return None if line is None else line.answer
+
+
+def run_eval(config: ForestConfig, problems: list[Problem], strategies: list[str], *, budgets: list[int],
              concurrency: int = 64, on_report=None) -> list[StrategyReport]:
-    """Start the workers once, then evaluate each strategy in turn (one at a time, so wall times compare)."""
+    """Start the workers once, then evaluate each strategy at each budget in turn (one at a time, so wall times
+    compare), with a progress bar (or a log line every few seconds) per run."""
     from actors.pool import open_pool
+    from deploy.progress import Progress
 
     missing = [p.problem_id for p in problems if p.answer is None]
     if missing:
@@ -131,42 +165,94 @@ def run_eval(config: ForestConfig, problems: list[Problem], strategies: list[str
                         + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
     if not problems:
         raise EvalError("no problems to evaluate")
-    if budget_tokens < config.search.max_path_tokens:
-        raise EvalError(f"--budget-tokens {budget_tokens} is below search.max_path_tokens "
+    if not budgets or min(budgets) < config.search.max_path_tokens:
+        raise EvalError(f"every budget ({budgets}) must be at least search.max_path_tokens "
                         f"({config.search.max_path_tokens}): no strategy could finish one path")
     with open_pool(config) as pool:
 
         async def go():
             workers = pool.worker_pool()
             reports = []
-            for strategy in strategies:
-                report = await evaluate_strategy(strategy, problems, workers, pool.tokenizer, pool.config,
-                                                 budget_tokens=budget_tokens, concurrency=concurrency)
-                if on_report:
-                    on_report(report)
-                reports.append(report)
+            for budget in budgets:
+                for strategy in strategies:
+                    progress = Progress(len(problems), label=f"eval {strategy} @ {budget} tokens", unit="problem")
+                    try:
+                        report = await evaluate_strategy(
+                            strategy, problems, workers, pool.tokenizer, pool.config, budget_tokens=budget,
+                            concurrency=concurrency,
+                            on_problem=functools.partial(_count, progress))
+                    finally:
+                        progress.close()
+                    if on_report:
+                        on_report(report)
+                    reports.append(report)
             return reports
 
         return asyncio.run(go())
 
 
+def _count(progress, result) -> None:
+    progress.update(ok=True, tokens=result.stats.generated_tokens)
+
+
+def plot(reports: list[StrategyReport], path_prefix: str) -> list[str]:
+    """Accuracy (with its 95% interval) against mean generated tokens, one line per strategy, plus each MCTS
+    strategy's pass@tree as a dotted line; writes ``PREFIX.png`` and ``PREFIX.svg`` and returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7.5, 4.8))
+    for name in dict.fromkeys(r.strategy for r in reports):
+        rows = sorted((r for r in reports if r.strategy == name), key=lambda r: r.mean_tokens)
+        x = [r.mean_tokens for r in rows]
+        y = [100 * r.accuracy for r in rows]
+        err = [[100 * (r.accuracy - r.ci_low) for r in rows], [100 * (r.ci_high - r.accuracy) for r in rows]]
+        line = axes.errorbar(x, y, yerr=err, marker="o", capsize=3, label=name)
+        if rows[0].rule_accuracy is not None:
+            axes.plot(x, [100 * r.pass_at_tree for r in rows], linestyle=":", color=line.lines[0].get_color(),
+                      label=f"{name}: pass@tree (oracle)")
+    axes.set_xlabel("mean generated tokens per problem")
+    axes.set_ylabel("accuracy (%), 95% Wilson interval")
+    axes.set_title(f"{reports[0].problems} problems, budgets {sorted({r.budget_tokens for r in reports})}")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7, loc="best")
+    figure.tight_layout()
+    paths = [f"{path_prefix}.png", f"{path_prefix}.svg"]
+    for path in paths:
+        figure.savefig(path, dpi=150)
+    plt.close(figure)
+    return paths
+
+
+def _rules(r: StrategyReport) -> str:
+    if r.rule_accuracy is None:
+        return "-"
+    return " / ".join(f"{100 * r.rule_accuracy[rule.value]:.1f}" for rule in FinalChoice)
+
+
 def format_table(reports: list[StrategyReport]) -> str:
-    lines = [f"{'strategy':<18} {'accuracy':>8}  {'95% CI':<13} {'tokens':>7} {'wall s':>7} {'AUROC':>6}"]
+    lines = [f"{'strategy':<18} {'budget':>6} {'accuracy':>8}  {'95% CI':<13} {'tokens':>7} {'wall s':>7} "
+             f"{'AUROC':>6} {'pass@tree':>9}  rules ({' / '.join(rule.value for rule in FinalChoice)})"]
     for r in reports:
         auc = "n/a" if r.auroc is None else f"{r.auroc:.3f}"
-        lines.append(f"{r.strategy:<18} {100 * r.accuracy:>7.1f}%  {100 * r.ci_low:>5.1f}-{100 * r.ci_high:<5.1f}% "
-                     f"{r.mean_tokens:>7.1f} {r.wall_seconds:>7.1f} {auc:>6}")
+        lines.append(f"{r.strategy:<18} {r.budget_tokens:>6} {100 * r.accuracy:>7.1f}%  "
+                     f"{100 * r.ci_low:>5.1f}-{100 * r.ci_high:<5.1f}% {r.mean_tokens:>7.1f} {r.wall_seconds:>7.1f} "
+                     f"{auc:>6} {100 * r.pass_at_tree:>8.1f}%  {_rules(r)}")
     return "\n".join(lines)
 
 
 def format_markdown(reports: list[StrategyReport]) -> str:
-    lines = ["| strategy | accuracy | 95% CI | mean generated tokens | wall time (s) | confidence AUROC |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    rules = " / ".join(rule.value for rule in FinalChoice)
+    lines = [f"| strategy | budget | accuracy | 95% CI | mean generated tokens | wall time (s) | value AUROC | "
+             f"pass@tree | accuracy by final rule ({rules}) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in reports:
         auc = "n/a" if r.auroc is None else f"{r.auroc:.3f}"
-        lines.append(f"| {r.strategy} | {100 * r.accuracy:.1f}% ({r.correct}/{r.problems}) | "
+        lines.append(f"| {r.strategy} | {r.budget_tokens} | {100 * r.accuracy:.1f}% ({r.correct}/{r.problems}) | "
                      f"{100 * r.ci_low:.1f}-{100 * r.ci_high:.1f}% | {r.mean_tokens:.1f} | {r.wall_seconds:.1f} | "
-                     f"{auc} |")
+                     f"{auc} | {100 * r.pass_at_tree:.1f}% | {_rules(r)} |")
     return "\n".join(lines)
 
 

@@ -36,6 +36,9 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget-tokens", type=int, dest="budget_tokens",
                    help="generated-token budget per tree, never exceeded (search.budget_tokens)")
     p.add_argument("--reflection", help="off | always | below:<value> | wrong_answer (search.reflection)")
+    p.add_argument("--temperature", type=float, help="sampling temperature of every sampling strategy "
+                                                      "(search.temperature)")
+    p.add_argument("--exploration", type=float, help="UCT exploration constant (search.exploration)")
 
 
 def add_build_flags(p: argparse.ArgumentParser) -> None:
@@ -51,6 +54,7 @@ def overrides(args: argparse.Namespace) -> dict:
     return {"engine.model": args.model, "workers": args.workers, "search.iterations": args.iterations,
             "search.granularity": args.granularity, "search.max_path_tokens": args.max_path_tokens,
             "search.budget_tokens": args.budget_tokens, "search.reflection": args.reflection,
+            "search.temperature": args.temperature, "search.exploration": args.exploration,
             "build.input": getattr(args, "input", None), "build.output": getattr(args, "output", None),
             "build.managers": getattr(args, "managers", None), "build.limit": getattr(args, "limit", None),
             "serve.host": getattr(args, "host", None), "serve.port": getattr(args, "port", None)}

@@ -8,17 +8,20 @@ import time
 
 log = logging.getLogger("forest.progress")
 
+LOG_INTERVAL_SECONDS = 10.0  # without a terminal, a progress line at most this often
+
 
 class Progress:
-    def __init__(self, total: int, *, label: str, interval_s: float = 10.0, stream=None):
-        self.total, self.label, self.interval_s = total, label, interval_s
+    def __init__(self, total: int, *, label: str, interval_s: float = LOG_INTERVAL_SECONDS, stream=None,
+                 unit: str = "tree"):
+        self.total, self.label, self.interval_s, self.unit = total, label, interval_s, unit
         self.stream = stream or sys.stderr
         self.done = self.failed = self.tokens = 0
         self.start = self._last = time.monotonic()
         self.bar = None
         if self.stream.isatty():
             from tqdm import tqdm
-            self.bar = tqdm(total=total, desc=label, unit="tree", file=self.stream, dynamic_ncols=True)
+            self.bar = tqdm(total=total, desc=label, unit=unit, file=self.stream, dynamic_ncols=True)
 
     def update(self, *, ok: bool, tokens: int) -> None:
         self.done += 1

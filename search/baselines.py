@@ -1,7 +1,8 @@
 """Baselines in the same framework as the tree search: same engine protocol, same token accounting.
 
-Each samples complete responses (at most ``params.max_path_tokens`` each, within ``params.budget.tokens``) as
-children of a one-level tree and picks one:
+Each samples complete responses (at most ``params.max_path_tokens`` each) as children of a one-level tree and
+picks one. The sampling baselines spend the token budget as the tree search does: they keep drawing samples
+until the next one would not fit.
 greedy chain-of-thought (temperature 0, one sample), best-of-N (highest mean token confidence),
 self-consistency (majority vote of extracted answers; ties go to the more confident answer).
 """
@@ -13,40 +14,53 @@ import time
 
 import numpy as np
 
-from search.driver import ProgressCallback, SearchResult, SearchStats, StopReason
+from search.driver import SEED_STRIDE, ProgressCallback, SearchResult, SearchStats, StopReason
 from search.params import ConfigError, MCTSParams
 from search.prompts import OUTPUT_END, extract_answer, normalize_answer
 from search.protocol import Engine, GenerationRequest, Tokenizer
 from search.tree import ROOT, Tree
 
+MAX_SAMPLES = 256  # samples one baseline draws at most (its tree's width)
 
-def _samples(params: MCTSParams) -> int:
-    """N for the sampling baselines: as many whole paths as the token budget affords (at least one)."""
-    if params.budget.tokens is None:
+
+async def _sample(engine: Engine, prompt_token_ids, params: MCTSParams, *, temperature: float, top_p: float,
+                  seed: int | None, request_id: str, on_progress: ProgressCallback | None,
+                  spend_budget: bool) -> tuple[Tree, SearchStats]:
+    """Sample whole responses as children of the root: one, or (``spend_budget``) as many as the token budget
+    affords, in rounds of ``budget_left // max_path_tokens`` samples until the next sample would not fit."""
+    if spend_budget and params.budget.tokens is None:
         raise ConfigError("budget_tokens", None, "best-of-N and self-consistency size N from the token budget")
-    return max(1, params.budget.tokens // params.max_path_tokens)
-
-
-async def _sample(engine: Engine, prompt_token_ids, params: MCTSParams, *, n: int, temperature: float,
-                  top_p: float, seed: int | None, request_id: str,
-                  on_progress: ProgressCallback | None) -> tuple[Tree, SearchStats]:
-    max_tokens = params.max_path_tokens
-    if params.budget.tokens is not None:
-        max_tokens = min(max_tokens, params.budget.tokens // n)
-    if n < 1 or max_tokens < 1:
-        raise ValueError(f"n={n}, max_tokens={max_tokens}: need n >= 1 and a token budget of at least n")
     start = time.monotonic()
-    tree = Tree(prompt_token_ids, max_children=n)
-    request = GenerationRequest(np.asarray(prompt_token_ids, dtype=np.int32), max_tokens=max_tokens, n=n,
-                                temperature=temperature, top_p=top_p, seed=seed, stop=(OUTPUT_END,),
-                                request_id=request_id)
-    chunks = await engine.generate(request)
-    for chunk in chunks:
-        tree.nodes["is_terminal"][tree.add_chunk(ROOT, chunk)] = True
-    stats = SearchStats(iterations=1, generated_tokens=sum(len(c) for c in chunks),
-                        prompt_tokens=len(request.prompt_token_ids), requests=1,
-                        cached_prompt_tokens=chunks[0].num_cached_tokens if chunks else 0,
-                        seconds=time.monotonic() - start)
+    prompt = np.asarray(prompt_token_ids, dtype=np.int32)
+    tree = Tree(prompt, max_children=MAX_SAMPLES)
+    stats = SearchStats()
+    left = params.budget.tokens
+    while True:
+        n = 1 if left is None else left // params.max_path_tokens
+        if stats.requests == 0:  # the first round always runs, within the budget
+            n = max(n, 1) if spend_budget else 1
+        n = min(n, MAX_SAMPLES - tree.num_nodes + 1)
+        if n < 1:
+            break
+        max_tokens = params.max_path_tokens if left is None else min(params.max_path_tokens, left // n)
+        if max_tokens < 1:
+            raise ValueError(f"budget_tokens={params.budget.tokens}: need a token budget of at least one token")
+        round_seed = None if seed is None else seed * SEED_STRIDE + stats.requests
+        request = GenerationRequest(prompt, max_tokens=max_tokens, n=n, temperature=temperature, top_p=top_p,
+                                    seed=round_seed, stop=(OUTPUT_END,), request_id=f"{request_id}-{stats.requests}")
+        chunks = await engine.generate(request)
+        for chunk in chunks:
+            tree.nodes["is_terminal"][tree.add_chunk(ROOT, chunk)] = True
+        generated = sum(len(c) for c in chunks)
+        stats.requests += 1
+        stats.generated_tokens += generated
+        stats.prompt_tokens += len(prompt)
+        stats.cached_prompt_tokens += chunks[0].num_cached_tokens if chunks else 0
+        stats.iterations += 1
+        if not spend_budget:
+            break
+        left -= generated
+    stats.seconds = time.monotonic() - start
     if on_progress is not None:
         on_progress(stats, float(np.nanmax(tree.nodes["confidence"][tree.children(ROOT)], initial=np.nan)))
     return tree, stats
@@ -69,26 +83,26 @@ async def greedy(engine: Engine, tokenizer: Tokenizer, prompt_token_ids, params:
                  reference: str | None = None, request_prefix: str = "",
                  on_progress: ProgressCallback | None = None) -> SearchResult:
     """One sample at temperature 0 (``params.seed``, ``temperature`` and ``top_p`` do not apply)."""
-    tree, stats = await _sample(engine, prompt_token_ids, params, n=1, temperature=0.0, top_p=1.0, seed=None,
-                                request_id=f"{request_prefix}greedy", on_progress=on_progress)
+    tree, stats = await _sample(engine, prompt_token_ids, params, temperature=0.0, top_p=1.0, seed=None,
+                                request_id=f"{request_prefix}greedy", on_progress=on_progress, spend_budget=False)
     return _result(tree, 1, stats, tokenizer)
 
 
 async def best_of_n(engine: Engine, tokenizer: Tokenizer, prompt_token_ids, params: MCTSParams, *,
                     reference: str | None = None, request_prefix: str = "",
                     on_progress: ProgressCallback | None = None) -> SearchResult:
-    tree, stats = await _sample(engine, prompt_token_ids, params, n=_samples(params), temperature=params.temperature,
-                                top_p=params.top_p, seed=params.seed, request_id=f"{request_prefix}best_of_n",
-                                on_progress=on_progress)
+    tree, stats = await _sample(engine, prompt_token_ids, params, temperature=params.temperature, top_p=params.top_p,
+                                seed=params.seed, request_id=f"{request_prefix}best_of_n", on_progress=on_progress,
+                                spend_budget=True)
     return _result(tree, _most_confident(tree), stats, tokenizer)
 
 
 async def self_consistency(engine: Engine, tokenizer: Tokenizer, prompt_token_ids, params: MCTSParams, *,
                            reference: str | None = None, request_prefix: str = "",
                            on_progress: ProgressCallback | None = None) -> SearchResult:
-    tree, stats = await _sample(engine, prompt_token_ids, params, n=_samples(params), temperature=params.temperature,
-                                top_p=params.top_p, seed=params.seed,
-                                request_id=f"{request_prefix}self_consistency", on_progress=on_progress)
+    tree, stats = await _sample(engine, prompt_token_ids, params, temperature=params.temperature, top_p=params.top_p,
+                                seed=params.seed, request_id=f"{request_prefix}self_consistency",
+                                on_progress=on_progress, spend_budget=True)
     votes: dict[str, list[int]] = collections.defaultdict(list)
     for node in tree.children(ROOT):
         answer = extract_answer(tokenizer.decode(tree.node_token_ids(node).tolist()))

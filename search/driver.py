@@ -332,14 +332,15 @@ class _Search:
         """
         tree = self.tree
         end = node if leaf is None else leaf
-        answer = None
+        answer = line = None
         if leaf is not None or tree.nodes["is_terminal"][node]:
             response = self.tokenizer.decode(tree.path_token_ids(end).tolist())
             answer = extract_answer(response)
             if answer is None or not final.ends_by_model(tree, end, response):
                 return self.params.unanswered_value
+            line = mean_confidence(np.concatenate([tree.token_confidences(i) for i in tree.path(end)]))
         return self.value_fn(Evaluation(float(tree.nodes["confidence"][node]), rollout_confidence, answer,
-                                        self.reference))
+                                        self.reference, line))
 
     def _complete(self, leaf: int, value: float, *, selected: int) -> None:
         mcts.backup(self.tree, leaf, value, selected=selected)

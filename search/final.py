@@ -1,7 +1,8 @@
 """The answer of a search: a rule over every finished line of the tree.
 
 A finished line is a path from the root to a terminal leaf that the model itself ended (end of ``<Output>`` or
-EOS) with an answer; its value is the leaf's (each terminal leaf is valued once). Rules (``FinalChoice``):
+EOS) with an answer; its value is the leaf's (each terminal leaf is valued once; NaN for a sibling nobody
+valued, which then weighs nothing). Rules (``FinalChoice``):
 ``vote`` sums the values of the lines per (normalised) answer and takes the largest sum; ``best_value`` takes the
 best-valued line; ``most_visits`` descends by visits, as Marco-o1 does, and gives way to the best-valued line when
 that descent ends at no finished line. The response is the best-valued line that gives the chosen answer.
@@ -40,7 +41,7 @@ def finished_lines(tree: Tree, decode: Callable[[Sequence[int]], str]) -> list[L
     """Every finished line of the tree, in leaf-id order."""
     n, lines = tree.nodes, []
     for leaf in range(1, tree.num_nodes):
-        if not n["is_terminal"][leaf] or n["num_children"][leaf] or n["visits"][leaf] == 0:
+        if not n["is_terminal"][leaf] or n["num_children"][leaf]:
             continue
         response = decode(tree.path_token_ids(leaf).tolist())
         answer = extract_answer(response)

@@ -84,6 +84,7 @@ class ReflectionPolicy:
 
 class ValueKind(enum.Enum):
     ROLLOUT_CONFIDENCE = "rollout_confidence"  # the paper's: mean token confidence of a rollout to a terminal
+    LINE_CONFIDENCE = "line_confidence"  # mean token confidence of the whole line, root to its end
     CHUNK_CONFIDENCE = "chunk_confidence"  # no rollout: mean token confidence of the new child's own chunk
     ANSWER_CHECK = "answer_check"  # rollout, then 1 if its answer matches the reference else 0
 
@@ -119,22 +120,22 @@ class MCTSParams:
 
     granularity: Granularity = Granularity("step", 256)
     children: int = 2  # k: children per expansion, sampled by one request with n=k
-    exploration: float = 1.414  # UCT constant c
+    exploration: float = 0.5  # UCT constant c (over normalised values; chosen on a development set, docs/tuning.md)
     max_depth: int = 16  # a node at this depth is terminal
     max_path_tokens: int = 1024  # generated tokens along one path (prompt excluded); reaching it is terminal
     parallel: int = 4  # iterations of this tree in flight at once (virtual loss keeps them apart)
-    temperature: float = 1.0
+    temperature: float = 0.3  # every sampling strategy's (chosen on a development set, docs/tuning.md)
     top_p: float = 1.0
-    value: ValueKind = ValueKind.ROLLOUT_CONFIDENCE
+    value: ValueKind = ValueKind.LINE_CONFIDENCE
     reflection: ReflectionPolicy = ReflectionPolicy()
     max_reflections: int = 1  # reflection nodes allowed on one path
-    final: FinalChoice = FinalChoice.VOTE
+    final: FinalChoice = FinalChoice.BEST_VALUE
     budget: Budget = Budget()
     early_stop: bool = True  # most_visits only: stop once no remaining iteration can change the root's choice
     seed: int | None = None  # seeds each request (deterministic with a deterministic engine)
     normalize_values: bool = True  # UCT sees values min-max normalised over the tree's values (as mctx does)
     unanswered_value: float = 0.0  # the value of a line that ends without an answer (cut by a budget or limit)
-    widening: float = 0.0  # progressive widening: a node may have children + floor(widening * sqrt(visits))
+    widening: float = 1.0  # progressive widening: a node may have children + floor(widening * sqrt(visits))
     max_width: int = 4  # children one node may get, widening included (a reflection child not counted)
     dedup: bool = True  # an expansion's sample identical to a sibling is merged into it (its weight), not added
 

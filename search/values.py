@@ -20,6 +20,7 @@ class Evaluation:
     rollout_confidence: float | None  # mean token confidence of its rollout; None when no rollout ran
     answer: str | None  # answer extracted from the node's full response (path + rollout)
     reference: str | None  # ground truth, when the problem has one
+    line_confidence: float | None = None  # mean token confidence of the whole line (root to the line's end)
 
 
 ValueFunction = Callable[[Evaluation], float]
@@ -34,6 +35,12 @@ def rollout_confidence(e: Evaluation) -> float:
     return _finite_or(e.rollout_confidence, _finite_or(e.chunk_confidence, 0.0))
 
 
+def line_confidence(e: Evaluation) -> float:
+    """Mean token confidence over the whole line, root to end: unlike the rollout's alone, comparable between
+    lines that branch at different depths (a short rollout's mean is noisier)."""
+    return _finite_or(e.line_confidence, rollout_confidence(e))
+
+
 def chunk_confidence(e: Evaluation) -> float:
     return _finite_or(e.chunk_confidence, 0.0)
 
@@ -46,6 +53,7 @@ def answer_check(e: Evaluation) -> float:
 
 VALUE_FUNCTIONS: dict[ValueKind, tuple[ValueFunction, bool]] = {
     ValueKind.ROLLOUT_CONFIDENCE: (rollout_confidence, True),
+    ValueKind.LINE_CONFIDENCE: (line_confidence, True),
     ValueKind.CHUNK_CONFIDENCE: (chunk_confidence, False),
     ValueKind.ANSWER_CHECK: (answer_check, True),
 }

@@ -47,11 +47,12 @@ def arith_worker(ray_cluster, arith_config):
 def test_eval_compares_every_strategy_at_one_budget(arith_worker, arith_config):
     from dataset.problems import Problem
     from modelkit.arithmetic import HELD_OUT_SEED_START, make_problems
-    from deploy.evaluate import STRATEGIES, format_table, run_eval
+    from deploy.evaluate import format_table, run_eval
+    from search.strategies import EVAL_STRATEGIES as STRATEGIES
 
     problems = [Problem(p.id, p.question, p.answer) for p in make_problems(12, HELD_OUT_SEED_START + 7)]
     seen = []
-    reports = run_eval(arith_config, problems, list(STRATEGIES), budget_tokens=400, concurrency=12,
+    reports = run_eval(arith_config, problems, list(STRATEGIES), budgets=[400], concurrency=12,
                        on_report=seen.append)
     assert [r.strategy for r in reports] == list(STRATEGIES) and seen == reports
     for r in reports:

@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from deploy.evaluate import (EvalError, StrategyReport, auroc, format_markdown, format_table, parse_strategies,
-                             wilson_interval)
+from deploy.evaluate import (EvalError, StrategyReport, auroc, format_markdown, format_table, parse_budgets,
+                             parse_strategies, plot, wilson_interval)
 
 
 def test_wilson_interval():
@@ -34,11 +34,32 @@ def test_strategies_are_checked():
         parse_strategies("greedy,beam")
 
 
-def test_tables_show_every_strategy():
-    reports = [StrategyReport("greedy", 10, 4, 0.4, 0.17, 0.69, 80.0, 3.2, None, 512),
-               StrategyReport("mcts-step", 10, 6, 0.6, 0.31, 0.83, 400.0, 9.9, 0.75, 512)]
-    table, markdown = format_table(reports), format_markdown(reports)
+RULES = {"vote": 0.6, "best_value": 0.5, "most_visits": 0.4}
+REPORTS = [StrategyReport("greedy", 10, 4, 0.4, 0.17, 0.69, 80.0, 3.2, None, 512, 0.4),
+           StrategyReport("mcts-step", 10, 6, 0.6, 0.31, 0.83, 400.0, 9.9, 0.75, 512, 0.8, RULES),
+           StrategyReport("greedy", 10, 4, 0.4, 0.17, 0.69, 80.0, 3.1, None, 1024, 0.4),
+           StrategyReport("mcts-step", 10, 7, 0.7, 0.40, 0.89, 900.0, 19.9, 0.7, 1024, 0.9, RULES)]
+
+
+def test_tables_show_every_strategy_budget_and_oracle():
+    table, markdown = format_table(REPORTS), format_markdown(REPORTS)
     for name in ("greedy", "mcts-step"):
         assert name in table and f"| {name} |" in markdown
     assert "60.0% (6/10)" in markdown and "0.750" in table and "n/a" in table
-    assert not math.isnan(reports[1].auroc)
+    assert "| mcts-step | 1024 |" in markdown and "80.0%" in markdown and "60.0 / 50.0 / 40.0" in markdown
+    assert not math.isnan(REPORTS[1].auroc)
+
+
+def test_budgets_are_parsed():
+    assert parse_budgets("512, 1024,2048") == [512, 1024, 2048]
+    for bad in ("512,lots", "0", ""):
+        with pytest.raises(EvalError, match="--budgets"):
+            parse_budgets(bad)
+
+
+def test_the_plot_is_written_as_png_and_svg(tmp_path):
+    paths = plot(REPORTS, str(tmp_path / "acc"))
+    assert paths == [str(tmp_path / "acc.png"), str(tmp_path / "acc.svg")]
+    assert (tmp_path / "acc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    svg = (tmp_path / "acc.svg").read_text()
+    assert "<svg" in svg and "mcts-step" in svg and "pass@tree" in svg
