@@ -253,7 +253,7 @@ class _Search:
             else:
                 tree.nodes["weight"][twin] += 1
                 self.stats.duplicate_tokens += len(chunk)
-                samples.append((twin, self._ends_thought(node, chunk)))
+                samples.append((twin, self._chunk_ends(node, chunk)[1]))
         self._maybe_reflect(node, samples)
         if not new:  # every sample repeated a sibling: the tokens are spent, nothing new to value
             mcts.add_virtual_loss(tree, node, -1)
@@ -269,16 +269,17 @@ class _Search:
     def _add_child(self, parent: int, chunk: Chunk, kind: NodeKind = NodeKind.CHUNK) -> tuple[int, bool]:
         """Add a generated child and mark it terminal; returns (child, whether it ends the thought)."""
         tree, p = self.tree, self.params
+        finished, thought_ends = self._chunk_ends(parent, chunk)
         child = tree.add_chunk(parent, chunk, kind=kind)
-        text = mcts.chunk_text(tree, parent, chunk.token_ids, self.tokenizer.decode)
-        finished = mcts.ends_by_model(chunk, text, self.tokenizer.eos_token_id)
         tree.nodes["is_terminal"][child] = (finished or tree.nodes["depth"][child] >= p.max_depth
                                             or tree.path_length(child) >= p.max_path_tokens)
-        return child, mcts.ends_thought(text, finished)
+        return child, thought_ends
 
-    def _ends_thought(self, parent: int, chunk: Chunk) -> bool:
+    def _chunk_ends(self, parent: int, chunk: Chunk) -> tuple[bool, bool]:
+        """(whether the model finished its answer in ``chunk``, whether the chunk ends the thought)."""
         text = mcts.chunk_text(self.tree, parent, chunk.token_ids, self.tokenizer.decode)
-        return mcts.ends_thought(text, mcts.ends_by_model(chunk, text, self.tokenizer.eos_token_id))
+        finished = mcts.ends_by_model(chunk, text, self.tokenizer.eos_token_id)
+        return finished, mcts.ends_thought(text, finished)
 
     def _apply_rollout(self, node: int, chunk: Chunk) -> None:
         """The rollout's steps become a chain of children below ``node``, down to a terminal leaf; the line is
@@ -336,7 +337,7 @@ class _Search:
         if leaf is not None or tree.nodes["is_terminal"][node]:
             response = self.tokenizer.decode(tree.path_token_ids(end).tolist())
             answer = extract_answer(response)
-            if answer is None or not final.ends_by_model(tree, end, response):
+            if answer is None or not final.line_finished(tree, end, response):
                 return self.params.unanswered_value
             line = mean_confidence(np.concatenate([tree.token_confidences(i) for i in tree.path(end)]))
         return self.value_fn(Evaluation(float(tree.nodes["confidence"][node]), rollout_confidence, answer,

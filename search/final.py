@@ -32,7 +32,7 @@ class Line:
     value: float
 
 
-def ends_by_model(tree: Tree, node: int, response: str) -> bool:
+def line_finished(tree: Tree, node: int, response: str) -> bool:
     """The line ends because the model finished its answer (not because a budget or limit cut it)."""
     return OUTPUT_END in response or tree.nodes["finish_reason"][node] == FinishReason.EOS
 
@@ -45,7 +45,7 @@ def finished_lines(tree: Tree, decode: Callable[[Sequence[int]], str]) -> list[L
             continue
         response = decode(tree.path_token_ids(leaf).tolist())
         answer = extract_answer(response)
-        if answer is not None and ends_by_model(tree, leaf, response):
+        if answer is not None and line_finished(tree, leaf, response):
             lines.append(Line(leaf, response, answer, normalize_answer(answer), tree.mean_value(leaf)))
     return lines
 
