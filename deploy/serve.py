@@ -133,6 +133,7 @@ class ForestServer:
                                                        limits.max_path_tokens, room),
             temperature=params.temperature if body.temperature is None else body.temperature,
             top_p=body.top_p or params.top_p, children=body.children or params.children,
+            max_width=max(params.max_width, body.children or params.children),
             seed=body.seed if body.seed is not None else params.seed)
         return strategy, prompt, params
 

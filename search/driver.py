@@ -255,9 +255,8 @@ class _Search:
                 self.stats.duplicate_tokens += len(chunk)
                 samples.append((twin, self._chunk_ends(node, chunk)[1]))
         self._maybe_reflect(node, samples)
-        if not new:  # every sample repeated a sibling: the tokens are spent, nothing new to value
-            mcts.add_virtual_loss(tree, node, -1)
-            self.stats.iterations += 1
+        if not new:  # every sample repeated a sibling: the tokens are spent, nothing new to value; the samples'
+            self._abandon(node)  # weights used up the node's width, so this cannot repeat for ever
             mcts.refresh_exhausted(tree, node, self._can_widen)
             return
         confidences = np.nan_to_num(tree.nodes["confidence"][new].astype(np.float64), nan=-np.inf)

@@ -79,6 +79,8 @@ def test_search_returns_the_whole_tree(server):
     nodes = data["tree"]["nodes"]
     assert len(nodes) == data["forest"]["nodes"] and nodes[0]["kind"] == "root"
     assert data["tree"]["best_path"][0] == 0 and nodes[0]["visits"] == data["forest"]["iterations"]
+    wide = {**body, "children": 6, "iterations": 2}  # wider than the configured max_width: widened to fit
+    assert httpx.post(f"{BASE}/v1/search", json=wide, timeout=300).status_code == 200
 
 
 def test_32_concurrent_requests_all_succeed(server):

@@ -296,6 +296,7 @@ def test_identical_samples_merge_into_one_child_with_a_weight():
     first = int(tree.children(ROOT)[0])
     assert tree.nodes["weight"][first] >= 3  # the first expansion's three samples are one child
     assert result.stats.duplicate_tokens >= 2 * len(tree.node_token_ids(first))
+    assert tree.nodes["visits"][ROOT] == result.stats.iterations  # a repeated sample is no free iteration
     for node in range(tree.num_nodes):
         texts = [tree.node_token_ids(int(k)).tobytes() for k in tree.children(node)]
         assert len(texts) == len(set(texts))  # no two siblings are the same sample
