@@ -50,7 +50,8 @@ async def _sample(engine: Engine, prompt_token_ids, params: MCTSParams, *, tempe
                                     seed=round_seed, stop=(OUTPUT_END,), request_id=f"{request_id}-{stats.requests}")
         chunks = await engine.generate(request)
         for chunk in chunks:
-            tree.nodes["is_terminal"][tree.add_chunk(ROOT, chunk)] = True
+            node = tree.add_chunk(ROOT, chunk)  # may grow the node arrays: index them afterwards
+            tree.nodes["is_terminal"][node] = True
         generated = sum(len(c) for c in chunks)
         stats.requests += 1
         stats.generated_tokens += generated

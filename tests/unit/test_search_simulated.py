@@ -210,6 +210,13 @@ def test_baselines_share_the_budget_accounting():
     assert b.path[-1] == kids[np.argmax(b.tree.nodes["confidence"][kids])]
 
 
+def test_sampling_baselines_draw_more_samples_than_a_tree_first_holds():
+    """Short samples under a large budget: more children than the tree's initial capacity (its arrays grow)."""
+    params = MCTSParams(max_path_tokens=64, budget=Budget(tokens=64 * 64))
+    result = asyncio.run(best_of_n(SimulatedEngine(TOK, seed=2, steps=1), TOK, PROMPT, params))
+    assert len(result.tree.children(ROOT)) > 64 and result.tree.nodes["is_terminal"][1:result.tree.num_nodes].all()
+
+
 def test_self_consistency_takes_the_majority_answer():
     answers = ["7", "9", "7", "8"]
 
