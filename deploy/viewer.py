@@ -109,7 +109,7 @@ def layout(nodes: list[dict]) -> list[float]:
     depth = max((n["depth"] for n in nodes), default=0) + 1
     y_gap = max(Y_GAP, (max(xs) - min(xs)) / 1.6 / depth)  # wide, shallow trees fill the screen, not a strip
     for n in nodes:
-        n["y"] = n["depth"] * y_gap - (y_gap / 2 if n["kind"] == "rollout" else 0)  # between parent and children
+        n["y"] = n["depth"] * y_gap
     return [min(xs), max(xs), max((n["y"] for n in nodes), default=0.0)]
 
 
