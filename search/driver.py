@@ -82,7 +82,6 @@ class _InFlight:
     node: int
     expansion: bool
     reserved_tokens: int
-    selected: int  # the node the iteration's virtual loss runs to
 
 
 ProgressCallback = Callable[["SearchStats", float], None]
@@ -153,14 +152,17 @@ class _Search:
                 self._apply(task, self.inflight.pop(task))
 
     # -- 1. starting iterations -------------------------------------------------------------------
-    def _can_widen(self, node: int) -> bool:
-        """Whether ``node`` may get another generated child now (progressive widening, rollout steps)."""
+    def _widen_by(self, node: int) -> int:
+        """How many more samples ``node`` may get now (progressive widening, rollout steps); 0 when none."""
         p, n = self.params, self.tree.nodes
         if n["is_terminal"][node] or n["visits"][node] == 0 or n["depth"][node] + 1 >= p.max_depth:
-            return False
+            return 0
         width = mcts.allowed_width(self.tree, node, children=p.children, widening=p.widening,
                                    max_width=p.max_width)
-        return mcts.generated_children(self.tree, node) < width
+        return max(width - mcts.generated_children(self.tree, node), 0)
+
+    def _can_widen(self, node: int) -> bool:
+        return self._widen_by(node) > 0
 
     def _try_start(self) -> bool:
         tree, p = self.tree, self.params
@@ -173,8 +175,7 @@ class _Search:
         if n["is_terminal"][node]:  # a terminal node nobody valued yet (a forced child, say)
             self._complete(node, self._evaluate(node, None), selected=node)
         elif n["num_children"][node] > 0:  # widening
-            width = mcts.allowed_width(tree, node, children=p.children, widening=p.widening, max_width=p.max_width)
-            return self._request(node, n=width - mcts.generated_children(tree, node), expansion=True)
+            return self._request(node, n=self._widen_by(node), expansion=True)
         elif node == ROOT or n["visits"][node] > 0 or (n["kind"][node] == NodeKind.REFLECTION
                                                       and not self.needs_rollout):
             return self._request(node, n=p.children, expansion=True)
@@ -212,7 +213,7 @@ class _Search:
         self.reserved_tokens += n * max_tokens
         self.tree.nodes["pending"][node] = True
         task = asyncio.ensure_future(self.engine.generate(request))
-        self.inflight[task] = _InFlight(node, expansion, n * max_tokens, selected=node)
+        self.inflight[task] = _InFlight(node, expansion, n * max_tokens)
         return True
 
     def _affordable(self, n: int, wanted: int) -> int:
@@ -282,7 +283,7 @@ class _Search:
 
     def _apply_rollout(self, node: int, chunk: Chunk) -> None:
         """The rollout's steps become a chain of children below ``node``, down to a terminal leaf; the line is
-        valued with the rollout's mean token confidence and backed up from the leaf."""
+        valued by the value function and backed up from the leaf."""
         tree = self.tree
         confidence = mean_confidence(chunk_token_confidence(chunk))
         room = self.params.max_depth - int(tree.nodes["depth"][node])  # steps deeper than that stay in the last
@@ -364,7 +365,7 @@ class _Search:
         for job in self.inflight.values():
             self.reserved_tokens -= job.reserved_tokens
             self.tree.nodes["pending"][job.node] = False
-            self._abandon(job.selected)
+            self._abandon(job.node)
         self.inflight.clear()
 
     def _result(self, reason: StopReason) -> SearchResult:
