@@ -80,6 +80,6 @@ def read_tree(output: str, tree_id: str) -> tuple[dict, list[dict]]:
         raise KeyError(f"no tree {tree_id!r} in {output}")
     nodes = read_kind(output, NODES, NODE_SCHEMA,
                       columns=["tree_id", "node_id", "parent_id", "depth", "kind", "text", "confidence", "visits",
-                               "value_sum", "is_terminal"])
+                               "value_sum", "is_terminal", "weight", "exhausted"])
     nodes = nodes.filter(pc.equal(nodes["tree_id"], tree_id)).sort_by("node_id")
     return trees.to_pylist()[0], nodes.to_pylist()

@@ -52,6 +52,7 @@ def node_table(tree: Tree, *, run_id: str, tree_id: str, decode) -> pa.Table:
                                      offsets),
         "confidence": cols["confidence"].astype(np.float32), "visits": cols["visits"].astype(np.int32),
         "value_sum": cols["value_sum"], "is_terminal": cols["is_terminal"], "text": pa.array(texts, pa.string()),
+        "weight": cols["weight"].astype(np.int32), "exhausted": cols["exhausted"],
     }, schema=NODE_SCHEMA)
 
 

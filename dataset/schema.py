@@ -15,6 +15,7 @@ NODE_SCHEMA = pa.schema([
     ("logprobs", pa.list_(pa.float32())), ("top_ids", pa.list_(pa.list_(pa.int32(), TOP_K))),
     ("top_logprobs", pa.list_(pa.list_(pa.float32(), TOP_K))), ("confidence", pa.float32()),
     ("visits", pa.int32()), ("value_sum", pa.float64()), ("is_terminal", pa.bool_()), ("text", pa.string()),
+    ("weight", pa.int32()), ("exhausted", pa.bool_()),
 ])
 TREE_SCHEMA = pa.schema([
     ("run_id", pa.string()), ("tree_id", pa.string()), ("problem_id", pa.string()), ("question", pa.string()),

@@ -64,6 +64,7 @@ def search_result(seed=0):
 
 def test_node_rows_carry_the_tree_and_confidence_recomputes_from_top5():
     result = search_result()
+    result.tree.nodes["weight"][1] = 3  # as if two more samples had repeated node 1
     table = node_table(result.tree, run_id="r", tree_id="t", decode=TOK.decode)
     assert table.num_rows == result.tree.num_nodes
     rows = table.to_pylist()
@@ -76,6 +77,8 @@ def test_node_rows_carry_the_tree_and_confidence_recomputes_from_top5():
         assert row["confidence"] == pytest.approx(c.mean(), rel=1e-5)
         assert row["text"] == TOK.decode(row["token_ids"])
     assert sum(r["visits"] for r in rows if r["parent_id"] == 0) == rows[0]["visits"]
+    assert [r["weight"] for r in rows] == result.tree.nodes["weight"][:len(rows)].tolist() and rows[1]["weight"] == 3
+    assert [r["exhausted"] for r in rows] == result.tree.nodes["exhausted"][:len(rows)].tolist()
 
 
 def test_sink_commits_trees_last_and_resume_removes_uncommitted_parts(tmp_path):
