@@ -37,6 +37,9 @@ class GeneratorWorker:
     def stats(self) -> WorkerStats:
         return self.engine.stats()
 
+    def engine_settings(self) -> dict:
+        return self.engine.settings()
+
     async def check_health(self) -> bool:
         await self.engine.check_health()
         return True

@@ -8,6 +8,7 @@ raises ``EngineDeadError`` so the caller can re-send the work to another worker.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import uuid
@@ -20,6 +21,7 @@ from cluster.config import EngineConfig
 from search.protocol import (TOP_K, Chunk, EngineDeadError, EngineError, FinishReason, GenerationRequest)
 
 CPU_MIN_BATCHED_TOKENS = 8192  # tokens one CPU engine step may take (whole prefills need at least max_model_len)
+FAST_BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})  # /proc/cpuinfo flags of CPUs with bfloat16 units
 
 _FINISH = {"length": FinishReason.LENGTH, "stop": FinishReason.STOP, "abort": FinishReason.ABORTED}
 """vLLM's finish reasons; any other (``error``, or none for an unfinished output) fails the request."""
@@ -39,6 +41,46 @@ class WorkerStats:
     engine_pids: tuple[int, ...]  # its child processes (vLLM's engine core), for operators and fault injection
 
 
+def model_dtype(model: str) -> str | None:
+    """The dtype a model's ``config.json`` declares (``torch_dtype``, or ``dtype`` in newer files), if any."""
+    try:
+        with open(os.path.join(model, "config.json"), encoding="utf-8") as f:
+            declared = json.load(f)
+    except (OSError, ValueError):
+        return None
+    dtype = declared.get("torch_dtype") or declared.get("dtype")
+    return str(dtype).removeprefix("torch.") if dtype else None
+
+
+def cpu_has_fast_bf16(cpuinfo_path: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU computes in bfloat16 natively (AVX512-BF16 or AMX); False when it cannot be told."""
+    try:
+        with open(cpuinfo_path, encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return not FAST_BF16_CPU_FLAGS.isdisjoint(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return False
+
+
+def resolve_dtype(dtype: str, model: str, device: str, *, fast_bf16: bool | None = None) -> str:
+    """The dtype an engine runs: ``dtype`` unless it is ``auto``; then the fastest correct one for the device.
+
+    vLLM's CPU build runs ``auto`` float32 models in bfloat16, which a CPU without bfloat16 units computes at about
+    half the float32 rate (and less exactly), so there a float32 model runs in float32. On GPUs and other models,
+    the model's own dtype. ``auto`` stays only when the model declares none (vLLM then decides).
+    """
+    if dtype != "auto":
+        return dtype
+    native = model_dtype(model)
+    if native is None:
+        return "auto"
+    if device == "cpu" and native == "float32":
+        return "bfloat16" if (cpu_has_fast_bf16() if fast_bf16 is None else fast_bf16) else "float32"
+    return native
+
+
 def _engine_args(config: EngineConfig, *, seed: int, device: str):
     from vllm.engine.arg_utils import AsyncEngineArgs
 
@@ -54,7 +96,8 @@ def _engine_args(config: EngineConfig, *, seed: int, device: str):
     backend = "ray" if device == "cuda" and config.tensor_parallel_size > 1 else None
     return AsyncEngineArgs(
         distributed_executor_backend=backend,
-        model=config.model, tokenizer=config.model, dtype=config.dtype, max_model_len=config.max_model_len,
+        model=config.model, tokenizer=config.model, dtype=resolve_dtype(config.dtype, config.model, device),
+        max_model_len=config.max_model_len,
         tensor_parallel_size=config.tensor_parallel_size, gpu_memory_utilization=config.gpu_memory_utilization,
         enforce_eager=config.enforce_eager, max_num_seqs=config.max_num_seqs, seed=seed,
         max_logprobs=TOP_K, enable_prefix_caching=config.enable_prefix_caching, block_size=config.block_size,
@@ -106,7 +149,7 @@ class VLLMEngine:
     def __init__(self, config: EngineConfig, *, seed: int, device: str = "cpu"):
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        self.config, self.seed = config, seed
+        self.config, self.seed, self.device = config, seed, device
         self.engine = AsyncLLM.from_engine_args(_engine_args(config, seed=seed, device=device))
         self.eos_token_id = self.engine.tokenizer.eos_token_id if hasattr(self.engine, "tokenizer") else None
         if self.eos_token_id is None:
@@ -196,6 +239,19 @@ class VLLMEngine:
         return WorkerStats(self.seed, self.in_flight, self.done, self.failed, self.prompt_tokens,
                            self.cached_prompt_tokens, self.generated_tokens, busy, process.pid,
                            tuple(p.pid for p in process.children(recursive=True)))
+
+    def settings(self) -> dict:
+        """The engine settings vLLM actually runs with (the resolved dtype, not ``auto``), for manifests."""
+        import vllm
+
+        vllm_config = self.engine.vllm_config
+        model = vllm_config.model_config
+        return {"model": self.config.model, "device": self.device, "configured_dtype": self.config.dtype,
+                "dtype": str(model.dtype).removeprefix("torch."), "enforce_eager": bool(model.enforce_eager),
+                "max_model_len": int(model.max_model_len), "block_size": vllm_config.cache_config.block_size,
+                "prefix_caching": bool(vllm_config.cache_config.enable_prefix_caching),
+                "tensor_parallel_size": vllm_config.parallel_config.tensor_parallel_size,
+                "vllm_version": vllm.__version__}
 
     async def check_health(self) -> None:
         from vllm.v1.engine.exceptions import EngineDeadError as VLLMEngineDead

@@ -32,7 +32,9 @@ class EngineConfig(_Strict):
 
     model: str = Field(DEFAULT_MODEL_DIR, description="Local path of a Hugging Face-format model directory.")
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: cuda when Ray sees GPUs, else cpu.")
-    dtype: str = Field("auto", description="vLLM dtype: auto, float32, bfloat16, float16.")
+    dtype: str = Field("auto", description="vLLM dtype: auto, float32, bfloat16, float16. auto: the model's own dtype, "
+                                           "except float32 models on CPUs without bfloat16 units run float32 (not "
+                                           "vLLM's bfloat16, half as fast there); a build's manifest records what ran.")
     max_model_len: int = Field(2048, ge=16, description="Context length (prompt + generated) per sequence.")
     tensor_parallel_size: CountOrAuto = Field(
         1, description="GPUs per worker (one placement-group bundle each); auto: the fewest GPUs of one node whose "

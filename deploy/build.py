@@ -119,6 +119,7 @@ def run_build(config: ForestConfig) -> BuildSummary:
                  if (e.problem_id, "input", e.message) not in known]
         ray.get(sink.add_errors.remote(fresh))
         with open_pool(config, name_prefix=f"forest-build-{session}", start=bool(todo)) as pool:
+            engine = ray.get(pool.workers[0].engine_settings.remote()) if pool.workers else None
             settings = ManagerSettings(
                 model_dir=config.engine.model, params=config.search.to_params(),
                 system_prompt=config.search.system_prompt, max_model_len=config.engine.max_model_len,
@@ -134,7 +135,7 @@ def run_build(config: ForestConfig) -> BuildSummary:
         seconds = time.monotonic() - start
         manifest["sessions"] = manifest.get("sessions", []) + [{
             "session": session, "built": built, "failed": failed, "tokens": tokens, "seconds": round(seconds, 3),
-            "worker_failures": restarts}]
+            "worker_failures": restarts, "engine": engine}]
         manifest.update(updated=datetime.datetime.now(datetime.timezone.utc).isoformat(), versions=_versions())
         counts = write_exports(b.output, manifest)
     finally:

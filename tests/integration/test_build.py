@@ -68,6 +68,9 @@ def check_output(out: Path, good_ids: list[str]) -> None:
         assert row.confidence == pytest.approx(c.mean(), rel=1e-4)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"]["trees"] == len(good_ids) and manifest["config_hash"]
+    engines = [session["engine"] for session in manifest["sessions"] if session["engine"]]
+    assert engines, "a session that started workers records the engine settings vLLM ran with"
+    assert all(e["dtype"] == "float32" and e["vllm_version"] and e["block_size"] > 0 for e in engines)
     pq.read_table(out / "pairs.parquet")
     for line in (out / "sft.jsonl").read_text().splitlines():
         assert set(json.loads(line)) == {"instruction", "response"}

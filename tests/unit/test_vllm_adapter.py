@@ -1,10 +1,11 @@
 """The vLLM adapter's conversions, on vLLM-shaped outputs (no engine)."""
 
+import json
 from types import SimpleNamespace as Output
 
 import pytest
 
-from actors.vllm_engine import chunk_from_output
+from actors.vllm_engine import chunk_from_output, cpu_has_fast_bf16, resolve_dtype
 from search.protocol import EngineError, FinishReason
 
 def test_vllm_flat_logprobs_become_fixed_shape_chunks():
@@ -28,3 +29,27 @@ def test_an_unknown_finish_reason_fails_the_request(reason):
     flat = Output(start_indices=[0], end_indices=[6], token_ids=[9, 9, 1, 2, 3, 4], logprobs=[-0.1] * 6)
     with pytest.raises(EngineError, match=repr(reason)):
         chunk_from_output(Output(logprobs=flat, token_ids=[9], finish_reason=reason, stop_reason=None), 7, 0)
+
+
+@pytest.mark.parametrize(("configured", "declared", "device", "fast_bf16", "resolved"), [
+    ("auto", "float32", "cpu", False, "float32"),  # vLLM's CPU auto would run bfloat16 at half the rate
+    ("auto", "float32", "cpu", True, "bfloat16"),  # a CPU with bfloat16 units
+    ("auto", "bfloat16", "cpu", False, "bfloat16"),
+    ("auto", "bfloat16", "cuda", False, "bfloat16"),  # GPUs: the model's own dtype
+    ("auto", "float16", "cuda", False, "float16"),
+    ("auto", None, "cpu", False, "auto"),  # nothing declared: vLLM decides
+    ("float16", "float32", "cpu", False, "float16"),  # an explicit dtype is kept
+])
+def test_auto_dtype_resolves_to_the_fastest_correct_one(tmp_path, configured, declared, device, fast_bf16,
+                                                        resolved):
+    (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": declared} if declared else {}))
+    assert resolve_dtype(configured, str(tmp_path), device, fast_bf16=fast_bf16) == resolved
+
+
+def test_cpu_bf16_support_is_read_from_the_cpu_flags(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n")
+    assert not cpu_has_fast_bf16(str(info))
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_tile\n")
+    assert cpu_has_fast_bf16(str(info))
+    assert not cpu_has_fast_bf16(str(tmp_path / "missing"))
