@@ -8,6 +8,8 @@ import sys
 
 from bench.benchmarks import BENCHES
 from deploy.flags import DEFAULT_CONFIG, EXIT_USAGE, add_build_flags, add_run_flags, load, run
+from deploy.model_report import DEFAULT_SAMPLES
+from modelkit.arithmetic import HELD_OUT_SEED_START
 from search.strategies import EVAL_STRATEGIES, STRATEGIES
 
 
@@ -52,6 +54,15 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--concurrency", type=int, default=64, help="problems searched at once")
     ev.add_argument("--json", action="store_true", help="print one JSON line per strategy instead of a table")
     ev.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    mr = sub.add_parser("model-report", help="the policy model alone on generated problems: greedy, one sample "
+                                             "and pass@k accuracy by number of steps")
+    add_run_flags(mr)
+    mr.add_argument("--n", type=int, default=500, help="how many problems (forest make-problems --n)")
+    mr.add_argument("--seed", type=int, default=HELD_OUT_SEED_START,
+                    help="problem stream seed (default: the first held-out seed)")
+    mr.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help="samples per problem (the k of pass@k)")
+    mr.add_argument("--plot", metavar="PREFIX", help="also draw accuracy by steps to PREFIX.png and PREFIX.svg")
+    mr.add_argument("--json", action="store_true", help="print the report as one JSON line")
     bench = sub.add_parser("bench", help="performance benchmarks, printed as ratios measured in one run")
     bench.add_argument("bench", choices=BENCHES, help="which benchmark (see docs/benchmarks.md)")
     bench.add_argument("--config", default=DEFAULT_CONFIG,
@@ -114,6 +125,24 @@ def cmd_eval(args) -> int:
         print(format_markdown(reports) if args.markdown else format_table(reports))
     if args.budgets:
         print("plot: " + ", ".join(plot(reports, args.plot)), file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+def cmd_model_report(args) -> int:
+    from deploy.model_report import format_report, plot_report, report_json, run_model_report
+    from modelkit.arithmetic import make_problems
+
+    if args.n < 1 or args.samples < 1:
+        print(f"forest model-report: --n and --samples must be >= 1, got {args.n} and {args.samples}",
+              file=sys.stderr)
+        return EXIT_USAGE
+    config = load(args)
+    report = run_model_report(config, make_problems(args.n, args.seed), samples=args.samples)
+    print(report_json(report) if args.json else
+          f"model {config.engine.model} ({config.engine.dtype}), problems from seed {args.seed}\n"
+          + format_report(report))
+    if args.plot:
+        print("plot: " + ", ".join(plot_report(report, args.plot)), file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
@@ -182,7 +211,8 @@ def cmd_build(args) -> int:
     return build(args)
 
 
-COMMANDS = {"make-model": cmd_make_model, "make-problems": cmd_make_problems, "eval": cmd_eval, "bench": cmd_bench,
+COMMANDS = {"make-model": cmd_make_model, "make-problems": cmd_make_problems, "eval": cmd_eval,
+            "model-report": cmd_model_report, "bench": cmd_bench,
             "build": cmd_build, "search": cmd_search, "serve": cmd_serve, "view": cmd_view}
 
 

@@ -1,17 +1,18 @@
-"""Train Forest's bundled reasoning model: a small Qwen2 that solves ``modelkit/arithmetic.py`` problems, sometimes.
+"""Train Forest's bundled reasoning model: a small Qwen2 that solves ``modelkit/arithmetic.py`` problems, often.
 
-    python -m modelkit.train --output models/forest-arith --steps STEPS   # see models/forest-arith/training.json
+    python -m modelkit.train --output models/forest-arith --plot docs/model-training   # see ``make model``
 
-Reproducible: the tokenizer, the initial weights and the training stream all come from ``--seed``; the run is a fixed
-number of steps (wall time only changes how long it takes). The learning rate is constant after warm-up, so the
-weights saved at each evaluation equal those of a run with ``--steps`` set to that step. The model is deliberately
-weak: greedy decoding should solve 30-70% of held-out problems, leaving room for search. Digits are single tokens,
-so carries are learnable, and mistakes happen on digits, where the model's token confidence drops.
+Trained to convergence: every ``--eval-every`` steps the loss on a fixed dev set (a seed no training stream uses)
+is measured and dev problems are decoded greedily with transformers; the learning rate halves when the dev loss
+stops improving and training ends at the next plateau. The weights with the best dev loss are kept, and
+``training.json`` beside them records every evaluation (``--plot`` draws them). The model's mistakes come from the
+problems (products, remainders and carries computed in one step, compounding over up to five steps), not from
+stopping early. A share of training solutions slip, write Marco-o1's reflection phrase and redo the work (the slip
+itself is not trained on), so a forced reflection means something to the model.
 
-Every ``--eval-every`` steps (from ``--eval-from`` on) the script decodes a dev set (a seed never used for training)
-greedily with transformers, logs its accuracy and saves the weights; ``training.json`` beside them records every
-evaluation. With ``--target-accuracy`` training stops at the first evaluation that reaches it: that is how the
-bundled model's difficulty is tuned (greedy should solve about half of the problems, so search has room to help).
+Reproducible: the tokenizer, the initial weights and the training stream all come from ``--seed`` (on one device
+and thread count; wall time only changes how long it takes). Digits are single tokens, so carries are learnable,
+and mistakes happen on digits, where the model's token confidence drops.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import random
 import time
 from pathlib import Path
 
-from modelkit.arithmetic import HELD_OUT_SEED_START, make_problems
+from modelkit.arithmetic import (HELD_OUT_SEED_START, TrainingExample, make_problem, make_problems,
+                                 make_training_example)
 from modelkit.make_model import train_tokenizer
 from search.prompts import DEFAULT_SYSTEM_PROMPT, REFLECTION_PHRASE, build_prompt, extract_answer
 
@@ -31,6 +33,11 @@ log = logging.getLogger(__name__)
 
 TRAIN_SEED_OFFSET = 0
 DEV_SEED = HELD_OUT_SEED_START - 1  # never a training seed: training streams use seeds in [seed, seed + 1)
+IGNORE = -100  # the label transformers' loss skips
+WARMUP_STEPS = 100
+MIN_IMPROVEMENT = 0.005  # a dev loss at least 0.5% below the best so far counts as better
+DEV_GREEDY_PROBLEMS = 128
+MAX_NEW_TOKENS = 400  # room for a slip, a reflection and a redo of the longest problems
 
 
 def _tokenizer_corpus(seed: int) -> list[str]:
@@ -40,21 +47,27 @@ def _tokenizer_corpus(seed: int) -> list[str]:
     return corpus + [DEFAULT_SYSTEM_PROMPT, REFLECTION_PHRASE] * 50
 
 
-def _batch(tokenizer, problems, device):
-    """Right-padded input ids, attention mask and labels that score only the response (and its end token)."""
+def _batch(tokenizer, examples: list[tuple[str, TrainingExample]], device):
+    """Right-padded input ids, attention mask and labels that score only the response (and its end token), less
+    its unscored spans (a deliberate slip before a reflection)."""
     import torch
 
     rows, labels = [], []
-    for p in problems:
-        prompt = tokenizer(build_prompt(p.question), add_special_tokens=False)["input_ids"]
-        response = tokenizer(p.solution + "<|im_end|>", add_special_tokens=False)["input_ids"]
+    for question, example in examples:
+        prompt = tokenizer(build_prompt(question), add_special_tokens=False)["input_ids"]
+        encoded = tokenizer(example.response + "<|im_end|>", add_special_tokens=False, return_offsets_mapping=True)
+        response = encoded["input_ids"]
+        label = list(response)
+        for i, (start, end) in enumerate(encoded["offset_mapping"]):
+            if any(start < b and end > a for a, b in example.unscored):
+                label[i] = IGNORE
         rows.append(prompt + response)
-        labels.append([-100] * len(prompt) + response)
+        labels.append([IGNORE] * len(prompt) + label)
     width = max(map(len, rows))
     pad = tokenizer.pad_token_id
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
-    target = torch.full((len(rows), width), -100, dtype=torch.long)
+    target = torch.full((len(rows), width), IGNORE, dtype=torch.long)
     for i, (row, label) in enumerate(zip(rows, labels, strict=True)):
         ids[i, :len(row)] = torch.tensor(row)
         mask[i, :len(row)] = 1
@@ -62,7 +75,22 @@ def _batch(tokenizer, problems, device):
     return ids.to(device), mask.to(device), target.to(device)
 
 
-def greedy_accuracy(model, tokenizer, problems, *, max_new_tokens: int = 160) -> float:
+def dev_loss(model, tokenizer, batches) -> float:
+    """Mean token loss of the model on fixed dev batches (correct solutions of dev problems)."""
+    import torch
+
+    model.eval()
+    total = count = 0.0
+    with torch.no_grad():
+        for ids, mask, target in batches:
+            tokens = int((target[:, 1:] != IGNORE).sum())
+            total += model(input_ids=ids, attention_mask=mask, labels=target).loss.item() * tokens
+            count += tokens
+    model.train()
+    return total / count
+
+
+def greedy_accuracy(model, tokenizer, problems, *, max_new_tokens: int = MAX_NEW_TOKENS) -> float:
     """Fraction of problems whose greedy (temperature 0) response has the right ``<Output>``."""
     import torch
 
@@ -83,10 +111,19 @@ def greedy_accuracy(model, tokenizer, problems, *, max_new_tokens: int = 160) ->
     return correct / len(problems)
 
 
-def train(output: str | Path, *, seed: int = 0, steps: int = 3000, batch_size: int = 32, lr: float = 3e-3,
-          hidden_size: int = 128, layers: int = 4, vocab_size: int = 512, eval_every: int = 500, eval_from: int = 0,
-          target_accuracy: float | None = None, dev_problems: int = 256, threads: int | None = None,
-          device: str = "cpu") -> dict:
+def train(output: str | Path, *, seed: int = 0, max_steps: int = 6000, batch_size: int = 32, lr: float = 2e-3,
+          hidden_size: int = 128, layers: int = 4, vocab_size: int = 512, reflection_rate: float = 0.15,
+          eval_every: int = 250, patience: int = 2, max_decays: int = 2, dev_problems: int = 256,
+          threads: int | None = None, device: str = "cpu", resume: bool = False) -> dict:
+    """Train until the dev loss stops improving; returns the report written to ``training.json``.
+
+    ``resume`` continues a run in ``output`` from its kept weights and their step: the training stream is replayed
+    to that step, the optimizer's moments start afresh (they are not saved) with a new warm-up, and
+    ``training.json`` records where the run resumed.
+
+    The learning rate is constant after warm-up and halves whenever ``patience`` evaluations in a row fail to
+    lower the best dev loss; after ``max_decays`` halvings, one more such plateau ends training (or ``max_steps``
+    does). The weights with the best dev loss are the ones kept."""
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
@@ -103,65 +140,127 @@ def train(output: str | Path, *, seed: int = 0, steps: int = 3000, batch_size: i
         bos_token_id=None, pad_token_id=tokenizer.pad_token_id, torch_dtype="float32")
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config).to(device)
+    previous = json.loads((out / "training.json").read_text()) if resume else None
+    if previous:
+        model = Qwen2ForCausalLM.from_pretrained(out, torch_dtype=torch.float32).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
-    warmup = 100
-
-    def lr_at(step: int) -> float:  # linear warm-up, then constant
-        return lr * min(1.0, (step + 1) / warmup)
-
     stream = random.Random(seed + TRAIN_SEED_OFFSET)
-    from modelkit.arithmetic import make_problem
     dev = make_problems(dev_problems, DEV_SEED)
-    history, started = [], time.monotonic()
-    for step in range(steps):
+    dev_batches = [_batch(tokenizer, [(p.question, TrainingExample(p.solution)) for p in dev[i:i + batch_size]],
+                          device) for i in range(0, len(dev), batch_size)]
+    report = {"seed": seed, "batch_size": batch_size, "lr": lr, "warmup": WARMUP_STEPS, "hidden_size": hidden_size,
+              "layers": layers, "parameters": model.num_parameters(), "reflection_rate": reflection_rate,
+              "dev_seed": DEV_SEED, "dev_problems": dev_problems, "device": device,
+              "threads": torch.get_num_threads(), "history": []}
+    best, stale, decays, rate, first = float("inf"), 0, 0, lr, 1
+    train_losses, started = [], time.monotonic()
+    if previous:
+        first = previous["steps"] + 1
+        for _ in range(previous["steps"]):  # the same examples, drawn again without training on them
+            for p in [make_problem(stream, "train") for _ in range(batch_size)]:
+                make_training_example(stream, p, reflection_rate=reflection_rate)
+        report["history"] = [h for h in previous["history"] if h["step"] <= previous["steps"]]
+        report["resumed"] = [*previous.get("resumed", []), previous["steps"]]
+        best = previous["dev_loss"]
+        started -= previous.get("seconds", report["history"][-1]["seconds"])
+    for step in range(first, max_steps + 1):
         problems = [make_problem(stream, "train") for _ in range(batch_size)]
-        ids, mask, target = _batch(tokenizer, problems, device)
+        examples = [(p.question, make_training_example(stream, p, reflection_rate=reflection_rate)) for p in problems]
+        ids, mask, target = _batch(tokenizer, examples, device)
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step)
+            group["lr"] = rate * min(1.0, (step - first + 1) / WARMUP_STEPS)
         loss = model(input_ids=ids, attention_mask=mask, labels=target).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        if step % 50 == 0:
-            log.info("step %d/%d loss %.4f (%.0f s)", step, steps, loss.item(), time.monotonic() - started)
-        if ((step + 1) % eval_every == 0 and step + 1 >= eval_from) or step + 1 == steps:
-            accuracy = greedy_accuracy(model, tokenizer, dev)
-            history.append({"step": step + 1, "loss": round(loss.item(), 4), "dev_greedy_accuracy": accuracy,
-                            "seconds": round(time.monotonic() - started, 1)})
-            log.info("step %d: dev greedy accuracy %.3f", step + 1, accuracy)
-            report = {"seed": seed, "steps": step + 1, "batch_size": batch_size, "lr": lr, "warmup": warmup,
-                      "hidden_size": hidden_size, "layers": layers, "parameters": model.num_parameters(),
-                      "dev_seed": DEV_SEED, "history": history}
-            model.save_pretrained(out, safe_serialization=True)  # the weights as of this step
+        train_losses.append(loss.item())
+        if step % eval_every and step != max_steps:
+            continue
+        loss_now = dev_loss(model, tokenizer, dev_batches)
+        accuracy = greedy_accuracy(model, tokenizer, dev[:DEV_GREEDY_PROBLEMS])
+        improved = loss_now < best * (1 - MIN_IMPROVEMENT)
+        report["history"].append({
+            "step": step, "train_loss": round(sum(train_losses) / len(train_losses), 4), "dev_loss": round(loss_now, 4),
+            "dev_greedy_accuracy": accuracy, "lr": rate, "seconds": round(time.monotonic() - started, 1)})
+        train_losses = []
+        log.info("step %d: train loss %.4f, dev loss %.4f, dev greedy accuracy %.3f, lr %.2g (%.0f s)", step,
+                 report["history"][-1]["train_loss"], loss_now, accuracy, rate, time.monotonic() - started)
+        if improved:
+            best, stale = loss_now, 0
+            report.update(steps=step, dev_loss=round(loss_now, 4), dev_greedy_accuracy=accuracy)
+            model.save_pretrained(out, safe_serialization=True)  # the best weights so far
             GenerationConfig(eos_token_id=eos_id).save_pretrained(out)
-            (out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
-            if target_accuracy is not None and accuracy >= target_accuracy:
-                log.info("dev greedy accuracy %.3f reached the target %.3f: stopping", accuracy, target_accuracy)
+        else:
+            stale += 1
+        (out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
+        if stale >= patience:
+            if decays == max_decays:
+                log.info("dev loss stopped improving (best %.4f at step %d): stopping", best, report["steps"])
+                report["stopped"] = "converged"
                 break
+            decays, stale, rate = decays + 1, 0, rate / 2
+    else:
+        report["stopped"] = "max_steps"
+    report["seconds"] = round(time.monotonic() - started, 1)
+    (out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def plot_history(report: dict, path: str | Path) -> list[Path]:
+    """Loss (train and dev) and dev greedy accuracy against steps, as ``path``.png and .svg."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    history = report["history"]
+    steps = [h["step"] for h in history]
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
+    loss_ax.plot(steps, [h["train_loss"] for h in history], label="train (mean since last point)")
+    loss_ax.plot(steps, [h["dev_loss"] for h in history], label="dev")
+    loss_ax.axvline(report["steps"], color="grey", linestyle=":", label=f"kept (step {report['steps']})")
+    loss_ax.set(xlabel="step", ylabel="token loss", yscale="log", title="Loss")
+    loss_ax.legend()
+    acc_ax.plot(steps, [h["dev_greedy_accuracy"] for h in history], marker="o", color="C2")
+    acc_ax.set(xlabel="step", ylabel="accuracy", ylim=(0, 1),
+               title=f"Greedy accuracy, {DEV_GREEDY_PROBLEMS} dev problems")
+    fig.tight_layout()
+    written = []
+    for suffix in (".png", ".svg"):
+        target = Path(str(path) + suffix)
+        fig.savefig(target, dpi=120)
+        written.append(target)
+    plt.close(fig)
+    return written
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--output", required=True, help="model directory to write")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--max-steps", type=int, default=6000, help="stop here even if the dev loss still improves")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--hidden-size", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--eval-every", type=int, default=500)
-    p.add_argument("--eval-from", type=int, default=0, help="first step to evaluate at")
-    p.add_argument("--target-accuracy", type=float, help="stop at the first evaluation reaching this dev accuracy")
+    p.add_argument("--reflection-rate", type=float, default=0.15,
+                   help="share of training solutions that slip, reflect and redo the work")
+    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--patience", type=int, default=2, help="evaluations without a better dev loss before the "
+                                                           "learning rate halves")
+    p.add_argument("--max-decays", type=int, default=2, help="halvings before a plateau stops training")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output from its kept weights")
+    p.add_argument("--plot", metavar="PREFIX", help="also draw the training curves to PREFIX.png and PREFIX.svg")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    report = train(args.output, seed=args.seed, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                   hidden_size=args.hidden_size, layers=args.layers, eval_every=args.eval_every,
-                   eval_from=args.eval_from, target_accuracy=args.target_accuracy,
-                   threads=args.threads, device=args.device)
+    report = train(args.output, seed=args.seed, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
+                   hidden_size=args.hidden_size, layers=args.layers, reflection_rate=args.reflection_rate,
+                   eval_every=args.eval_every, patience=args.patience, max_decays=args.max_decays,
+                   threads=args.threads, device=args.device, resume=args.resume)
+    if args.plot:
+        print(*plot_history(report, args.plot))
     print(json.dumps(report["history"][-1]))
     return 0
 

@@ -64,6 +64,21 @@ def test_eval_compares_every_strategy_at_one_budget(arith_worker, arith_config):
     assert "mcts-mini32" in format_table(reports)
 
 
+def test_model_report_decodes_greedily_and_samples_on_the_worker(arith_worker, arith_config):
+    from deploy.model_report import format_report, run_model_report
+    from modelkit.arithmetic import HELD_OUT_SEED_START, make_problems
+
+    problems = make_problems(8, HELD_OUT_SEED_START + 11)
+    report = run_model_report(arith_config, problems, samples=3)
+    assert report.overall.problems == 8 and report.samples == 3
+    assert sum(r.problems for r in report.by_length) == 8
+    assert {r.changes for r in report.by_length} == {p.changes for p in problems}
+    assert report.overall.greedy > 0, "the bundled model is trained: greedy decoding solves some problems"
+    assert report.overall.one_sample <= report.overall.pass_at_k
+    assert 0 < report.mean_greedy_tokens <= arith_config.search.max_path_tokens
+    assert "pass@3" in format_report(report)
+
+
 def test_per_token_design_generates_what_one_call_does(arith_worker):
     """The one-call-per-token engine of `forest bench designs` is the same model, driven slowly."""
     import ray

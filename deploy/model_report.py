@@ -1,0 +1,166 @@
+"""``forest model-report``: how the policy model behaves on its own problems, before any search.
+
+For each problem of ``forest make-problems --n N --seed S`` (generated here, so each one's number of worked steps is
+known): one greedy response and ``--samples`` responses at the configured sampling temperature and top-p, each up to
+``search.max_path_tokens`` tokens. Reported, overall and by number of steps: greedy accuracy, the accuracy of one
+sample (the mean over the samples, an unbiased estimate), pass@k (some sample is right), and how often a response
+reflects on its own (writes the reflection phrase unprompted). These say whether a search has something to find:
+pass@k far above greedy, and sampling not much worse than greedy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from cluster.config import ForestConfig
+from modelkit.arithmetic import ArithmeticProblem
+from search.prompts import OUTPUT_END, REFLECTION_PHRASE, answers_match, extract_answer, prompt_token_ids
+from search.protocol import GenerationRequest
+
+DEFAULT_SAMPLES = 8
+
+
+@dataclass(frozen=True, slots=True)
+class LengthRow:
+    """Figures for the problems with one number of worked steps (``changes`` 0 stands for all problems)."""
+
+    changes: int
+    problems: int
+    greedy: float
+    one_sample: float
+    pass_at_k: float
+    reflecting: float  # share of sampled responses that write the reflection phrase
+
+    def row(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelReport:
+    samples: int
+    temperature: float
+    top_p: float
+    max_tokens: int
+    mean_greedy_tokens: float
+    overall: LengthRow
+    by_length: list[LengthRow]
+
+    def row(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _summary(changes: int, greedy: list[bool], sampled: list[list[bool]], reflecting: list[list[bool]]) -> LengthRow:
+    return LengthRow(changes, len(greedy), float(np.mean(greedy)), float(np.mean(sampled)),
+                     float(np.mean([any(s) for s in sampled])), float(np.mean(reflecting)))
+
+
+def summarize(problems: list[ArithmeticProblem], greedy: list[str | None], sampled: list[list[str]], *,
+              samples: int, temperature: float, top_p: float, max_tokens: int, greedy_tokens: list[int]
+              ) -> ModelReport:
+    """The report from the decoded responses (``sampled[i]``: problem ``i``'s ``samples`` responses)."""
+    greedy_right = [answers_match(extract_answer(text or ""), p.answer) for text, p in zip(greedy, problems,
+                                                                                          strict=True)]
+    sample_right = [[answers_match(extract_answer(t), p.answer) for t in texts]
+                    for texts, p in zip(sampled, problems, strict=True)]
+    reflecting = [[REFLECTION_PHRASE in t for t in texts] for texts in sampled]
+    groups = collections.defaultdict(list)
+    for i, p in enumerate(problems):
+        groups[p.changes].append(i)
+    by_length = [_summary(changes, [greedy_right[i] for i in idx], [sample_right[i] for i in idx],
+                          [reflecting[i] for i in idx]) for changes, idx in sorted(groups.items())]
+    return ModelReport(samples, temperature, top_p, max_tokens, float(np.mean(greedy_tokens)),
+                       _summary(0, greedy_right, sample_right, reflecting), by_length)
+
+
+def run_model_report(config: ForestConfig, problems: list[ArithmeticProblem], *, samples: int = DEFAULT_SAMPLES,
+                     concurrency: int = 64) -> ModelReport:
+    """Decode every problem greedily and ``samples`` times on the config's workers; see the module doc."""
+    from actors.pool import TreeEngine, open_pool
+    from deploy.progress import Progress
+
+    search = config.search
+    with open_pool(config) as pool:
+        tokenizer = pool.tokenizer
+
+        async def go():
+            workers = pool.worker_pool()
+            gate = asyncio.Semaphore(concurrency)
+            progress = Progress(len(problems), label="model report", unit="problem")
+
+            async def one(index: int, problem: ArithmeticProblem):
+                prompt = np.asarray(prompt_token_ids(tokenizer, problem.question, system_prompt=search.system_prompt),
+                                    dtype=np.int32)
+                base = GenerationRequest(prompt, max_tokens=search.max_path_tokens, stop=(OUTPUT_END,))
+                async with gate:
+                    engine = TreeEngine(workers)
+                    try:
+                        (greedy,) = await engine.generate(dataclasses.replace(base, temperature=0.0,
+                                                                              request_id=f"report-{index}-greedy"))
+                        drawn = await engine.generate(dataclasses.replace(
+                            base, n=samples, temperature=search.temperature, top_p=search.top_p, seed=index,
+                            request_id=f"report-{index}-samples"))
+                    finally:
+                        engine.close()
+                progress.update(ok=True, tokens=len(greedy) + sum(len(c) for c in drawn))
+                return greedy, drawn
+
+            try:
+                return await asyncio.gather(*(one(i, p) for i, p in enumerate(problems)))
+            finally:
+                progress.close()
+
+        results = asyncio.run(go())
+        decode = tokenizer.decode
+        greedy = [decode(g.token_ids.tolist()) for g, _ in results]
+        sampled = [[decode(c.token_ids.tolist()) for c in drawn] for _, drawn in results]
+    return summarize(problems, greedy, sampled, samples=samples, temperature=search.temperature, top_p=search.top_p,
+                     max_tokens=search.max_path_tokens, greedy_tokens=[len(g) for g, _ in results])
+
+
+def format_report(report: ModelReport) -> str:
+    k = report.samples
+    lines = [f"{report.overall.problems} problems; samples at temperature {report.temperature:g}, top-p "
+             f"{report.top_p:g}, up to {report.max_tokens} tokens; greedy used {report.mean_greedy_tokens:.1f} "
+             "tokens on average",
+             f"{'steps':>5} {'problems':>8} {'greedy':>7} {'1 sample':>8} {f'pass@{k}':>7} {'reflects':>8}"]
+    for r in [*report.by_length, report.overall]:
+        label = "all" if r.changes == 0 else str(r.changes)
+        lines.append(f"{label:>5} {r.problems:>8} {100 * r.greedy:>6.1f}% {100 * r.one_sample:>7.1f}% "
+                     f"{100 * r.pass_at_k:>6.1f}% {100 * r.reflecting:>7.1f}%")
+    return "\n".join(lines)
+
+
+def plot_report(report: ModelReport, path_prefix: str) -> list[str]:
+    """Greedy, one-sample and pass@k accuracy against the number of worked steps: ``PREFIX.png`` and ``.svg``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r.changes for r in report.by_length]
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for label, values in (("greedy", [r.greedy for r in report.by_length]),
+                          (f"one sample (temperature {report.temperature:g})",
+                           [r.one_sample for r in report.by_length]),
+                          (f"pass@{report.samples}", [r.pass_at_k for r in report.by_length])):
+        axes.plot(steps, [100 * v for v in values], marker="o", label=label)
+    axes.set(xlabel="worked steps in the problem", ylabel="accuracy (%)", ylim=(0, 100), xticks=steps,
+             title=f"Bundled model on {report.overall.problems} held-out problems")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    paths = [f"{path_prefix}.png", f"{path_prefix}.svg"]
+    for path in paths:
+        figure.savefig(path, dpi=150)
+    plt.close(figure)
+    return paths
+
+
+def report_json(report: ModelReport) -> str:
+    return json.dumps(report.row())

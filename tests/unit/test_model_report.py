@@ -1,0 +1,35 @@
+"""`forest model-report`'s figures from decoded responses: greedy, one-sample and pass@k accuracy by length."""
+
+import pytest
+
+from deploy.model_report import format_report, summarize
+from modelkit.arithmetic import make_problems
+from search.prompts import REFLECTION_PHRASE
+
+
+def _answer(text: str) -> str:
+    return f"<Thought>\nx\n</Thought>\n<Output>\n{text}\n</Output>"
+
+
+def test_summary_counts_greedy_samples_and_pass_at_k_by_length():
+    problems = make_problems(40, seed=11)
+    one = [p for p in problems if p.changes == 1][:2]
+    two = [p for p in problems if p.changes == 2][:1]
+    chosen = one + two
+    greedy = [_answer(one[0].answer), None, _answer("-1")]
+    sampled = [[_answer(one[0].answer), _answer("-1")],
+               [_answer("-1"), REFLECTION_PHRASE + _answer(one[1].answer)],
+               [_answer("-1"), _answer("-2")]]
+    report = summarize(chosen, greedy, sampled, samples=2, temperature=0.3, top_p=1.0, max_tokens=256,
+                       greedy_tokens=[10, 20, 30])
+    assert report.overall.problems == 3 and report.mean_greedy_tokens == 20
+    assert report.overall.greedy == pytest.approx(1 / 3)
+    assert report.overall.one_sample == pytest.approx(2 / 6)
+    assert report.overall.pass_at_k == pytest.approx(2 / 3)
+    assert report.overall.reflecting == pytest.approx(1 / 6)
+    by = {r.changes: r for r in report.by_length}
+    assert set(by) == {1, 2}
+    assert (by[1].greedy, by[1].one_sample, by[1].pass_at_k) == (0.5, 0.5, 1.0)
+    assert (by[2].greedy, by[2].pass_at_k) == (0.0, 0.0)
+    table = format_report(report)
+    assert "pass@2" in table and table.splitlines()[-1].split()[0] == "all"
