@@ -23,8 +23,7 @@ install: $(BIN)/.installed
 # retrain the bundled model committed in $(MODEL) until its dev loss stops improving, and draw its training curves
 # (docs/model.md gives the time it takes; see modelkit/train.py)
 model: $(BIN)/.installed
-	$(BIN)/python -m modelkit.train --output $(MODEL) --max-steps 3000 --eval-every 150 --lr 3e-3 --patience 2 \
-	  --max-decays 1 --threads 2 --plot docs/model-training
+	$(BIN)/python -m modelkit.train --output $(MODEL) --threads 2 --plot docs/model-training
 
 demo: $(BIN)/.installed
 	$(BIN)/forest build --config deploy/configs/build.cpu.yaml --input deploy/demo_problems.jsonl --output out/demo

@@ -2,13 +2,13 @@
 
     python -m modelkit.train --output models/forest-arith --plot docs/model-training   # see ``make model``
 
-Trained to convergence: every ``--eval-every`` steps the loss on a fixed dev set (a seed no training stream uses)
-is measured and dev problems are decoded greedily with transformers; the learning rate halves when the dev loss
-stops improving and training ends at the next plateau. The weights with the best dev loss are kept, and
-``training.json`` beside them records every evaluation (``--plot`` draws them). The model's mistakes come from the
-problems (products, remainders and carries computed in one step, compounding over up to five steps), not from
-stopping early. A share of training solutions slip, write Marco-o1's reflection phrase and redo the work (the slip
-itself is not trained on), so a forced reflection means something to the model.
+Trained until the dev loss stops improving: every ``--eval-every`` steps the loss on a fixed dev set (a seed no
+training stream uses) is measured and dev problems are decoded greedily with transformers; the learning rate halves
+when the dev loss stops improving and training ends at the next plateau (or at ``--max-steps``). The weights with
+the best dev loss are kept, and ``training.json`` beside them records every evaluation (``--plot`` draws them).
+The problems are meant to be hard for a converged model (products, remainders and carries computed in one step,
+compounding over up to five steps). A share of training solutions slip, write Marco-o1's reflection phrase and
+redo the work (the slip itself is not trained on), so a forced reflection means something to the model.
 
 Reproducible: the tokenizer, the initial weights and the training stream all come from ``--seed`` (on one device
 and thread count; wall time only changes how long it takes). Digits are single tokens, so carries are learnable,
@@ -38,6 +38,10 @@ WARMUP_STEPS = 100
 MIN_IMPROVEMENT = 0.005  # a dev loss at least 0.5% below the best so far counts as better
 DEV_GREEDY_PROBLEMS = 128
 MAX_NEW_TOKENS = 400  # room for a slip, a reflection and a redo of the longest problems
+# the recipe of the bundled model (docs/model.md); the command line's defaults
+MAX_STEPS, BATCH_SIZE, LEARNING_RATE, EVAL_EVERY, PATIENCE, MAX_DECAYS = 3000, 32, 3e-3, 150, 2, 1
+REFLECTION_RATE = 0.15  # share of training solutions that slip, reflect and redo
+HIDDEN_SIZE, LAYERS = 128, 4
 
 
 def _tokenizer_corpus(seed: int) -> list[str]:
@@ -111,14 +115,16 @@ def greedy_accuracy(model, tokenizer, problems, *, max_new_tokens: int = MAX_NEW
     return correct / len(problems)
 
 
-def train(output: str | Path, *, seed: int = 0, max_steps: int = 6000, batch_size: int = 32, lr: float = 2e-3,
-          hidden_size: int = 128, layers: int = 4, vocab_size: int = 512, reflection_rate: float = 0.15,
-          eval_every: int = 250, patience: int = 2, max_decays: int = 2, dev_problems: int = 256,
+def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batch_size: int = BATCH_SIZE,
+          lr: float = LEARNING_RATE, hidden_size: int = HIDDEN_SIZE, layers: int = LAYERS, vocab_size: int = 512,
+          reflection_rate: float = REFLECTION_RATE, eval_every: int = EVAL_EVERY, patience: int = PATIENCE,
+          max_decays: int = MAX_DECAYS, dev_problems: int = 256,
           threads: int | None = None, device: str = "cpu", resume: bool = False) -> dict:
     """Train until the dev loss stops improving; returns the report written to ``training.json``.
 
     ``resume`` continues a run in ``output`` from its kept weights and their step: the training stream is replayed
-    to that step, the optimizer's moments start afresh (they are not saved) with a new warm-up, and
+    to that step, the optimizer's moments and the learning rate start afresh (they are not saved) with a new
+    warm-up, and
     ``training.json`` records where the run resumed.
 
     The learning rate is constant after warm-up and halves whenever ``patience`` evaluations in a row fail to
@@ -238,17 +244,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--output", required=True, help="model directory to write")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-steps", type=int, default=6000, help="stop here even if the dev loss still improves")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--hidden-size", type=int, default=128)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--reflection-rate", type=float, default=0.15,
+    p.add_argument("--max-steps", type=int, default=MAX_STEPS, help="stop here even if the dev loss still improves")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    p.add_argument("--lr", type=float, default=LEARNING_RATE)
+    p.add_argument("--hidden-size", type=int, default=HIDDEN_SIZE)
+    p.add_argument("--layers", type=int, default=LAYERS)
+    p.add_argument("--reflection-rate", type=float, default=REFLECTION_RATE,
                    help="share of training solutions that slip, reflect and redo the work")
-    p.add_argument("--eval-every", type=int, default=250)
-    p.add_argument("--patience", type=int, default=2, help="evaluations without a better dev loss before the "
-                                                           "learning rate halves")
-    p.add_argument("--max-decays", type=int, default=2, help="halvings before a plateau stops training")
+    p.add_argument("--eval-every", type=int, default=EVAL_EVERY)
+    p.add_argument("--patience", type=int, default=PATIENCE, help="evaluations without a better dev loss before "
+                                                                  "the learning rate halves")
+    p.add_argument("--max-decays", type=int, default=MAX_DECAYS, help="halvings before a plateau stops training")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--resume", action="store_true", help="continue the run in --output from its kept weights")
