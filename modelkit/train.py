@@ -159,6 +159,7 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
               "dev_seed": DEV_SEED, "dev_problems": dev_problems, "device": device,
               "threads": torch.get_num_threads(), "history": []}
     best, stale, decays, rate, first = float("inf"), 0, 0, lr, 1
+    plateau_mark = best  # the dev loss that the next one must beat by MIN_IMPROVEMENT to count as progress
     train_losses, started = [], time.monotonic()
     if previous:
         first = previous["steps"] + 1
@@ -167,7 +168,7 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
                 make_training_example(stream, p, reflection_rate=reflection_rate)
         report["history"] = [h for h in previous["history"] if h["step"] <= previous["steps"]]
         report["resumed"] = [*previous.get("resumed", []), previous["steps"]]
-        best = previous["dev_loss"]
+        best = plateau_mark = previous["dev_loss"]
         started -= previous.get("seconds", report["history"][-1]["seconds"])
     for step in range(first, max_steps + 1):
         problems = [make_problem(stream, "train") for _ in range(batch_size)]
@@ -185,18 +186,19 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
             continue
         loss_now = dev_loss(model, tokenizer, dev_batches)
         accuracy = greedy_accuracy(model, tokenizer, dev[:DEV_GREEDY_PROBLEMS])
-        improved = loss_now < best * (1 - MIN_IMPROVEMENT)
         report["history"].append({
             "step": step, "train_loss": round(sum(train_losses) / len(train_losses), 4), "dev_loss": round(loss_now, 4),
             "dev_greedy_accuracy": accuracy, "lr": rate, "seconds": round(time.monotonic() - started, 1)})
         train_losses = []
         log.info("step %d: train loss %.4f, dev loss %.4f, dev greedy accuracy %.3f, lr %.2g (%.0f s)", step,
                  report["history"][-1]["train_loss"], loss_now, accuracy, rate, time.monotonic() - started)
-        if improved:
-            best, stale = loss_now, 0
+        if loss_now < best:
+            best = loss_now
             report.update(steps=step, dev_loss=round(loss_now, 4), dev_greedy_accuracy=accuracy)
             model.save_pretrained(out, safe_serialization=True)  # the best weights so far
             GenerationConfig(eos_token_id=eos_id).save_pretrained(out)
+        if loss_now < plateau_mark * (1 - MIN_IMPROVEMENT):
+            plateau_mark, stale = loss_now, 0
         else:
             stale += 1
         (out / "training.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -33,3 +33,11 @@ def test_summary_counts_greedy_samples_and_pass_at_k_by_length():
     assert (by[2].greedy, by[2].pass_at_k) == (0.0, 0.0)
     table = format_report(report)
     assert "pass@2" in table and table.splitlines()[-1].split()[0] == "all"
+
+
+def test_model_report_cli_rejects_bad_counts_before_starting_anything(capsys):
+    from deploy.cli import main
+
+    assert main(["model-report", "--n", "0"]) == 2
+    assert "--n and --samples must be >= 1" in capsys.readouterr().err
+    assert main(["model-report", "--samples", "0"]) == 2
