@@ -165,6 +165,9 @@ def run_eval(config: ForestConfig, problems: list[Problem], strategies: list[str
                         + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
     if not problems:
         raise EvalError("no problems to evaluate")
+    if config.search.reflection == "wrong_answer":
+        raise EvalError("search.reflection: wrong_answer reads the reference answer, which forest eval never gives a "
+                        "strategy; use off, always or below:<value>")
     if not budgets or min(budgets) < config.search.max_path_tokens:
         raise EvalError(f"every budget ({budgets}) must be at least search.max_path_tokens "
                         f"({config.search.max_path_tokens}): no strategy could finish one path")

@@ -63,3 +63,13 @@ def test_the_plot_is_written_as_png_and_svg(tmp_path):
     assert (tmp_path / "acc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     svg = (tmp_path / "acc.svg").read_text()
     assert "<svg" in svg and "mcts-step" in svg and "pass@tree" in svg
+
+
+def test_eval_refuses_a_reflection_policy_that_reads_the_reference():
+    from cluster.config import ForestConfig
+    from dataset.problems import Problem
+    from deploy.evaluate import run_eval
+
+    config = ForestConfig.model_validate({"search": {"reflection": "wrong_answer"}})
+    with pytest.raises(EvalError, match="wrong_answer reads the reference"):
+        run_eval(config, [Problem("p", "q", "1")], ["greedy"], budgets=[config.search.max_path_tokens])
