@@ -201,12 +201,9 @@ def _count(progress, result) -> None:
 def plot(reports: list[StrategyReport], path_prefix: str) -> list[str]:
     """Accuracy (with its 95% interval) against mean generated tokens, one line per strategy, plus each MCTS
     strategy's pass@tree as a dotted line; writes ``PREFIX.png`` and ``PREFIX.svg`` and returns their paths."""
-    import matplotlib
+    from deploy.plots import new_figure, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(7.5, 4.8))
+    figure, axes = new_figure(figsize=(7.5, 4.8))
     for name in dict.fromkeys(r.strategy for r in reports):
         rows = sorted((r for r in reports if r.strategy == name), key=lambda r: r.mean_tokens)
         x = [r.mean_tokens for r in rows]
@@ -221,12 +218,7 @@ def plot(reports: list[StrategyReport], path_prefix: str) -> list[str]:
     axes.set_title(f"{reports[0].problems} problems, budgets {sorted({r.budget_tokens for r in reports})}")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7, loc="best")
-    figure.tight_layout()
-    paths = [f"{path_prefix}.png", f"{path_prefix}.svg"]
-    for path in paths:
-        figure.savefig(path, dpi=150)
-    plt.close(figure)
-    return paths
+    return save_figure(figure, path_prefix)
 
 
 def _rules(r: StrategyReport) -> str:

@@ -138,13 +138,10 @@ def format_report(report: ModelReport) -> str:
 
 def plot_report(report: ModelReport, path_prefix: str) -> list[str]:
     """Greedy, one-sample and pass@k accuracy against the number of worked steps: ``PREFIX.png`` and ``.svg``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from deploy.plots import new_figure, save_figure
 
     steps = [r.changes for r in report.by_length]
-    figure, axes = plt.subplots(figsize=(6, 4))
+    figure, axes = new_figure(figsize=(6, 4))
     for label, values in (("greedy", [r.greedy for r in report.by_length]),
                           (f"one sample (temperature {report.temperature:g})",
                            [r.one_sample for r in report.by_length]),
@@ -154,12 +151,7 @@ def plot_report(report: ModelReport, path_prefix: str) -> list[str]:
              title=f"Bundled model on {report.overall.problems} held-out problems")
     axes.grid(alpha=0.3)
     axes.legend()
-    figure.tight_layout()
-    paths = [f"{path_prefix}.png", f"{path_prefix}.svg"]
-    for path in paths:
-        figure.savefig(path, dpi=150)
-    plt.close(figure)
-    return paths
+    return save_figure(figure, path_prefix)
 
 
 def report_json(report: ModelReport) -> str:

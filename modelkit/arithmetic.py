@@ -41,6 +41,7 @@ MAX_DISTRACTORS = 2
 MAX_COUNT = 999  # a count never exceeds three digits
 MIN_GAIN = 2  # the fewest items a gain (or a bag) adds
 STEP_DELIMITER = "\n\n"
+THOUGHT_OPEN = "<Thought>\n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +122,7 @@ def make_problem(rng: random.Random, problem_id: str) -> ArithmeticProblem:
 
 
 def _response(steps: list[str], answer: str) -> str:
-    return "<Thought>\n" + STEP_DELIMITER.join(steps) + f"\n</Thought>\n<Output>\n{answer}\n</Output>"
+    return THOUGHT_OPEN + STEP_DELIMITER.join(steps) + f"\n</Thought>\n<Output>\n{answer}\n</Output>"
 
 
 def make_problems(n: int, seed: int) -> list[ArithmeticProblem]:
@@ -192,12 +193,8 @@ def make_training_example(rng: random.Random, problem: ArithmeticProblem, *, ref
     if rng.random() >= reflection_rate:
         return TrainingExample(problem.solution)
     slipped, at = _mistaken_steps(rng, problem)
-    prefix = "<Thought>\n" + STEP_DELIMITER.join(slipped[:at])
-    if at:
-        prefix += STEP_DELIMITER
-    start = len(prefix)
-    thought = STEP_DELIMITER.join([*slipped, REFLECTION_PHRASE, *problem.steps])
-    response = "<Thought>\n" + thought + f"\n</Thought>\n<Output>\n{problem.answer}\n</Output>"
+    response = _response([*slipped, REFLECTION_PHRASE, *problem.steps], problem.answer)
+    start = len(THOUGHT_OPEN + STEP_DELIMITER.join(slipped[:at]) + STEP_DELIMITER)  # at >= 1: the start step first
     return TrainingExample(response, ((start, start + len(slipped[at])),))
 
 

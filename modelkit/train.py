@@ -79,6 +79,12 @@ def _batch(tokenizer, examples: list[tuple[str, TrainingExample]], device):
     return ids.to(device), mask.to(device), target.to(device)
 
 
+def _draw_batch(stream: random.Random, batch_size: int, reflection_rate: float) -> list[tuple[str, TrainingExample]]:
+    """The next training batch of the stream: (question, example) pairs, problems drawn before their examples."""
+    problems = [make_problem(stream, "train") for _ in range(batch_size)]
+    return [(p.question, make_training_example(stream, p, reflection_rate=reflection_rate)) for p in problems]
+
+
 def dev_loss(model, tokenizer, batches) -> float:
     """Mean token loss of the model on fixed dev batches (correct solutions of dev problems)."""
     import torch
@@ -164,16 +170,13 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
     if previous:
         first = previous["steps"] + 1
         for _ in range(previous["steps"]):  # the same examples, drawn again without training on them
-            for p in [make_problem(stream, "train") for _ in range(batch_size)]:
-                make_training_example(stream, p, reflection_rate=reflection_rate)
+            _draw_batch(stream, batch_size, reflection_rate)
         report["history"] = [h for h in previous["history"] if h["step"] <= previous["steps"]]
         report["resumed"] = [*previous.get("resumed", []), previous["steps"]]
         best = plateau_mark = previous["dev_loss"]
         started -= previous.get("seconds", report["history"][-1]["seconds"])
     for step in range(first, max_steps + 1):
-        problems = [make_problem(stream, "train") for _ in range(batch_size)]
-        examples = [(p.question, make_training_example(stream, p, reflection_rate=reflection_rate)) for p in problems]
-        ids, mask, target = _batch(tokenizer, examples, device)
+        ids, mask, target = _batch(tokenizer, _draw_batch(stream, batch_size, reflection_rate), device)
         for group in optimizer.param_groups:
             group["lr"] = rate * min(1.0, (step - first + 1) / WARMUP_STEPS)
         loss = model(input_ids=ids, attention_mask=mask, labels=target).loss

@@ -110,7 +110,6 @@ def test_every_change_keeps_the_count_in_range(total):
 
 def test_training_keeps_the_best_weights_and_resumes(tmp_path):
     """A tiny run: every evaluation recorded, the best dev loss kept; a resumed run continues the history."""
-    import json as json_
     from modelkit.train import train
 
     settings = dict(hidden_size=64, layers=1, batch_size=4, eval_every=1, dev_problems=4, threads=1)
@@ -118,7 +117,7 @@ def test_training_keeps_the_best_weights_and_resumes(tmp_path):
     assert [h["step"] for h in first["history"]] == [1, 2] and first["stopped"] == "max_steps"
     best = min(first["history"], key=lambda h: h["dev_loss"])
     assert (first["steps"], first["dev_loss"]) == (best["step"], best["dev_loss"])
-    assert json_.loads((tmp_path / "training.json").read_text())["steps"] == first["steps"]
+    assert json.loads((tmp_path / "training.json").read_text())["steps"] == first["steps"]
     again = train(tmp_path, max_steps=3, resume=True, **settings)
     assert again["resumed"] == [first["steps"]]
     assert [h["step"] for h in again["history"]][-1] == 3
