@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 MODEL := models/forest-arith
+MODEL_DEVICE ?= cpu
 export RAY_AUTH_MODE ?= disabled
 
 .PHONY: demo test unit install browser clean model
@@ -21,9 +22,10 @@ $(BIN)/.installed: pyproject.toml
 install: $(BIN)/.installed
 
 # retrain the bundled model committed in $(MODEL) until its dev loss stops improving, and draw its training curves
+# (MODEL_DEVICE=cuda trains on a GPU)
 # (docs/model.md gives the time it takes; see modelkit/train.py)
 model: $(BIN)/.installed
-	$(BIN)/python -m modelkit.train --output $(MODEL) --threads 2 --plot docs/model-training
+	$(BIN)/python -m modelkit.train --output $(MODEL) --device $(MODEL_DEVICE) --threads 2 --plot docs/model-training
 
 demo: $(BIN)/.installed
 	$(BIN)/forest build --config deploy/configs/build.cpu.yaml --input deploy/demo_problems.jsonl --output out/demo

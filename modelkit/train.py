@@ -39,7 +39,7 @@ MIN_IMPROVEMENT = 0.005  # a dev loss at least 0.5% below the best so far counts
 DEV_GREEDY_PROBLEMS = 128
 MAX_NEW_TOKENS = 400  # room for a slip, a reflection and a redo of the longest problems
 # the recipe of the bundled model (docs/model.md); the command line's defaults
-MAX_STEPS, BATCH_SIZE, LEARNING_RATE, EVAL_EVERY, PATIENCE, MAX_DECAYS = 3000, 32, 3e-3, 150, 2, 1
+MAX_STEPS, BATCH_SIZE, LEARNING_RATE, EVAL_EVERY, PATIENCE, MAX_DECAYS = 20000, 32, 3e-3, 300, 3, 2
 REFLECTION_RATE = 0.15  # share of training solutions that slip, reflect and redo
 HIDDEN_SIZE, LAYERS = 128, 4
 
@@ -56,26 +56,21 @@ def _batch(tokenizer, examples: list[tuple[str, TrainingExample]], device):
     its unscored spans (a deliberate slip before a reflection)."""
     import torch
 
+    prompts = tokenizer([build_prompt(q) for q, _ in examples], add_special_tokens=False)["input_ids"]
+    responses = tokenizer([e.response + "<|im_end|>" for _, e in examples], add_special_tokens=False,
+                          return_offsets_mapping=True)  # one call per batch: the tokenizer's per-call cost dominates
     rows, labels = [], []
-    for question, example in examples:
-        prompt = tokenizer(build_prompt(question), add_special_tokens=False)["input_ids"]
-        encoded = tokenizer(example.response + "<|im_end|>", add_special_tokens=False, return_offsets_mapping=True)
-        response = encoded["input_ids"]
-        label = list(response)
-        for i, (start, end) in enumerate(encoded["offset_mapping"]):
-            if any(start < b and end > a for a, b in example.unscored):
-                label[i] = IGNORE
+    for prompt, response, offsets, (_, example) in zip(prompts, responses["input_ids"], responses["offset_mapping"],
+                                                       examples, strict=True):
+        label = [IGNORE if any(start < b and end > a for a, b in example.unscored) else token
+                 for token, (start, end) in zip(response, offsets, strict=True)]
         rows.append(prompt + response)
         labels.append([IGNORE] * len(prompt) + label)
     width = max(map(len, rows))
     pad = tokenizer.pad_token_id
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    target = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-    for i, (row, label) in enumerate(zip(rows, labels, strict=True)):
-        ids[i, :len(row)] = torch.tensor(row)
-        mask[i, :len(row)] = 1
-        target[i, :len(row)] = torch.tensor(label)
+    ids = torch.tensor([row + [pad] * (width - len(row)) for row in rows], dtype=torch.long)
+    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows], dtype=torch.long)
+    target = torch.tensor([label + [IGNORE] * (width - len(label)) for label in labels], dtype=torch.long)
     return ids.to(device), mask.to(device), target.to(device)
 
 
@@ -108,8 +103,8 @@ def greedy_accuracy(model, tokenizer, problems, *, max_new_tokens: int = MAX_NEW
     correct = 0
     model.eval()
     with torch.no_grad():
-        for start in range(0, len(problems), 64):
-            chunk = problems[start:start + 64]
+        for start in range(0, len(problems), DEV_GREEDY_PROBLEMS):
+            chunk = problems[start:start + DEV_GREEDY_PROBLEMS]
             enc = tokenizer([build_prompt(p.question) for p in chunk], return_tensors="pt", padding=True,
                             add_special_tokens=False).to(model.device)
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
