@@ -1,4 +1,5 @@
-"""The vLLM adapter: one vLLM ``AsyncLLM`` (GPU build or CPU build) behind the search core's ``Engine`` protocol.
+"""The vLLM adapter: one vLLM ``AsyncLLM`` (GPU build or CPU build) behind the search core's ``Engine`` protocol,
+and one on vLLM's pooling runner behind its ``Scorer`` protocol (``VLLMScorer``, a value model).
 
 ``VLLMEngine`` is a plain class (constructible and testable without Ray); ``actors.generator.GeneratorWorker`` is
 the thin Ray actor around it. Many requests are in flight at once (vLLM batches them); cancelling a caller's
@@ -18,7 +19,7 @@ import numpy as np
 import psutil
 
 from cluster.config import EngineConfig
-from search.protocol import (TOP_K, Chunk, EngineDeadError, EngineError, FinishReason, GenerationRequest)
+from search.protocol import TOP_K, Chunk, EngineDeadError, EngineError, FinishReason, GenerationRequest, ScoreRequest
 
 CPU_MIN_BATCHED_TOKENS = 8192  # tokens one CPU engine step may take (whole prefills need at least max_model_len)
 FAST_BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})  # /proc/cpuinfo flags of CPUs with bfloat16 units
@@ -81,7 +82,8 @@ def resolve_dtype(dtype: str, model: str, device: str, *, fast_bf16: bool | None
     return native
 
 
-def _engine_args(config: EngineConfig, *, seed: int, device: str):
+def _engine_args(config: EngineConfig, *, seed: int, device: str, pooling: bool = False):
+    """vLLM's engine arguments; ``pooling``: the pooling runner (a value model), without sampling settings."""
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     cpu_only = {}
@@ -94,14 +96,15 @@ def _engine_args(config: EngineConfig, *, seed: int, device: str):
                     "max_num_batched_tokens": max(config.max_model_len, CPU_MIN_BATCHED_TOKENS)}
     # Tensor parallelism on GPUs: vLLM starts its shard workers in the actor's placement group.
     backend = "ray" if device == "cuda" and config.tensor_parallel_size > 1 else None
+    runner = {"runner": "pooling", "enable_prefix_caching": False} if pooling else {
+        "max_logprobs": TOP_K, "enable_prefix_caching": config.enable_prefix_caching}
     return AsyncEngineArgs(
         distributed_executor_backend=backend,
         model=config.model, tokenizer=config.model, dtype=resolve_dtype(config.dtype, config.model, device),
         max_model_len=config.max_model_len,
         tensor_parallel_size=config.tensor_parallel_size, gpu_memory_utilization=config.gpu_memory_utilization,
-        enforce_eager=config.enforce_eager, max_num_seqs=config.max_num_seqs, seed=seed,
-        max_logprobs=TOP_K, enable_prefix_caching=config.enable_prefix_caching, block_size=config.block_size,
-        **cpu_only)
+        enforce_eager=config.enforce_eager, max_num_seqs=config.max_num_seqs, seed=seed, block_size=config.block_size,
+        **runner, **cpu_only)
 
 
 def chunk_from_output(completion, eos_token_id: int, num_cached_tokens: int) -> Chunk:
@@ -242,26 +245,92 @@ class VLLMEngine:
 
     def settings(self) -> dict:
         """The engine settings vLLM actually runs with (the resolved dtype, not ``auto``), for manifests."""
-        import vllm
-
-        vllm_config = self.engine.vllm_config
-        model = vllm_config.model_config
-        return {"model": self.config.model, "device": self.device, "configured_dtype": self.config.dtype,
-                "dtype": str(model.dtype).removeprefix("torch."), "enforce_eager": bool(model.enforce_eager),
-                "max_model_len": int(model.max_model_len), "block_size": vllm_config.cache_config.block_size,
-                "prefix_caching": bool(vllm_config.cache_config.enable_prefix_caching),
-                "tensor_parallel_size": vllm_config.parallel_config.tensor_parallel_size,
-                "vllm_version": vllm.__version__}
+        return engine_settings(self.engine, self.config, self.device)
 
     async def check_health(self) -> None:
-        from vllm.v1.engine.exceptions import EngineDeadError as VLLMEngineDead
-        try:
-            await self.engine.check_health()
-        except VLLMEngineDead as exc:
-            raise EngineDeadError(f"vLLM engine (seed {self.seed}) died: {exc}") from exc
+        await _check_health(self.engine, self.seed)
 
     async def reset_prefix_cache(self) -> None:
         await self.engine.reset_prefix_cache()
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+
+def engine_settings(engine, config: EngineConfig, device: str) -> dict:
+    """What a running ``AsyncLLM`` was built with (the resolved dtype, not ``auto``)."""
+    import vllm
+
+    vllm_config = engine.vllm_config
+    model = vllm_config.model_config
+    return {"model": config.model, "device": device, "configured_dtype": config.dtype,
+            "dtype": str(model.dtype).removeprefix("torch."), "enforce_eager": bool(model.enforce_eager),
+            "max_model_len": int(model.max_model_len), "block_size": vllm_config.cache_config.block_size,
+            "prefix_caching": bool(vllm_config.cache_config.enable_prefix_caching),
+            "tensor_parallel_size": vllm_config.parallel_config.tensor_parallel_size,
+            "runner": str(model.runner_type), "vllm_version": vllm.__version__}
+
+
+async def _check_health(engine, seed: int) -> None:
+    from vllm.v1.engine.exceptions import EngineDeadError as VLLMEngineDead
+    try:
+        await engine.check_health()
+    except VLLMEngineDead as exc:
+        raise EngineDeadError(f"vLLM engine (seed {seed}) died: {exc}") from exc
+
+
+class VLLMScorer:
+    """A value model on vLLM's pooling runner, implementing ``search.protocol.Scorer``.
+
+    A process reward model answers the ``token_classify`` task: per token, the probabilities of its labels (for
+    Forest's value models: wrong, right; for Qwen2.5-Math-PRM-style models the same two classes). The score at a
+    position is the probability of the last label ("right"). Requests are batched by vLLM like generations.
+    """
+
+    def __init__(self, config: EngineConfig, *, seed: int, device: str = "cpu"):
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.config, self.seed, self.device = config, seed, device
+        self.engine = AsyncLLM.from_engine_args(_engine_args(config, seed=seed, device=device, pooling=True))
+        self.done = self.failed = self.tokens = 0
+
+    async def score(self, request: ScoreRequest) -> np.ndarray:
+        from vllm import PoolingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.v1.engine.exceptions import EngineDeadError as VLLMEngineDead
+
+        ids = np.asarray(request.token_ids)
+        positions = np.asarray(request.positions, dtype=np.int64)
+        if len(ids) == 0 or len(ids) > self.config.max_model_len:
+            raise EngineError(f"bad score request: {len(ids)} tokens; the value model takes 1 to "
+                              f"{self.config.max_model_len}")
+        if len(positions) == 0 or positions.min() < 0 or positions.max() >= len(ids):
+            raise EngineError(f"bad score request: positions {positions.tolist()} outside 0..{len(ids) - 1}")
+        request_id = f"{request.request_id or 'score'}-{uuid.uuid4().hex[:8]}"
+        final = None
+        try:
+            async for output in self.engine.encode(TokensPrompt(prompt_token_ids=ids.tolist()),
+                                                   PoolingParams(task="token_classify"), request_id=request_id):
+                final = output
+        except VLLMEngineDead as exc:
+            self.failed += 1
+            raise EngineDeadError(f"vLLM value engine (seed {self.seed}) died: {exc}") from exc
+        except (ValueError, TypeError) as exc:
+            self.failed += 1
+            raise EngineError(f"bad score request: {exc}") from exc
+        if final is None:
+            raise EngineError(f"score request {request_id} returned no output")
+        probabilities = np.asarray(final.outputs.data.float().numpy() if hasattr(final.outputs.data, "numpy")
+                                   else final.outputs.data, dtype=np.float32)
+        self.done += 1
+        self.tokens += len(ids)
+        return probabilities[positions, -1]
+
+    def settings(self) -> dict:
+        return engine_settings(self.engine, self.config, self.device)
+
+    async def check_health(self) -> None:
+        await _check_health(self.engine, self.seed)
 
     def shutdown(self) -> None:
         self.engine.shutdown()

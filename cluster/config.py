@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from search.params import Budget, FinalChoice, Granularity, MCTSParams, ReflectionPolicy, ValueKind
+from search.params import Budget, ConfigError, FinalChoice, Granularity, MCTSParams, ReflectionPolicy, ValueKind
 from search.prompts import DEFAULT_SYSTEM_PROMPT
 
 DEFAULT_MODEL_DIR = "models/forest-arith"  # bundled, trained by modelkit/train.py
@@ -41,6 +41,9 @@ class EngineConfig(_Strict):
                        "memory holds the weights twice over (weights + KV cache).")
     gpu_memory_gib: float = Field(80.0, gt=0, description="Memory of one GPU (for tensor_parallel_size: auto).")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Fraction of GPU memory vLLM may use.")
+    gpu_share: float = Field(1.0, gt=0, le=1, description="GPUs one worker claims from Ray when tensor_parallel_size "
+                                                          "is 1; below 1 a small model shares a GPU (set "
+                                                          "gpu_memory_utilization to match).")
     cpu_kvcache_gib: int = Field(1, ge=1, description="KV cache GiB on the CPU build (VLLM_CPU_KVCACHE_SPACE).")
     enforce_eager: bool = Field(False, description="Skip CUDA graphs / compilation: faster start, slower decode.")
     max_num_seqs: int = Field(256, ge=1, description="Sequences vLLM batches at once.")
@@ -85,6 +88,8 @@ class SearchConfig(_Strict):
     max_width: int = Field(DEFAULTS.max_width, description="Most generated children of one node, widening included.")
     dedup: bool = Field(DEFAULTS.dedup, description="Merge a sample identical to a sibling into it (a weight) "
                         "instead of adding a second node.")
+    reward_weight: float = Field(DEFAULTS.reward_weight, description="value: reward_model: weight of the value "
+                                 "model's score; the rest is the line's mean token confidence (1: the score alone).")
     iterations: int = Field(DEFAULTS.budget.iterations, description="Iteration budget per tree.")
     budget_tokens: int | None = Field(DEFAULTS.budget.tokens,
                                       description="Generated-token budget per tree (never exceeded).")
@@ -99,18 +104,19 @@ class SearchConfig(_Strict):
         self.to_params()  # raises ConfigError naming the field
         return self
 
-    def to_params(self, *, granularity: str | None = None) -> MCTSParams:
-        """The search core's parameters; ``granularity`` overrides the configured one (a strategy preset's)."""
+    def to_params(self, *, granularity: str | None = None, value: str | None = None) -> MCTSParams:
+        """The search core's parameters; ``granularity`` and ``value`` override the configured ones (a strategy
+        preset's)."""
         return MCTSParams(
             granularity=Granularity.parse(granularity or self.granularity, max_step_tokens=self.max_step_tokens,
                                           delimiter=self.step_delimiter),
             children=self.children, exploration=self.exploration, max_depth=self.max_depth,
             max_path_tokens=self.max_path_tokens, parallel=self.parallel, temperature=self.temperature,
-            top_p=self.top_p, value=self.value, reflection=ReflectionPolicy.parse(self.reflection),
-            max_reflections=self.max_reflections, final=self.final,
+            top_p=self.top_p, value=ValueKind(value) if value else self.value,
+            reflection=ReflectionPolicy.parse(self.reflection), max_reflections=self.max_reflections, final=self.final,
             budget=Budget(self.iterations, self.budget_tokens, self.budget_seconds), early_stop=self.early_stop,
             seed=self.seed, normalize_values=self.normalize_values, unanswered_value=self.unanswered_value,
-            widening=self.widening, max_width=self.max_width, dedup=self.dedup)
+            widening=self.widening, max_width=self.max_width, dedup=self.dedup, reward_weight=self.reward_weight)
 
 
 class BuildConfig(_Strict):
@@ -162,10 +168,25 @@ class ForestConfig(_Strict):
                                       "use instead of starting new ones (a pool shared by builds and serving).")
     max_in_flight_per_worker: int = Field(128, ge=1, description="Engine requests in flight per worker, for every "
                                           "app (vLLM reaches its throughput with many concurrent sequences).")
+    value_model: EngineConfig | None = Field(None, description="The value model (a process reward model, e.g. one "
+                                             "`forest train-value` wrote, or Qwen2.5-Math-PRM-7B by path) served by "
+                                             "ValueWorkers on vLLM's pooling runner; needed by search.value: "
+                                             "reward_model and the strategies best_of_n-prm and mcts-prm.")
+    value_workers: int = Field(1, ge=1, description="ValueWorkers to start when value_model is set.")
+
+    @model_validator(mode="after")
+    def _check_value_model(self) -> "ForestConfig":
+        if self.search.value is ValueKind.REWARD_MODEL and self.value_model is None:
+            raise ConfigError("search.value", self.search.value.value, "needs a value model: set value_model.model")
+        return self
 
     def search_identity(self) -> dict:
         """What decides the trees' content (hashed; a resumed build must match it)."""
-        return {"model": self.engine.model, "dtype": self.engine.dtype, "search": self.search.model_dump(mode="json")}
+        identity = {"model": self.engine.model, "dtype": self.engine.dtype,
+                    "search": self.search.model_dump(mode="json")}
+        if self.value_model is not None and self.search.value is ValueKind.REWARD_MODEL:
+            identity["value_model"] = self.value_model.model
+        return identity
 
 
 def load_config(path: str | Path | None = None, **overrides) -> ForestConfig:

@@ -1,6 +1,7 @@
 """Where Forest's actors run, and how many: Ray actor options from the config and the cluster's resources.
 
-One worker per GPU by default (``num_gpus=1``). A tensor-parallel worker gets a placement group with one
+One worker per GPU by default (``num_gpus=1``; ``engine.gpu_share`` lets a small model, such as a value model, share
+a GPU). A tensor-parallel worker gets a placement group with one
 GPU bundle per shard, packed on one node (STRICT_PACK); the actor itself holds no GPU and vLLM's Ray executor
 starts the shards inside the group. On the CPU build a worker takes ``CPUS_PER_CPU_WORKER`` CPUs.
 ``resolve_auto`` turns ``auto`` counts into numbers; ``sink_placement`` keeps a local output on the driver's node.
@@ -91,7 +92,7 @@ def worker_placement(config: EngineConfig, *, device: str, index: int) -> dict:
     if device == "cpu":
         return {"num_cpus": CPUS_PER_CPU_WORKER, "num_gpus": 0}
     if config.tensor_parallel_size == 1:
-        return {"num_cpus": 1, "num_gpus": 1}
+        return {"num_cpus": 1, "num_gpus": config.gpu_share}
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 

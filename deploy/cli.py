@@ -170,7 +170,7 @@ def cmd_search(args) -> int:
     strategy = get_strategy(args.strategy)
     with open_pool(config) as pool:
         prompt = prompt_token_ids(pool.tokenizer, args.question, system_prompt=config.search.system_prompt)
-        params = config.search.to_params(granularity=strategy.granularity)
+        params = config.search.to_params(**strategy.preset)
         result = asyncio.run(pool.worker_pool().search(strategy, pool.tokenizer, prompt, params))
     summary = {"answer": result.answer, "response": result.response, "value": result.value,
                "iterations": result.stats.iterations, "nodes": result.tree.num_nodes,

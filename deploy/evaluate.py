@@ -24,6 +24,7 @@ import numpy as np
 
 from cluster.config import ForestConfig
 from search import final
+from search.metrics import auroc
 from search.params import Budget, FinalChoice, MCTSParams
 from search.prompts import answers_match, prompt_token_ids
 from search.strategies import STRATEGIES, Strategy
@@ -67,26 +68,6 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def auroc(scores, labels) -> float | None:
-    """Probability that a random right answer scores above a random wrong one (ties count half).
-
-    None when only one class is present; NaN scores rank lowest.
-    """
-    scores = np.nan_to_num(np.asarray(scores, dtype=np.float64), nan=-np.inf)
-    labels = np.asarray(labels, dtype=bool)
-    positives, negatives = int(labels.sum()), int((~labels).sum())
-    if positives == 0 or negatives == 0:
-        return None
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores), dtype=np.float64)
-    sorted_scores = scores[order]
-    # average ranks over ties
-    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
-    for start, count in zip(first, counts, strict=True):
-        ranks[order[start:start + count]] = start + (count + 1) / 2
-    return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
-
-
 @dataclass(frozen=True, slots=True)
 class StrategyReport:
     strategy: str
@@ -109,7 +90,7 @@ class StrategyReport:
 def eval_params(config: ForestConfig, strategy: Strategy, budget_tokens: int, seed: int) -> MCTSParams:
     """The configured search with the strategy's granularity, the token budget (which, not the iteration count,
     stops every strategy) and the problem's seed."""
-    params = config.search.to_params(granularity=strategy.granularity)
+    params = config.search.to_params(**strategy.preset)
     return dataclasses.replace(params, seed=seed,
                                budget=Budget(MAX_MCTS_ITERATIONS, budget_tokens, params.budget.seconds))
 

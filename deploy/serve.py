@@ -123,7 +123,7 @@ class ForestServer:
         if room < MIN_GENERATION_ROOM:
             raise ApiError(400, f"prompt has {len(prompt)} tokens; the model allows "
                                 f"{self.config.engine.max_model_len} including the answer", field="messages")
-        params = search.to_params(granularity=strategy.granularity)
+        params = search.to_params(**strategy.preset)
         budget = Budget(min(body.iterations or params.budget.iterations, limits.max_iterations),
                         min(body.budget_tokens or params.budget.tokens or limits.max_budget_tokens,
                             limits.max_budget_tokens),

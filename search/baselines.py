@@ -4,12 +4,16 @@ Each samples complete responses (at most ``params.max_path_tokens`` each) as chi
 picks one. The sampling baselines spend the token budget as the tree search does: they keep drawing samples
 until the next one would not fit.
 greedy chain-of-thought (temperature 0, one sample), best-of-N (highest mean token confidence),
-self-consistency (majority vote of extracted answers; ties go to the more confident answer).
+self-consistency (majority vote of extracted answers; ties go to the more confident answer), and reward-weighted
+best-of-N (``best_of_n-prm``: a value model scores every sample, and the answer with the largest summed score wins,
+search-and-learn's weighted best-of-N).
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import dataclasses
 import time
 
 import numpy as np
@@ -17,7 +21,7 @@ import numpy as np
 from search.driver import SEED_STRIDE, ProgressCallback, SearchResult, SearchStats, StopReason
 from search.params import ConfigError, MCTSParams
 from search.prompts import OUTPUT_END, extract_answer, normalize_answer
-from search.protocol import Engine, GenerationRequest, Tokenizer
+from search.protocol import Engine, GenerationRequest, ScoreRequest, Tokenizer
 from search.tree import ROOT, Tree
 
 MAX_SAMPLES = 256  # samples one baseline draws at most (its tree's width)
@@ -115,3 +119,33 @@ async def self_consistency(engine: Engine, tokenizer: Tokenizer, prompt_token_id
     winner = max(votes.values(), key=lambda nodes: (len(nodes), float(np.nansum(conf[nodes]))))
     return _result(tree, max(winner, key=lambda node: conf[node]), stats, tokenizer)
 
+
+
+async def best_of_n_prm(engine: Engine, tokenizer: Tokenizer, prompt_token_ids, params: MCTSParams, *,
+                        reference: str | None = None, request_prefix: str = "",
+                        on_progress: ProgressCallback | None = None) -> SearchResult:
+    """Best-of-N weighted by a value model: every sample is scored at its end (``engine`` is also a ``Scorer``),
+    the scores are summed per answer, and the best-scored sample giving the winning answer is the response."""
+    if not callable(getattr(engine, "score", None)):
+        raise ConfigError("strategy", "best_of_n-prm", "needs a value model, and this engine has no scorer "
+                                                       "(set value_model in the config)")
+    tree, stats = await _sample(engine, prompt_token_ids, params, temperature=params.temperature, top_p=params.top_p,
+                                seed=params.seed, request_id=f"{request_prefix}best_of_n-prm", on_progress=on_progress,
+                                spend_budget=True)
+    kids = [int(k) for k in tree.children(ROOT)]
+    answers = [extract_answer(tokenizer.decode(tree.node_token_ids(k).tolist())) for k in kids]
+    answered = [(k, a) for k, a in zip(kids, answers, strict=True) if a is not None]
+    if not answered:
+        return _result(tree, _most_confident(tree), stats, tokenizer)
+    requests = [ScoreRequest(ids := tree.prompt_for(k), (len(ids) - 1,), request_id=f"{request_prefix}v{i}")
+                for i, (k, _) in enumerate(answered)]
+    scores = [float(np.asarray(s)[-1]) for s in await asyncio.gather(*(engine.score(r) for r in requests))]
+    stats.value_requests += len(requests)
+    weight: dict[str, float] = collections.defaultdict(float)
+    for (node, answer), score in zip(answered, scores, strict=True):
+        weight[normalize_answer(answer)] += score
+        tree.nodes["value_sum"][node], tree.nodes["visits"][node] = score, 1
+    winner = max(weight, key=weight.get)
+    best = max((i for i, (_, a) in enumerate(answered) if normalize_answer(a) == winner), key=scores.__getitem__)
+    result = _result(tree, answered[best][0], stats, tokenizer)
+    return dataclasses.replace(result, value=scores[best])

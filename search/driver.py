@@ -5,7 +5,8 @@ so the next one goes elsewhere, and whichever engine call returns first is appli
 
 1. start iterations while there is room: select a node (exhausted subtrees are never selected); a visited leaf,
    the root, or a node that may widen gets an expansion request; a new child gets a rollout request (or is valued
-   at once when it is terminal or the value function needs no rollout);
+   at once when it is terminal or the value function needs no rollout; by a value-model request for
+   ``value: reward_model``);
 2. wait for the first engine result;
 3. apply it: an expansion adds its distinct samples as children, then simulates from the most confident new one;
    a rollout's steps become children down to a terminal leaf, and the line is valued and backed up;
@@ -29,11 +30,12 @@ import numpy as np
 
 from search import final, mcts
 from search.confidence import chunk_token_confidence, mean_confidence
-from search.params import FinalChoice, MCTSParams
+from search.params import ConfigError, FinalChoice, MCTSParams, ValueKind
 from search.prompts import OUTPUT_END, REFLECTION_PHRASE, extract_answer
-from search.protocol import Chunk, Engine, EngineDeadError, EngineError, FinishReason, GenerationRequest, Tokenizer
+from search.protocol import (Chunk, Engine, EngineDeadError, EngineError, FinishReason, GenerationRequest,
+                             ScoreRequest, Tokenizer)
 from search.tree import ROOT, NodeKind, Tree
-from search.values import VALUE_FUNCTIONS, Evaluation
+from search.values import VALUE_FUNCTIONS, Evaluation, reward_value
 
 MAX_REQUEST_FAILURES = 3
 SEED_STRIDE = 1_000_003
@@ -59,8 +61,9 @@ class SearchStats:
     generated_tokens: int = 0
     prompt_tokens: int = 0  # prompt tokens sent, once per request
     cached_prompt_tokens: int = 0  # of those, served from the engine's prefix cache
-    requests: int = 0
+    requests: int = 0  # generation requests
     failed_requests: int = 0
+    value_requests: int = 0  # value-model (Scorer) requests
     duplicate_tokens: int = 0  # of the generated tokens, those of samples merged into an identical sibling
     seconds: float = 0.0
 
@@ -82,6 +85,7 @@ class _InFlight:
     node: int
     expansion: bool
     reserved_tokens: int
+    score: bool = False  # a value-model request (no tokens generated)
 
 
 ProgressCallback = Callable[["SearchStats", float], None]
@@ -92,7 +96,9 @@ async def run_mcts(engine: Engine, tokenizer: Tokenizer, prompt_token_ids, param
                    reference: str | None = None, request_prefix: str = "",
                    clock: Callable[[], float] = time.monotonic,
                    on_progress: ProgressCallback | None = None) -> SearchResult:
-    """Search one problem; ``prompt_token_ids`` is the full prompt (system + question + assistant header)."""
+    """Search one problem; ``prompt_token_ids`` is the full prompt (system + question + assistant header).
+
+    ``value: reward_model`` needs an ``engine`` that is also a ``search.protocol.Scorer``."""
     search = _Search(engine, tokenizer, prompt_token_ids, params, reference, request_prefix, clock)
     search.on_progress = on_progress
     return await search.run()
@@ -105,7 +111,11 @@ class _Search:
         self.engine, self.tokenizer, self.params = engine, tokenizer, params
         self.reference, self.request_prefix, self.clock = reference, request_prefix, clock
         self.tree = Tree(prompt_token_ids, max_children=params.max_width + 1)  # + a reflection child
-        self.value_fn, self.needs_rollout = VALUE_FUNCTIONS[params.value]
+        self.scored = params.value is ValueKind.REWARD_MODEL
+        if self.scored and not callable(getattr(engine, "score", None)):
+            raise ConfigError("value", params.value.value, "needs a value model, and this engine has no scorer "
+                                                           "(set value_model in the config)")
+        self.value_fn, self.needs_rollout = VALUE_FUNCTIONS.get(params.value, (None, False))
         self.stats = SearchStats()
         self.inflight: dict[asyncio.Task, _InFlight] = {}
         self.started = 0  # iterations begun (completed + in flight)
@@ -173,7 +183,7 @@ class _Search:
         self.started += 1
         n = tree.nodes
         if n["is_terminal"][node]:  # a terminal node nobody valued yet (a forced child, say)
-            self._complete(node, self._evaluate(node, None), selected=node)
+            return self._value(node)
         elif n["num_children"][node] > 0:  # widening
             return self._request(node, n=self._widen_by(node), expansion=True)
         elif node == ROOT or n["visits"][node] > 0 or (n["kind"][node] == NodeKind.REFLECTION
@@ -184,11 +194,26 @@ class _Search:
         return True
 
     def _evaluate_new(self, node: int) -> bool:
-        """Value a new child: at once when terminal or no rollout is needed, else by a rollout request."""
+        """Value a new child: without a rollout when terminal or none is needed, else by a rollout request."""
         if self.tree.nodes["is_terminal"][node] or not self.needs_rollout:
+            return self._value(node)
+        return self._request(node, n=1, expansion=False)
+
+    def _value(self, node: int) -> bool:
+        """Value ``node`` itself (no rollout): at once, or by a value-model request (``value: reward_model``)."""
+        if not self.scored:
             self._complete(node, self._evaluate(node, None), selected=node)
             return True
-        return self._request(node, n=1, expansion=False)
+        if self.tree.nodes["is_terminal"][node] and self._finished_line(node) is None:
+            self._complete(node, self.params.unanswered_value, selected=node)
+            return True
+        ids = self.tree.prompt_for(node)
+        request = ScoreRequest(ids, (len(ids) - 1,), request_id=f"{self.request_prefix}v{self.stats.value_requests}")
+        self.stats.value_requests += 1
+        self.tree.nodes["pending"][node] = True
+        task = asyncio.ensure_future(self.engine.score(request))
+        self.inflight[task] = _InFlight(node, expansion=False, reserved_tokens=0, score=True)
+        return True
 
     def _request(self, node: int, *, n: int, expansion: bool) -> bool:
         """Send an expansion (n samples) or rollout (n=1) request; False, undoing the iteration, if unaffordable.
@@ -227,7 +252,7 @@ class _Search:
         self.reserved_tokens -= job.reserved_tokens
         self.tree.nodes["pending"][job.node] = False
         try:
-            chunks = task.result()
+            result = task.result()
         except EngineDeadError:
             raise
         except EngineError as exc:
@@ -236,6 +261,12 @@ class _Search:
             if self.stats.failed_requests >= MAX_REQUEST_FAILURES:
                 raise SearchError(f"{self.stats.failed_requests} engine requests failed; last: {exc}") from exc
             return
+        if job.score:
+            score = float(np.asarray(result)[-1])
+            value = reward_value(score, self._path_confidence(job.node), self.params.reward_weight)
+            self._complete(job.node, value, selected=job.node)
+            return
+        chunks = result
         self.stats.generated_tokens += sum(len(c) for c in chunks)
         self.stats.cached_prompt_tokens += chunks[0].num_cached_tokens if chunks else 0
         if job.expansion:
@@ -332,16 +363,29 @@ class _Search:
         ``unanswered_value``.
         """
         tree = self.tree
-        end = node if leaf is None else leaf
         answer = line = None
         if leaf is not None or tree.nodes["is_terminal"][node]:
-            response = self.tokenizer.decode(tree.path_token_ids(end).tolist())
-            answer = extract_answer(response)
-            if answer is None or not final.line_finished(tree, end, response):
+            end = node if leaf is None else leaf
+            finished = self._finished_line(end)
+            if finished is None:
                 return self.params.unanswered_value
-            line = mean_confidence(np.concatenate([tree.token_confidences(i) for i in tree.path(end)]))
+            answer, line = finished
         return self.value_fn(Evaluation(float(tree.nodes["confidence"][node]), rollout_confidence, answer,
                                         self.reference, line))
+
+    def _finished_line(self, end: int) -> tuple[str, float] | None:
+        """(answer, mean token confidence) of the line ending at ``end``; None when the model did not finish it
+        with an answer."""
+        response = self.tokenizer.decode(self.tree.path_token_ids(end).tolist())
+        answer = extract_answer(response)
+        if answer is None or not final.line_finished(self.tree, end, response):
+            return None
+        return answer, self._path_confidence(end)
+
+    def _path_confidence(self, end: int) -> float:
+        """Mean token confidence along the path, root to ``end`` (forced reflection tokens carry none)."""
+        tree = self.tree
+        return mean_confidence(np.concatenate([tree.token_confidences(i) for i in tree.path(end)]))
 
     def _complete(self, leaf: int, value: float, *, selected: int) -> None:
         mcts.backup(self.tree, leaf, value, selected=selected)

@@ -87,6 +87,7 @@ class ValueKind(enum.Enum):
     LINE_CONFIDENCE = "line_confidence"  # mean token confidence of the whole line, root to its end
     CHUNK_CONFIDENCE = "chunk_confidence"  # no rollout: mean token confidence of the new child's own chunk
     ANSWER_CHECK = "answer_check"  # rollout, then 1 if its answer matches the reference else 0
+    REWARD_MODEL = "reward_model"  # no rollout: a process reward model's score of the node's prefix (a Scorer)
 
 
 class FinalChoice(enum.Enum):
@@ -138,6 +139,7 @@ class MCTSParams:
     widening: float = 1.0  # progressive widening: a node may have children + floor(widening * sqrt(visits))
     max_width: int = 4  # children one node may get, widening included (a reflection child not counted)
     dedup: bool = True  # an expansion's sample identical to a sibling is merged into it (its weight), not added
+    reward_weight: float = 1.0  # value=reward_model: w * score + (1 - w) * the line's mean token confidence
 
     def __post_init__(self):
         _require(isinstance(self.children, int) and self.children >= 1, "children", self.children, "k must be >= 1")
@@ -152,5 +154,6 @@ class MCTSParams:
         _require(math.isfinite(self.unanswered_value), "unanswered_value", self.unanswered_value, "must be finite")
         _require(self.widening >= 0 and math.isfinite(self.widening), "widening", self.widening,
                  "must be a finite number >= 0")
+        _require(0 <= self.reward_weight <= 1, "reward_weight", self.reward_weight, "must lie in [0, 1]")
         _require(isinstance(self.max_width, int) and self.max_width >= self.children, "max_width", self.max_width,
                  f"must be an integer >= children ({self.children})")

@@ -109,6 +109,25 @@ class Engine(Protocol):
     async def generate(self, request: GenerationRequest) -> list[Chunk]: ...
 
 
+@dataclass(frozen=True, slots=True)
+class ScoreRequest:
+    """One value-model call: the scores of a token sequence (prompt + a line's tokens) at ``positions``.
+
+    token_ids: int32 [L]; positions: indices into it, usually step ends (the last token of a step).
+    """
+
+    token_ids: np.ndarray
+    positions: tuple[int, ...]
+    request_id: str = ""
+
+
+class Scorer(Protocol):
+    """A process reward model: for each requested position, the probability that the line up to there is on a
+    way to a correct answer (float32 [len(positions)] in [0, 1])."""
+
+    async def score(self, request: ScoreRequest) -> np.ndarray: ...
+
+
 class Tokenizer(Protocol):
     """The little the search needs of a tokenizer: text is derived from token ids, never the reverse."""
 

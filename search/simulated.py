@@ -3,7 +3,8 @@
 No model: ``SimulatedEngine`` writes Marco-o1-shaped responses (``<Thought>`` steps of random words
 separated by blank lines, then ``</Thought><Output>ANSWER</Output>`` and EOS) with synthetic logprobs.
 The probability of each sampled token, and so its confidence, is ``quality(context)``: a test can make one
-branch better than the others and check that the search finds it. Integration tests use real vLLM engines.
+branch better than the others and check that the search finds it. ``ScoringSimulatedEngine`` is also a SIMULATED
+value model (``Scorer``): ``judge(response_ids)`` scores a response prefix. Integration tests use real vLLM engines.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from search.protocol import TOP_K, Chunk, ChunkBuilder, FinishReason, GenerationRequest
+from search.protocol import TOP_K, Chunk, ChunkBuilder, FinishReason, GenerationRequest, ScoreRequest
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "\n\n", "<Thought>", "</Thought>", "<Output>",
                   "</Output>")
@@ -149,3 +150,22 @@ class SimulatedEngine:
                 hit = False
                 self._cached_blocks.add(chain)
         return cached
+
+
+class ScoringSimulatedEngine(SimulatedEngine):
+    """A ``SimulatedEngine`` that is also a ``Scorer`` (SIMULATED): the score at a position is
+    ``judge(response_ids)`` of the response up to and including it."""
+
+    def __init__(self, tokenizer: SimulatedTokenizer | None = None, *,
+                 judge: Callable[[np.ndarray], float] = lambda response: 0.5, **kwargs):
+        super().__init__(tokenizer, **kwargs)
+        self.judge = judge
+        self.score_requests: list[ScoreRequest] = []
+
+    async def score(self, request: ScoreRequest) -> np.ndarray:
+        self.score_requests.append(request)
+        await asyncio.sleep(self.latency_s)
+        ids = [int(t) for t in request.token_ids]
+        start = self._response_start(ids)
+        return np.asarray([self.judge(np.asarray(ids[start:p + 1], dtype=np.int32)) for p in request.positions],
+                          dtype=np.float32)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Sequence
 
-from search.baselines import best_of_n, greedy, self_consistency
+from search.baselines import best_of_n, best_of_n_prm, greedy, self_consistency
 from search.driver import ProgressCallback, SearchResult, run_mcts
 from search.params import ConfigError, MCTSParams
 from search.protocol import Engine, Tokenizer
@@ -23,12 +23,18 @@ SearchFunction = Callable[..., Awaitable[SearchResult]]
 
 @dataclass(frozen=True, slots=True)
 class Strategy:
-    """A named way to answer. ``granularity``: the action size an MCTS preset fixes (``None``: the configured one)."""
+    """A named way to answer. ``granularity`` and ``value``: what an MCTS preset fixes (``None``: the configured
+    ones); ``preset`` gives them to ``SearchConfig.to_params``."""
 
     name: str
     search: SearchFunction
     description: str
     granularity: str | None = None
+    value: str | None = None
+
+    @property
+    def preset(self) -> dict:
+        return {"granularity": self.granularity, "value": self.value}
 
     async def __call__(self, engine: Engine, tokenizer: Tokenizer, prompt_token_ids: Sequence[int],
                        params: MCTSParams, *, reference: str | None = None, request_prefix: str = "",
@@ -45,7 +51,14 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
     Strategy("mcts-step", run_mcts, "Marco-o1 MCTS, one reasoning step per action", "step"),
     Strategy("mcts-mini64", run_mcts, "Marco-o1 MCTS, 64-token mini-steps", "mini_step:64"),
     Strategy("mcts-mini32", run_mcts, "Marco-o1 MCTS, 32-token mini-steps", "mini_step:32"),
+    Strategy("best_of_n-prm", best_of_n_prm, "as many samples as the budget affords; votes weighted by the value "
+                                             "model's scores"),
+    Strategy("mcts-prm", run_mcts, "MCTS, one reasoning step per action, each node valued by the value model "
+                                   "(no rollouts)", "step", "reward_model"),
 )}
+
+VALUE_MODEL_STRATEGIES = frozenset({"best_of_n-prm", "mcts-prm"})
+"""The strategies that need a value model (``value_model`` in the config)."""
 
 EVAL_STRATEGIES = ("greedy", "best_of_n", "self_consistency", "mcts-step", "mcts-mini64", "mcts-mini32")
 """What ``forest eval`` compares by default: the baselines and Marco-o1's three granularities."""

@@ -1,7 +1,8 @@
 """Value functions: how good a state is, from what its evaluation saw.
 
 Each is a plain function of an ``Evaluation``; ``VALUE_FUNCTIONS`` maps the configured ``ValueKind`` to
-(function, needs_rollout). A reward-model value would be one more entry.
+(function, needs_rollout). ``reward_model`` is the exception: its score comes from a ``Scorer`` call (a value
+model served on its own engine), so the driver asks for it and mixes it with the confidence (``reward_value``).
 """
 
 from __future__ import annotations
@@ -49,6 +50,12 @@ def answer_check(e: Evaluation) -> float:
     if e.reference is None:
         raise ValueError("value=answer_check needs a reference answer for the problem")
     return 1.0 if answers_match(e.answer, e.reference) else 0.0
+
+
+def reward_value(score: float, confidence: float, weight: float) -> float:
+    """value=reward_model: the value model's score mixed with the line's mean token confidence (weight 1: the
+    score alone)."""
+    return weight * float(score) + (1.0 - weight) * _finite_or(confidence, 0.0)
 
 
 VALUE_FUNCTIONS: dict[ValueKind, tuple[ValueFunction, bool]] = {

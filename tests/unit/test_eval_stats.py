@@ -5,8 +5,9 @@ import math
 import numpy as np
 import pytest
 
-from deploy.evaluate import (EvalError, StrategyReport, auroc, format_markdown, format_table, parse_budgets,
+from deploy.evaluate import (EvalError, StrategyReport, format_markdown, format_table, parse_budgets,
                              parse_strategies, plot, wilson_interval)
+from search.metrics import auroc
 
 
 def test_wilson_interval():

@@ -10,7 +10,9 @@ import pytest
 from search import (STRATEGIES, Budget, ConfigError, EngineError, Granularity, MCTSParams, NodeKind,
                     ReflectionPolicy, StopReason, ValueKind, best_of_n, build_prompt, greedy, run_mcts,
                     self_consistency)
-from search.simulated import SimulatedEngine, SimulatedTokenizer
+from search.baselines import best_of_n_prm
+from search.simulated import ScoringSimulatedEngine, SimulatedEngine, SimulatedTokenizer
+from search.values import reward_value
 from search.tree import ROOT
 
 TOK = SimulatedTokenizer()
@@ -244,14 +246,14 @@ def test_sampling_baselines_need_a_token_budget_to_size_n():
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_every_registered_strategy_answers_through_one_signature(name):
     """The registry's one signature and one result type (eval, serve, build and bench rely on both)."""
-    engine = SimulatedEngine(TOK, seed=6)
+    engine = ScoringSimulatedEngine(TOK, seed=6)
     params = MCTSParams(max_path_tokens=64, budget=Budget(iterations=8, tokens=256), seed=1)
     seen = []
     result = asyncio.run(STRATEGIES[name](engine, TOK, PROMPT, params, request_prefix="t-",
                                           on_progress=lambda stats, best: seen.append(stats.generated_tokens)))
     assert result.answer == "42" and 0 < result.stats.generated_tokens <= 256
     assert seen and seen[-1] == result.stats.generated_tokens
-    assert all(r.request_id.startswith("t-") for r in engine.requests)
+    assert all(r.request_id.startswith("t-") for r in engine.requests + engine.score_requests)
 
 
 def test_progress_is_reported_after_every_iteration():
@@ -334,3 +336,61 @@ def test_line_confidence_values_a_line_by_all_its_tokens():
     for leaf in leaves:
         tokens = np.concatenate([tree.token_confidences(i) for i in tree.path(leaf)])
         assert tree.mean_value(leaf) == pytest.approx(tokens.mean())
+
+
+def _answer_by_first_word(response):
+    return "42" if first_word(response) in GOOD else "7"
+
+
+def _judge_good_branch(response):
+    """A value model that knows which branches lead to 42 (confidence cannot tell: every token has q = 0.6)."""
+    return 0.9 if first_word(response) in GOOD else 0.1
+
+
+def test_reward_model_value_scores_each_new_node_without_rollouts():
+    engine = ScoringSimulatedEngine(TOK, seed=4, steps=1, quality=lambda r: 0.6, answer=_answer_by_first_word,
+                                    judge=_judge_good_branch)
+    result = search(engine, value=ValueKind.REWARD_MODEL, budget=Budget(iterations=40))
+    assert result.answer == "42" and result.stats.value_requests == len(engine.score_requests) > 0
+    assert all("\n\n" in r.stop for r in engine.requests)  # expansions (which stop at a step) only: no rollout
+    for request in engine.score_requests:  # the node's prefix, scored at its last token
+        assert request.positions == (len(request.token_ids) - 1,)
+        assert list(request.token_ids[:len(PROMPT)]) == PROMPT
+    n = result.tree.nodes
+    leaves = [i for i in range(1, result.tree.num_nodes) if n["visits"][i] and not n["num_children"][i]]
+    assert {round(result.tree.mean_value(i), 6) for i in leaves} <= {0.9, 0.1, 0.0}  # 0: cut without an answer
+
+
+def test_reward_value_mixes_the_score_with_the_confidence():
+    assert reward_value(0.8, 0.4, 1.0) == pytest.approx(0.8)
+    assert reward_value(0.8, 0.4, 0.25) == pytest.approx(0.25 * 0.8 + 0.75 * 0.4)
+    assert reward_value(0.8, float("nan"), 0.5) == pytest.approx(0.4)
+    with pytest.raises(ConfigError, match="reward_weight"):
+        MCTSParams(reward_weight=1.5)
+
+
+def test_reward_model_value_needs_an_engine_that_scores():
+    with pytest.raises(ConfigError, match="value='reward_model'.*value model"):
+        search(SimulatedEngine(TOK), value=ValueKind.REWARD_MODEL)
+    with pytest.raises(ConfigError, match="best_of_n-prm"):
+        asyncio.run(best_of_n_prm(SimulatedEngine(TOK), TOK, PROMPT, MCTSParams(budget=Budget(tokens=256))))
+
+
+def test_reward_weighted_best_of_n_follows_the_value_model_against_the_majority():
+    """Few samples answer 42 and they are the least confident; the value model prefers them, and wins."""
+    rare = set(TOK.word_ids[:3])  # 3 of the 16 first words
+
+    def answer(response):
+        return "42" if first_word(response) in rare else "7"
+
+    engine = ScoringSimulatedEngine(TOK, seed=5, steps=1, answer=answer,
+                                    quality=lambda r: 0.3 if first_word(r) in rare else 0.9,
+                                    judge=lambda r: 0.9 if first_word(r) in rare else 0.1)
+    params = MCTSParams(max_path_tokens=32, temperature=1.0, budget=Budget(tokens=32 * 12), seed=2)
+    weighted = asyncio.run(best_of_n_prm(engine, TOK, PROMPT, params))
+    kids = weighted.tree.children(ROOT)
+    answers = [answer(weighted.tree.path_token_ids(k)) for k in kids]
+    assert 0 < answers.count("42") < answers.count("7")  # the majority and the confidence say 7
+    assert weighted.answer == "42" and weighted.value == pytest.approx(0.9)
+    assert weighted.stats.value_requests == len(kids)
+    assert weighted.tree.nodes["visits"][kids].sum() == len(kids)  # each sample carries its score as its value
