@@ -5,9 +5,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 MODEL := models/forest-arith
 MODEL_DEVICE ?= cpu
+VALUE_MODEL := models/forest-value
+VALUE_DATA := out/value-data
+VALUE_PROBLEMS ?= 2000
+VALUE_SEED := 200000
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: demo test unit install browser clean model
+.PHONY: demo test unit install browser clean model value-model
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +30,14 @@ install: $(BIN)/.installed
 # (docs/model.md gives the time it takes; see modelkit/train.py)
 model: $(BIN)/.installed
 	$(BIN)/python -m modelkit.train --output $(MODEL) --device $(MODEL_DEVICE) --threads 2 --plot docs/model-training
+
+# retrain the bundled value model in $(VALUE_MODEL): MCTS trees over $(VALUE_PROBLEMS) problems of training seed
+# $(VALUE_SEED) (never a held-out seed), then a process reward model on their step labels (docs/value.md)
+value-model: $(BIN)/.installed
+	$(BIN)/forest make-problems --n $(VALUE_PROBLEMS) --seed $(VALUE_SEED) --output $(VALUE_DATA)/problems.jsonl
+	$(BIN)/forest build --config deploy/configs/value-data.cpu.yaml --input $(VALUE_DATA)/problems.jsonl \
+	    --output $(VALUE_DATA)/build
+	$(BIN)/forest train-value --input $(VALUE_DATA)/build --output $(VALUE_MODEL) --threads 2
 
 demo: $(BIN)/.installed
 	$(BIN)/forest build --config deploy/configs/build.cpu.yaml --input deploy/demo_problems.jsonl --output out/demo

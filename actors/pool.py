@@ -4,7 +4,8 @@
   ``auto`` counts, starts the workers (or attaches to the running ones named in ``attach_workers``), waits until
   they answer, and stops the workers it started in ``finally``.
 - ``WorkerPool``: live workers, a bound on the requests in flight per worker (never ``ActorPool``, which allows one
-  call per actor), and revival of dead workers once Ray has restarted them.
+  call per actor), and revival of dead workers once Ray has restarted them; value requests (``score``) go to the
+  ValueWorkers, when ``value_model`` is configured.
 - ``TreeEngine``: the ``Engine`` one search sees: its home worker (prefix-cache affinity), failing over to live
   ones when that worker dies. A request is re-sent only after its first attempt failed, so no result can arrive
   twice.
@@ -18,15 +19,16 @@ import contextlib
 import functools
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 from actors.generator import GeneratorWorker
+from actors.value_worker import ValueWorker
 from cluster.config import ForestConfig
 from cluster.metrics import add
 from search.driver import SearchResult
 from search.params import MCTSParams
-from search.protocol import Chunk, EngineDeadError, EngineError, GenerationRequest
+from search.protocol import Chunk, EngineDeadError, EngineError, GenerationRequest, ScoreRequest
 from search.strategies import Strategy
 
 log = logging.getLogger(__name__)
@@ -40,7 +42,7 @@ WORKER_MAX_CONCURRENCY = 1000  # Ray's cap on one async actor's concurrent calls
 
 
 class RemoteEngine:
-    """The ``Engine`` protocol over a GeneratorWorker actor handle.
+    """The ``Engine`` protocol over a GeneratorWorker actor handle (and ``Scorer`` over a ValueWorker's).
 
     Cancelling ``generate`` cancels the actor task, which aborts the request in vLLM. A dead or restarting
     actor surfaces as ``EngineDeadError``; a failed request as ``EngineError``.
@@ -50,9 +52,16 @@ class RemoteEngine:
         self.actor = actor
 
     async def generate(self, request: GenerationRequest) -> list[Chunk]:
+        return await self._call(self.actor.generate, request)
+
+    async def score(self, request: ScoreRequest):
+        return await self._call(self.actor.score, request)
+
+    @staticmethod
+    async def _call(method, request):
         import ray
 
-        ref = self.actor.generate.remote(request)
+        ref = method.remote(request)
         try:
             return await ref
         except asyncio.CancelledError:
@@ -73,7 +82,8 @@ def start_generator_workers(config, count: int, *, name_prefix: str | None = Non
                             actor_class: type = GeneratorWorker) -> list:
     """Start ``count`` workers (``config`` is an ``EngineConfig``) with distinct seeds, placed by
     ``cluster.placement``. Named ``{name_prefix}-worker-{i}`` when a prefix is given (so operators and other runs
-    can find them). ``actor_class`` may be a subclass of ``GeneratorWorker`` (the benchmarks add a replay)."""
+    can find them). ``actor_class`` may be a subclass of ``GeneratorWorker`` (the benchmarks add a replay), or
+    ``ValueWorker``."""
     import ray
 
     from cluster.placement import worker_placement
@@ -96,6 +106,7 @@ class Pool:
 
     config: ForestConfig
     workers: list
+    value_workers: list = field(default_factory=list)
 
     @functools.cached_property
     def tokenizer(self):
@@ -104,15 +115,17 @@ class Pool:
 
     def worker_pool(self, metrics=None) -> "WorkerPool":
         """A ``WorkerPool`` over the workers for this process's event loop."""
-        return WorkerPool(self.workers, max_in_flight=self.config.max_in_flight_per_worker, metrics=metrics)
+        return WorkerPool(self.workers, max_in_flight=self.config.max_in_flight_per_worker, metrics=metrics,
+                          value_workers=self.value_workers)
 
 
 @contextlib.contextmanager
 def open_pool(config: ForestConfig, *, name_prefix: str | None = None, actor_class: type = GeneratorWorker,
-              start: bool = True) -> Iterator[Pool]:
+              start: bool = True, value: bool = True) -> Iterator[Pool]:
     """Connect, start or attach the workers, wait until they answer; stop the ones started here on exit.
 
     ``start=False`` connects and resolves the config but starts nothing (a build with nothing left to do).
+    ValueWorkers start when ``value_model`` is configured, unless ``value=False`` (a run that never scores).
     """
     import ray
 
@@ -123,15 +136,20 @@ def open_pool(config: ForestConfig, *, name_prefix: str | None = None, actor_cla
     config = resolve_auto(config)
     owned = []
     try:
-        if not start:
-            workers = []
-        elif config.attach_workers:
+        workers, value_workers = [], []
+        if start and config.attach_workers:
             workers = [ray.get_actor(name) for name in config.attach_workers]
-        else:
-            workers = owned = start_generator_workers(config.engine, config.workers, name_prefix=name_prefix,
-                                                      actor_class=actor_class)
-        ray.get([w.check_health.remote() for w in workers], timeout=START_TIMEOUT_SECONDS)
-        yield Pool(config, workers)
+        elif start:
+            workers = start_generator_workers(config.engine, config.workers, name_prefix=name_prefix,
+                                              actor_class=actor_class)
+            owned += workers
+        if start and value and config.value_model is not None:
+            value_workers = start_generator_workers(
+                config.value_model, config.value_workers, actor_class=ValueWorker,
+                name_prefix=f"{name_prefix}-value" if name_prefix else None)
+            owned += value_workers
+        ray.get([w.check_health.remote() for w in workers + value_workers], timeout=START_TIMEOUT_SECONDS)
+        yield Pool(config, workers, value_workers)
     finally:
         for worker in owned:
             ray.kill(worker)
@@ -140,8 +158,12 @@ def open_pool(config: ForestConfig, *, name_prefix: str | None = None, actor_cla
 class WorkerPool:
     """Live workers, an in-flight request budget per worker, and revival of dead ones."""
 
-    def __init__(self, workers: list, *, max_in_flight: int, metrics=None, engine_for=RemoteEngine):
+    def __init__(self, workers: list, *, max_in_flight: int, metrics=None, engine_for=RemoteEngine,
+                 value_workers: Sequence = ()):
         self.workers = list(workers)
+        self.value_workers = list(value_workers)
+        self.value_slots = [asyncio.Semaphore(max_in_flight) for _ in self.value_workers]
+        self._next_value = 0
         self.engine_for = engine_for  # worker -> Engine; RemoteEngine for actor handles
         self.metrics = metrics  # cluster.metrics.ForestMetrics, or None
         self.slots = [asyncio.Semaphore(max_in_flight) for _ in workers]
@@ -216,6 +238,23 @@ class WorkerPool:
                 add(m.expansions, int(request.n > 1))
             return chunks
 
+    async def score(self, request: ScoreRequest):
+        """A value-model score from the ValueWorkers, in turn; a dead one is skipped while Ray restarts it."""
+        if not self.value_workers:
+            raise EngineError("no value model is configured (value_model in the config)")
+        last = None
+        for _ in range(2 * len(self.value_workers) + 2):
+            index = self._next_value % len(self.value_workers)
+            self._next_value += 1
+            try:
+                async with self.value_slots[index]:
+                    return await self.engine_for(self.value_workers[index]).score(request)
+            except EngineDeadError as exc:
+                last = exc
+                log.warning("ValueWorker %d is down (%s); trying another", index, exc)
+                await asyncio.sleep(PROBE_SECONDS)
+        raise EngineDeadError(f"no ValueWorker could score the request: {last}")
+
     async def search(self, strategy: Strategy, tokenizer, prompt_token_ids: Sequence[int], params: MCTSParams,
                      **kwargs) -> SearchResult:
         """Run one search with ``strategy`` on a ``TreeEngine`` of this pool (``kwargs`` go to the strategy)."""
@@ -255,6 +294,9 @@ class TreeEngine:
             except EngineDeadError:
                 self.pool.mark_dead(worker)
         raise EngineDeadError("no GeneratorWorker could serve the request")
+
+    async def score(self, request: ScoreRequest):
+        return await self.pool.score(request)
 
     def _move(self, worker: int) -> None:
         self.pool.trees[self.home] -= 1

@@ -56,7 +56,7 @@ class TreeManager:
     """The actor (started by ``deploy.build`` with ``max_concurrency=MAX_CONCURRENCY``); ``run`` searches one
     problem and hands the tree to the sink."""
 
-    def __init__(self, workers: list, sink, settings: ManagerSettings):
+    def __init__(self, workers: list, sink, settings: ManagerSettings, value_workers: list | None = None):
         from actors.tokenizer import HFTokenizer
         from cluster.metrics import ForestMetrics
 
@@ -65,7 +65,8 @@ class TreeManager:
         self.tokenizer = HFTokenizer(settings.model_dir)
         self.metrics = ForestMetrics()
         self.name = uuid.uuid4().hex[:8]
-        self.pool = WorkerPool(workers, max_in_flight=settings.max_in_flight_per_worker, metrics=self.metrics)
+        self.pool = WorkerPool(workers, max_in_flight=settings.max_in_flight_per_worker, metrics=self.metrics,
+                               value_workers=value_workers or ())
         self.active = asyncio.Semaphore(settings.max_active_trees)
         self.waiting = self.running = self.finished = self.failed = 0
         self._gauge()  # publish zeros, so dashboards show the manager before its first tree

@@ -6,6 +6,8 @@
 - ``cache``: the fraction of prompt tokens vLLM served from its prefix cache during MCTS, per KV block size.
 - ``manager``: expansions per second a tree manager sustains on one core with a SIMULATED engine, for 1, 2 and 4
   managers (one process each).
+- ``value``: generated tokens/s of MCTS valued by the value model (``mcts-prm``, a ValueWorker beside the
+  generator) over MCTS valued by token confidence (``mcts-step``): the same problems, worker and budget, one run.
 - ``memory``: bytes per stored token in active trees, and the manager's peak RSS per 1,000 active trees, both over the
   raw array bytes (token id, logprob, top-5 ids and logprobs: 48 bytes a token).
 
@@ -25,10 +27,12 @@ from cluster.config import ForestConfig
 from search.protocol import TOP_K
 from search.strategies import STRATEGIES
 
-BENCHES = ("engine", "designs", "cache", "manager", "memory")
+BENCHES = ("engine", "designs", "cache", "value", "manager", "memory")
 BENCH_SEED = 2_000_000  # a held-out problem stream (see modelkit.arithmetic)
 WARM_UP_TOKENS = 8  # one small request loads the engine's kernels before a timed run
 SIMULATED_ITERATIONS = 32  # iterations per simulated tree (manager and memory benches)
+VALUE_BENCH_BUDGET = 1024  # generated tokens per tree in the value bench (when the config sets no budget)
+VALUE_BENCH_ITERATIONS = 1000  # enough that the token budget, not the iteration count, ends each tree
 UNBOUNDED_IN_FLIGHT = 1 << 30  # the simulated engine has no batch limit
 RAW_TOKEN_BYTES = 4 + 4 + TOP_K * (4 + 4)  # token id, sampled logprob, top-5 ids and logprobs
 
@@ -62,7 +66,7 @@ def _one_worker(config: ForestConfig, **engine_overrides):
 
     engine = config.engine.model_copy(update=engine_overrides)
     return open_pool(config.model_copy(update={"workers": 1, "attach_workers": [], "engine": engine}),
-                     actor_class=ReplayWorker)
+                     actor_class=ReplayWorker, value=False)
 
 
 async def _search_all(engine_for_tree, tokenizer, prompts, params, *, on_tree_done=None) -> tuple[float, list]:
@@ -180,6 +184,42 @@ def bench_cache(config: ForestConfig, *, problems: int, block_sizes: list[int]) 
                                   "cached_prompt_tokens": log.cached_prompt_tokens,
                                   "requests": len(log.requests)}))
     return figures
+
+
+def bench_value(config: ForestConfig, *, problems: int) -> list[Figure]:
+    """Generated tokens/s with the value model (``mcts-prm``) over tokens/s with the token-confidence value
+    (``mcts-step``): does a value request make the generator wait?"""
+    from actors.pool import open_pool
+    from search.params import Budget
+
+    if config.value_model is None:
+        raise ValueError("the value bench needs value_model in the config (e.g. deploy/configs/eval.cpu.yaml)")
+    budget = Budget(VALUE_BENCH_ITERATIONS, config.search.budget_tokens or VALUE_BENCH_BUDGET)
+    with open_pool(config.model_copy(update={"workers": 1, "attach_workers": []})) as pool:
+        prompts = _prompts(config, pool.tokenizer, problems)
+        workers = pool.worker_pool()
+
+        async def run(name: str, batch: list) -> tuple[float, list]:
+            strategy = STRATEGIES[name]
+            params = dataclasses.replace(config.search.to_params(**strategy.preset), budget=budget)
+            start = time.monotonic()
+            results = await asyncio.gather(*(workers.search(strategy, pool.tokenizer, prompt,
+                                                            dataclasses.replace(params, seed=i))
+                                             for i, prompt in enumerate(batch)))
+            return time.monotonic() - start, results
+
+        runs = {}
+        for name in ("mcts-step", "mcts-prm"):
+            asyncio.run(run(name, prompts[:1]))  # warm up both engines and this strategy's code path
+            runs[name] = asyncio.run(run(name, prompts))
+    rates = {name: sum(r.stats.generated_tokens for r in results) / seconds
+             for name, (seconds, results) in runs.items()}
+    _, prm_results = runs["mcts-prm"]
+    return [Figure("value", "tokens_per_s_ratio", round(rates["mcts-prm"] / rates["mcts-step"], 3), {
+        "value_model_tokens_per_s": round(rates["mcts-prm"]), "confidence_tokens_per_s": round(rates["mcts-step"]),
+        "value_requests": sum(r.stats.value_requests for r in prm_results), "trees": len(prompts),
+        "budget_tokens": budget.tokens, "value_model": config.value_model.model,
+        "value_device": config.value_model.device, "engine_device": config.engine.device})]
 
 
 # -- the manager and memory benchmarks: SIMULATED engine, no model -------------------------------------------------
@@ -301,9 +341,11 @@ def bench_memory(*, active: int, granularity: str) -> list[Figure]:
 
 def run_bench(name: str, config: ForestConfig | None, *, problems: int, block_sizes: list[int], trees: int,
               active: int, granularity: str, managers: list[int], per_token_problems: int = 4) -> list[Figure]:
-    if name in ("engine", "designs", "cache"):
+    if name in ("engine", "designs", "cache", "value"):
         from cluster.runtime import connect
         connect()
+        if name == "value":
+            return bench_value(config, problems=problems)
         if name == "engine":
             return bench_engine(config, problems=problems)
         if name == "designs":

@@ -11,20 +11,23 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from search.driver import SearchResult
 from search.prompts import split_response
-from search.strategies import STRATEGIES, Strategy
+from search.strategies import STRATEGIES, VALUE_MODEL_STRATEGIES, Strategy
 from search.tree import Tree
 
 MODEL_PREFIX = "forest-"
 """A request's ``model`` names a strategy of the registry: ``forest-mcts-step`` is ``mcts-step``."""
 
 
-def model_names() -> list[str]:
-    return [MODEL_PREFIX + name for name in STRATEGIES]
+def model_names(*, value_model: bool = True) -> list[str]:
+    """The served model names; without a value model, not those of the strategies that need one."""
+    return [MODEL_PREFIX + name for name in STRATEGIES if value_model or name not in VALUE_MODEL_STRATEGIES]
 
 
-def strategy_for(model: str) -> Strategy | None:
-    """The strategy a model name stands for (None when it names none)."""
-    return STRATEGIES.get(model.removeprefix(MODEL_PREFIX)) if model.startswith(MODEL_PREFIX) else None
+def strategy_for(model: str, *, value_model: bool = True) -> Strategy | None:
+    """The strategy a model name stands for (None when it names none, or needs the value model that is missing)."""
+    if not model.startswith(MODEL_PREFIX) or model not in model_names(value_model=value_model):
+        return None
+    return STRATEGIES[model.removeprefix(MODEL_PREFIX)]
 
 
 class Message(BaseModel):

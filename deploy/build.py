@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from dataset.records import config_hash, error_row
 from cluster.config import ForestConfig
+from search.params import ValueKind
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,8 @@ def run_build(config: ForestConfig) -> BuildSummary:
         fresh = [error_row(run_id, e.problem_id, "input", e.message) for e in input_errors
                  if (e.problem_id, "input", e.message) not in known]
         ray.get(sink.add_errors.remote(fresh))
-        with open_pool(config, name_prefix=f"forest-build-{session}", start=bool(todo)) as pool:
+        with open_pool(config, name_prefix=f"forest-build-{session}", start=bool(todo),
+                       value=config.search.value is ValueKind.REWARD_MODEL) as pool:
             engine = ray.get(pool.workers[0].engine_settings.remote()) if pool.workers else None
             settings = ManagerSettings(
                 model_dir=config.engine.model, params=config.search.to_params(),
@@ -127,7 +129,8 @@ def run_build(config: ForestConfig) -> BuildSummary:
                 max_in_flight_per_worker=config.max_in_flight_per_worker)
             managers = [ray.remote(TreeManager).options(num_cpus=0, max_concurrency=MAX_CONCURRENCY,
                                                         name=f"forest-build-{session}-manager-{i}")
-                        .remote(pool.workers, sink, settings) for i in range(min(b.managers, max(len(todo), 1)))]
+                        .remote(pool.workers, sink, settings, pool.value_workers)
+                        for i in range(min(b.managers, max(len(todo), 1)))]
             built, failed, tokens = _dispatch(todo, managers, sink, window=QUEUED_PER_SLOT * b.max_active_trees,
                                               flush_seconds=b.flush_seconds)
             restarts = _worker_restarts(managers)

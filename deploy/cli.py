@@ -7,10 +7,13 @@ import json
 import sys
 
 from bench.benchmarks import BENCHES
+from cluster.config import DEFAULT_MODEL_DIR
 from deploy.flags import DEFAULT_CONFIG, EXIT_USAGE, add_build_flags, add_run_flags, load, run
 from deploy.model_report import DEFAULT_SAMPLES
+from modelkit import value as value_recipe
 from modelkit.arithmetic import HELD_OUT_SEED_START
-from search.strategies import EVAL_STRATEGIES, STRATEGIES
+from search.params import ValueKind
+from search.strategies import EVAL_STRATEGIES, STRATEGIES, VALUE_MODEL_STRATEGIES
 
 
 def parser() -> argparse.ArgumentParser:
@@ -27,6 +30,18 @@ def parser() -> argparse.ArgumentParser:
     mp.add_argument("--seed", type=int, required=True,
                     help="stream seed; held-out sets use seeds >= 1000000, which training never uses")
     mp.add_argument("--output", required=True, metavar="FILE", help="JSONL file of id, question, answer")
+
+    tv = sub.add_parser("train-value", help="train a value model (a process reward model) on the trees of builds")
+    tv.add_argument("--input", nargs="+", required=True, metavar="OUT",
+                    help="build outputs whose problems had reference answers (training seeds only)")
+    tv.add_argument("--output", required=True, metavar="DIR", help="value model directory to write")
+    tv.add_argument("--base", default=DEFAULT_MODEL_DIR, help="policy whose weights start the value model")
+    tv.add_argument("--seed", type=int, default=0)
+    tv.add_argument("--epochs", type=int, default=value_recipe.EPOCHS)
+    tv.add_argument("--batch-size", type=int, default=value_recipe.BATCH_SIZE)
+    tv.add_argument("--lr", type=float, default=value_recipe.LEARNING_RATE)
+    tv.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    tv.add_argument("--device", default="cpu", help="cpu or cuda")
 
     build = sub.add_parser("build", help="build a dataset of search trees from a problems file (resumable)")
     add_build_flags(build)
@@ -99,6 +114,34 @@ def cmd_make_problems(args) -> int:
     return 0
 
 
+def cmd_train_value(args) -> int:
+    from dataset.value_labels import ValueDataError, read_value_examples
+    from modelkit.arithmetic import held_out_problem
+    from modelkit.value import train_value
+
+    try:
+        examples = read_value_examples(args.input)
+    except ValueDataError as exc:
+        print(f"forest train-value: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    held_out = sorted({e.problem_id for e in examples if held_out_problem(e.problem_id)})
+    if held_out:
+        print(f"forest train-value: {len(held_out)} problems come from held-out seeds (e.g. {held_out[0]}); a value "
+              f"model is trained on training seeds only", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"{len(examples)} finished lines of {len({e.problem_id for e in examples})} problems, "
+          f"{sum(e.correct for e in examples)} right", flush=True)
+    try:
+        report = train_value(examples, base=args.base, output=args.output, seed=args.seed, epochs=args.epochs,
+                             batch_size=args.batch_size, lr=args.lr, threads=args.threads, device=args.device)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"forest train-value: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(json.dumps({k: report[k] for k in ("kept_step", "dev_loss", "line_auroc", "step_auroc", "train_lines",
+                                             "dev_lines", "seconds")}))
+    return 0
+
+
 def cmd_eval(args) -> int:
     from dataset.problems import read_problems
     from deploy.evaluate import (EvalError, format_markdown, format_table, parse_budgets, parse_strategies, plot,
@@ -168,9 +211,14 @@ def cmd_search(args) -> int:
 
     config = load(args)
     strategy = get_strategy(args.strategy)
-    with open_pool(config) as pool:
+    params = config.search.to_params(**strategy.preset)
+    scores = strategy.name in VALUE_MODEL_STRATEGIES or params.value is ValueKind.REWARD_MODEL
+    if scores and config.value_model is None:
+        print(f"forest search: {strategy.name} with value {params.value.value} needs a value model: set "
+              f"value_model.model in the config or pass --value-model", file=sys.stderr)
+        return EXIT_USAGE
+    with open_pool(config, value=scores) as pool:
         prompt = prompt_token_ids(pool.tokenizer, args.question, system_prompt=config.search.system_prompt)
-        params = config.search.to_params(**strategy.preset)
         result = asyncio.run(pool.worker_pool().search(strategy, pool.tokenizer, prompt, params))
     summary = {"answer": result.answer, "response": result.response, "value": result.value,
                "iterations": result.stats.iterations, "nodes": result.tree.num_nodes,
@@ -212,6 +260,7 @@ def cmd_build(args) -> int:
 
 
 COMMANDS = {"make-model": cmd_make_model, "make-problems": cmd_make_problems, "eval": cmd_eval,
+            "train-value": cmd_train_value,
             "model-report": cmd_model_report, "bench": cmd_bench,
             "build": cmd_build, "search": cmd_search, "serve": cmd_serve, "view": cmd_view}
 

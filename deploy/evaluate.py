@@ -27,7 +27,7 @@ from search import final
 from search.metrics import auroc
 from search.params import Budget, FinalChoice, MCTSParams
 from search.prompts import answers_match, prompt_token_ids
-from search.strategies import STRATEGIES, Strategy
+from search.strategies import STRATEGIES, VALUE_MODEL_STRATEGIES, Strategy
 
 if TYPE_CHECKING:
     from actors.pool import WorkerPool
@@ -149,10 +149,14 @@ def run_eval(config: ForestConfig, problems: list[Problem], strategies: list[str
     if config.search.reflection == "wrong_answer":
         raise EvalError("search.reflection: wrong_answer reads the reference answer, which forest eval never gives a "
                         "strategy; use off, always or below:<value>")
+    needs_value = [s for s in strategies if s in VALUE_MODEL_STRATEGIES]
+    if needs_value and config.value_model is None:
+        raise EvalError(f"{', '.join(needs_value)} need a value model: set value_model.model in the config or pass "
+                        f"--value-model")
     if not budgets or min(budgets) < config.search.max_path_tokens:
         raise EvalError(f"every budget ({budgets}) must be at least search.max_path_tokens "
                         f"({config.search.max_path_tokens}): no strategy could finish one path")
-    with open_pool(config) as pool:
+    with open_pool(config, value=bool(needs_value)) as pool:
 
         async def go():
             workers = pool.worker_pool()

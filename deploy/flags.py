@@ -39,6 +39,8 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, help="sampling temperature of every sampling strategy "
                                                       "(search.temperature)")
     p.add_argument("--exploration", type=float, help="UCT exploration constant (search.exploration)")
+    p.add_argument("--value", help="how a state is valued, e.g. line_confidence or reward_model (search.value)")
+    p.add_argument("--value-model", dest="value_model", help="value model directory (value_model.model)")
 
 
 def add_build_flags(p: argparse.ArgumentParser) -> None:
@@ -55,6 +57,7 @@ def overrides(args: argparse.Namespace) -> dict:
             "search.granularity": args.granularity, "search.max_path_tokens": args.max_path_tokens,
             "search.budget_tokens": args.budget_tokens, "search.reflection": args.reflection,
             "search.temperature": args.temperature, "search.exploration": args.exploration,
+            "search.value": args.value, "value_model.model": args.value_model,
             "build.input": getattr(args, "input", None), "build.output": getattr(args, "output", None),
             "build.managers": getattr(args, "managers", None), "build.limit": getattr(args, "limit", None),
             "serve.host": getattr(args, "host", None), "serve.port": getattr(args, "port", None)}

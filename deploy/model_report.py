@@ -85,7 +85,7 @@ def run_model_report(config: ForestConfig, problems: list[ArithmeticProblem], *,
     from deploy.progress import Progress
 
     search = config.search
-    with open_pool(config) as pool:
+    with open_pool(config, value=False) as pool:
         tokenizer = pool.tokenizer
 
         async def go():

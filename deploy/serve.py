@@ -84,6 +84,7 @@ class ForestServer:
         self._resources = contextlib.ExitStack()  # the pool lives as long as the replica (closed in __del__)
         pool = self._resources.enter_context(open_pool(config))
         self.config, self.limits = pool.config, pool.config.serve
+        self.has_value_model = pool.config.value_model is not None  # serves best_of_n-prm and mcts-prm
         self.api_key = os.environ.get("FOREST_API_KEY") or config.serve.api_key
         self.workers, self.tokenizer = pool.workers, pool.tokenizer
         self.metrics = ForestMetrics()
@@ -109,10 +110,10 @@ class ForestServer:
         from search.params import Budget
         from search.prompts import MIN_GENERATION_ROOM, build_chat_prompt
 
-        strategy = api.strategy_for(body.model)
+        strategy = api.strategy_for(body.model, value_model=self.has_value_model)
         if strategy is None:
-            raise ApiError(400, f"unknown model {body.model!r}; available: {', '.join(api.model_names())}",
-                           field="model")
+            available = ", ".join(api.model_names(value_model=self.has_value_model))
+            raise ApiError(400, f"unknown model {body.model!r}; available: {available}", field="model")
         if body.messages[-1].role != "user":
             raise ApiError(400, "the last message must come from the user", field="messages")
         search, limits = self.config.search, self.limits
@@ -229,7 +230,7 @@ class ForestServer:
     async def models(self, request: Request):
         self._authorize(request)
         return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "forest"}
-                                           for name in api.model_names()]}
+                                           for name in api.model_names(value_model=self.has_value_model)]}
 
     @fastapi_app.get("/trees")
     async def recent_trees(self, request: Request):

@@ -6,9 +6,10 @@ initialised from the policy (``--base``), so it starts from the policy's reading
 it learns the share of correct finished lines below that step (a soft label); vLLM serves it with the
 ``token_classify`` pooling task, and the probability of "right" at a node's last token is the node's value.
 
-Seeded; problems are split into train and dev, so no dev problem is trained on. Each epoch ends with the dev loss
-and the dev AUROC of the finished lines (the score at a line's last token against its outcome); the weights with
-the lowest dev loss are kept, and ``value_training.json`` records every epoch.
+Seeded; problems are split into train and dev, so no dev problem is trained on. Every ``eval_every`` steps (and at
+the end) the dev loss and the dev AUROC of the finished lines (the score at a line's last token against its outcome)
+are measured; the weights with the lowest dev loss are kept, training stops after ``patience`` evaluations without a
+lower one, and ``value_training.json`` records every evaluation.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from search.metrics import auroc
 log = logging.getLogger(__name__)
 
 # the recipe of the bundled value model; the command line's defaults
-EPOCHS, BATCH_SIZE, LEARNING_RATE, DEV_SHARE = 6, 16, 1e-3, 0.1
+EPOCHS, BATCH_SIZE, LEARNING_RATE, DEV_SHARE, EVAL_EVERY, PATIENCE = 3, 16, 1e-3, 0.1, 200, 3
 WARMUP_STEPS = 20
 LABELS = {0: "wrong", 1: "right"}
 RIGHT = 1  # the label whose probability is the value
@@ -111,8 +112,8 @@ def evaluate(model, examples: Sequence[Example], pad_id: int, device, batch_size
 
 def train_value(examples: Sequence[Example], *, base: str | Path, output: str | Path, seed: int = 0,
                 epochs: int = EPOCHS, batch_size: int = BATCH_SIZE, lr: float = LEARNING_RATE,
-                dev_share: float = DEV_SHARE, threads: int | None = None, device: str = "cpu",
-                progress: bool = True) -> dict:
+                dev_share: float = DEV_SHARE, eval_every: int = EVAL_EVERY, patience: int = PATIENCE,
+                threads: int | None = None, device: str = "cpu", progress: bool = True) -> dict:
     """Train on ``examples`` from the policy ``base``; write the best model (by dev loss) and its tokenizer to
     ``output``; returns the report written to ``value_training.json``."""
     import torch
@@ -142,36 +143,49 @@ def train_value(examples: Sequence[Example], *, base: str | Path, output: str | 
               "train_lines": len(train), "dev_lines": len(dev),
               "train_problems": len({e.problem_id for e in train}), "dev_problems": len({e.problem_id for e in dev}),
               "right_share": float(np.mean([e.correct for e in examples])), "device": device, "history": []}
-    best, step, started = float("inf"), 0, time.monotonic()
+    best, stale, step, losses, started = float("inf"), 0, 0, [], time.monotonic()
+    total = epochs * -(-len(train) // batch_size)
+    bar = tqdm(total=total, desc="value model", unit="step", disable=not progress)
     for epoch in range(1, epochs + 1):
         shuffled = list(train)
         order.shuffle(shuffled)
-        batches = [shuffled[i:i + batch_size] for i in range(0, len(shuffled), batch_size)]
-        losses = []
-        for chunk in tqdm(batches, desc=f"value epoch {epoch}/{epochs}", disable=not progress, leave=False):
+        for start in range(0, len(shuffled), batch_size):
             step += 1
             for group in optimizer.param_groups:
                 group["lr"] = lr * min(1.0, step / WARMUP_STEPS)
-            batch = _batch(chunk, pad_id, device)
+            batch = _batch(shuffled[start:start + batch_size], pad_id, device)
             loss = soft_label_loss(_step_log_probs(model, batch), batch[4])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             losses.append(loss.item())
-        metrics = evaluate(model, dev, pad_id, device, batch_size)
-        entry = {"epoch": epoch, "step": step, "train_loss": round(float(np.mean(losses)), 4),
-                 **{k: None if v is None else round(v, 4) for k, v in metrics.items()},
-                 "seconds": round(time.monotonic() - started, 1)}
-        report["history"].append(entry)
-        log.info("value epoch %d: train loss %.4f, dev loss %.4f, dev line AUROC %s, step AUROC %s", epoch,
-                 entry["train_loss"], entry["dev_loss"], entry["line_auroc"], entry["step_auroc"])
-        if metrics["dev_loss"] < best:
-            best = metrics["dev_loss"]
-            report.update(kept_epoch=epoch, **{k: entry[k] for k in ("dev_loss", "line_auroc", "step_auroc")})
-            model.save_pretrained(out, safe_serialization=True)
-            tokenizer.save_pretrained(out)
-        (out / REPORT).write_text(json.dumps(report, indent=2) + "\n")
+            bar.update()
+            if step % eval_every and step != total:
+                continue
+            metrics = evaluate(model, dev, pad_id, device, batch_size)
+            entry = {"epoch": epoch, "step": step, "train_loss": round(float(np.mean(losses)), 4),
+                     **{k: None if v is None else round(v, 4) for k, v in metrics.items()},
+                     "seconds": round(time.monotonic() - started, 1)}
+            losses = []
+            report["history"].append(entry)
+            bar.set_postfix(dev_loss=entry["dev_loss"], line_auroc=entry["line_auroc"])
+            log.info("value step %d: train loss %.4f, dev loss %.4f, dev line AUROC %s, step AUROC %s", step,
+                     entry["train_loss"], entry["dev_loss"], entry["line_auroc"], entry["step_auroc"])
+            if metrics["dev_loss"] < best:
+                best, stale = metrics["dev_loss"], 0
+                report.update(kept_step=step, **{k: entry[k] for k in ("dev_loss", "line_auroc", "step_auroc")})
+                model.save_pretrained(out, safe_serialization=True)
+                tokenizer.save_pretrained(out)
+            else:
+                stale += 1
+            (out / REPORT).write_text(json.dumps(report, indent=2) + "\n")
+            if stale >= patience:
+                break
+        if stale >= patience:
+            log.info("dev loss stopped improving (best %.4f at step %d): stopping", best, report["kept_step"])
+            break
+    bar.close()
     report["seconds"] = round(time.monotonic() - started, 1)
     (out / REPORT).write_text(json.dumps(report, indent=2) + "\n")
     return report

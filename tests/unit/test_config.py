@@ -47,3 +47,16 @@ def test_the_in_flight_bound_is_one_setting_of_the_pool():
     assert ForestConfig(max_in_flight_per_worker=7).max_in_flight_per_worker == 7
     with pytest.raises(ValidationError, match="max_in_flight_per_worker"):
         load_config(None, **{"build.max_in_flight_per_worker": 7})  # not a build setting: every app uses it
+
+
+def test_a_reward_model_value_needs_a_value_model_and_presets_fix_the_value():
+    from search.params import ValueKind
+    from search.strategies import STRATEGIES
+
+    with pytest.raises(ValidationError, match="search.value='reward_model'.*value_model.model"):
+        ForestConfig.model_validate({"search": {"value": "reward_model"}})
+    config = ForestConfig.model_validate({"search": {"value": "reward_model"}, "value_model": {"model": "v"}})
+    assert config.value_model.model == "v" and config.search_identity()["value_model"] == "v"
+    params = ForestConfig().search.to_params(**STRATEGIES["mcts-prm"].preset)
+    assert params.value is ValueKind.REWARD_MODEL and str(params.granularity) == "step"
+    assert load_config(None, **{"value_model.model": "dir"}).value_model.model == "dir"

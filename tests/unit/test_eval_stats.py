@@ -74,3 +74,14 @@ def test_eval_refuses_a_reflection_policy_that_reads_the_reference():
     config = ForestConfig.model_validate({"search": {"reflection": "wrong_answer"}})
     with pytest.raises(EvalError, match="wrong_answer reads the reference"):
         run_eval(config, [Problem("p", "q", "1")], ["greedy"], budgets=[config.search.max_path_tokens])
+
+
+def test_eval_refuses_value_model_strategies_without_a_value_model():
+    from cluster.config import ForestConfig
+    from dataset.problems import Problem
+    from deploy.evaluate import run_eval
+
+    config = ForestConfig()
+    with pytest.raises(EvalError, match="mcts-prm, best_of_n-prm need a value model"):
+        run_eval(config, [Problem("p", "q", "1")], ["greedy", "mcts-prm", "best_of_n-prm"],
+                 budgets=[config.search.max_path_tokens])

@@ -1,0 +1,45 @@
+"""ValueWorker: the Ray actor that owns one value model on vLLM's pooling runner (``actors.vllm_engine.VLLMScorer``).
+
+Started, placed and restarted like a GeneratorWorker (``actors.pool``); searches reach it through
+``WorkerPool.score``. It has an engine of its own, so a value request never waits behind generations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+import numpy as np
+
+from actors.generator import EXIT_DELAY_SECONDS
+from actors.vllm_engine import VLLMScorer
+from cluster.config import EngineConfig
+from search.protocol import EngineDeadError, ScoreRequest
+
+log = logging.getLogger(__name__)
+
+
+class ValueWorker:
+    """One value model as a Ray actor; a dead engine makes the actor exit, and Ray restarts it."""
+
+    def __init__(self, config: EngineConfig, seed: int, device: str):
+        self.scorer = VLLMScorer(config, seed=seed, device=device)
+
+    async def score(self, request: ScoreRequest) -> np.ndarray:
+        try:
+            return await self.scorer.score(request)
+        except EngineDeadError:
+            log.error("value engine died; restarting the worker")
+            asyncio.get_running_loop().call_later(EXIT_DELAY_SECONDS, os._exit, 1)
+            raise
+
+    def engine_settings(self) -> dict:
+        return self.scorer.settings()
+
+    async def check_health(self) -> bool:
+        await self.scorer.check_health()
+        return True
+
+    def shutdown(self) -> None:
+        self.scorer.shutdown()

@@ -1,0 +1,106 @@
+"""ValueWorker: a value model served by a real vLLM engine (CPU build, pooling runner) and searched with."""
+
+import asyncio
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from actors.pool import RemoteEngine, WorkerPool, start_generator_workers
+from actors.value_worker import ValueWorker
+from search.params import Budget, MCTSParams, ValueKind
+from search.prompts import build_prompt
+from search.protocol import EngineError, ScoreRequest
+from search.strategies import STRATEGIES
+
+GOOD, BAD = 300, 301  # a toy line is right exactly when its middle step holds GOOD
+
+
+@dataclasses.dataclass(frozen=True)
+class Line:
+    problem_id: str
+    token_ids: np.ndarray
+    positions: np.ndarray
+    labels: np.ndarray
+    correct: bool
+
+
+def toy_lines(n: int) -> list[Line]:
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(n):
+        right = bool(i % 2)
+        tokens = np.concatenate([rng.integers(400, 600, 6), [GOOD if right else BAD], rng.integers(400, 600, 5)])
+        lines.append(Line(f"p{i}", tokens.astype(np.int32), np.array([3, 6, 11]),
+                          np.array([0.5, float(right), float(right)], dtype=np.float32), right))
+    return lines
+
+
+@pytest.fixture(scope="module")
+def value_model(tiny_model, tmp_path_factory):
+    from modelkit.value import train_value
+
+    out = tmp_path_factory.mktemp("value") / "tiny-value"
+    report = train_value(toy_lines(160), base=tiny_model, output=out, epochs=8, lr=3e-3, dev_share=0.25,
+                         progress=False)
+    assert report["line_auroc"] >= 0.9
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def value_worker(ray_cluster, engine_config, value_model):
+    config = engine_config.model_copy(update={"model": value_model})
+    (worker,) = start_generator_workers(config, 1, actor_class=ValueWorker)
+    ray_cluster.get(worker.check_health.remote(), timeout=600)
+    yield worker
+    ray_cluster.kill(worker)
+
+
+def score(worker, request):
+    return asyncio.run(RemoteEngine(worker).score(request))
+
+
+def test_scores_match_a_transformers_forward_pass_and_separate_the_toy_lines(value_worker, value_model, ray_cluster):
+    from transformers import Qwen2ForTokenClassification
+
+    model = Qwen2ForTokenClassification.from_pretrained(value_model).eval()
+    lines = toy_lines(6)
+    for line in lines:
+        got = score(value_worker, ScoreRequest(line.token_ids, tuple(line.positions.tolist()), "toy"))
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([line.token_ids.tolist()])).logits[0]
+        want = torch.softmax(logits, -1)[line.positions, 1].numpy()
+        assert got.shape == (3,) and np.allclose(got, want, atol=1e-4)
+        assert (got[-1] > 0.5) == line.correct
+    settings = ray_cluster.get(value_worker.engine_settings.remote())
+    assert settings["runner"] == "pooling" and settings["dtype"] == "float32"
+
+
+@pytest.mark.parametrize("ids, positions, message", [
+    ([], (0,), "1 to"), ([5, 6, 7], (3,), "outside"), ([5, 6, 7], (), "outside")])
+def test_bad_score_requests_fail_alone(value_worker, ids, positions, message):
+    with pytest.raises(EngineError, match=message):
+        score(value_worker, ScoreRequest(np.asarray(ids, dtype=np.int32), positions))
+    assert score(value_worker, ScoreRequest(np.asarray([5, 6, 7], dtype=np.int32), (2,))).shape == (1,)
+
+
+def test_a_search_values_its_nodes_with_the_value_worker(workers, value_worker, tokenizer):
+    """mcts-prm over a real generator and a real value model: every new node is valued by its prefix's score."""
+    prompt = tokenizer.encode(build_prompt("Ann has 3 apples and buys 4 more. How many apples now?"))
+    params = MCTSParams(max_path_tokens=48, budget=Budget(iterations=12, tokens=384), seed=1,
+                        value=ValueKind.REWARD_MODEL)
+
+    async def go():
+        pool = WorkerPool(workers[:1], max_in_flight=16, value_workers=[value_worker])
+        result = await pool.search(STRATEGIES["mcts-prm"], tokenizer, prompt, params)
+        n = result.tree.nodes
+        scored = [i for i in range(1, result.tree.num_nodes)
+                  if n["visits"][i] == 1 and not n["num_children"][i] and not n["is_terminal"][i]]
+        checks = [await pool.score(ScoreRequest(ids := result.tree.prompt_for(i), (len(ids) - 1,))) for i in scored]
+        return result, scored, checks
+
+    result, scored, checks = asyncio.run(go())
+    assert result.stats.value_requests >= len(scored) > 0
+    for node, check in zip(scored, checks, strict=True):
+        assert result.tree.mean_value(node) == pytest.approx(float(check[0]), abs=1e-5)
