@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from search.params import Budget, ConfigError, FinalChoice, Granularity, MCTSParams, ReflectionPolicy, ValueKind
 from search.prompts import DEFAULT_SYSTEM_PROMPT
+from search.values import SCORED_VALUES
 
 DEFAULT_MODEL_DIR = "models/forest-arith"  # bundled, trained by modelkit/train.py
 DEFAULTS = MCTSParams()  # the search core's defaults: SearchConfig's fields start from these, never restated
@@ -176,7 +177,7 @@ class ForestConfig(_Strict):
 
     @model_validator(mode="after")
     def _check_value_model(self) -> "ForestConfig":
-        if self.search.value is ValueKind.REWARD_MODEL and self.value_model is None:
+        if self.search.value in SCORED_VALUES and self.value_model is None:
             raise ConfigError("search.value", self.search.value.value, "needs a value model: set value_model.model")
         return self
 
@@ -184,7 +185,7 @@ class ForestConfig(_Strict):
         """What decides the trees' content (hashed; a resumed build must match it)."""
         identity = {"model": self.engine.model, "dtype": self.engine.dtype,
                     "search": self.search.model_dump(mode="json")}
-        if self.value_model is not None and self.search.value is ValueKind.REWARD_MODEL:
+        if self.value_model is not None and self.search.value in SCORED_VALUES:
             identity["value_model"] = self.value_model.model
         return identity
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from dataset.records import config_hash, error_row
 from cluster.config import ForestConfig
-from search.params import ValueKind
+from search.values import SCORED_VALUES
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def run_build(config: ForestConfig) -> BuildSummary:
                  if (e.problem_id, "input", e.message) not in known]
         ray.get(sink.add_errors.remote(fresh))
         with open_pool(config, name_prefix=f"forest-build-{session}", start=bool(todo),
-                       value=config.search.value is ValueKind.REWARD_MODEL) as pool:
+                       value=config.search.value in SCORED_VALUES) as pool:
             engine = ray.get(pool.workers[0].engine_settings.remote()) if pool.workers else None
             settings = ManagerSettings(
                 model_dir=config.engine.model, params=config.search.to_params(),

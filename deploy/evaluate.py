@@ -28,6 +28,7 @@ from search.metrics import auroc
 from search.params import Budget, FinalChoice, MCTSParams
 from search.prompts import answers_match, prompt_token_ids
 from search.strategies import STRATEGIES, VALUE_MODEL_STRATEGIES, Strategy
+from search.values import SCORED_VALUES
 
 if TYPE_CHECKING:
     from actors.pool import WorkerPool
@@ -82,6 +83,7 @@ class StrategyReport:
     budget_tokens: int
     pass_at_tree: float  # share of problems whose tree holds a correct finished line (an oracle's accuracy)
     rule_accuracy: dict[str, float] | None = None  # MCTS: the accuracy each final-answer rule would have had
+    line_auroc: float | None = None  # every finished line's value against its correctness, over all problems
 
     def row(self) -> dict:
         return dataclasses.asdict(self)
@@ -125,7 +127,10 @@ async def evaluate_strategy(name: str, problems: list[Problem], pool: WorkerPool
                  for rule in FinalChoice}
     return StrategyReport(name, len(problems), sum(right), sum(right) / len(problems), low, high,
                           float(np.mean([r.stats.generated_tokens for r in results])), wall,
-                          auroc([r.value for r in results], right), budget_tokens, float(np.mean(in_tree)), rules)
+                          auroc([r.value for r in results], right), budget_tokens, float(np.mean(in_tree)), rules,
+                          auroc([line.value for ls in lines for line in ls],
+                                [answers_match(line.answer, p.answer) for ls, p in zip(lines, problems, strict=True)
+                                 for line in ls]))
 
 
 def _answer(tree, lines, rule: FinalChoice) -> str | None:
@@ -149,7 +154,8 @@ def run_eval(config: ForestConfig, problems: list[Problem], strategies: list[str
     if config.search.reflection == "wrong_answer":
         raise EvalError("search.reflection: wrong_answer reads the reference answer, which forest eval never gives a "
                         "strategy; use off, always or below:<value>")
-    needs_value = [s for s in strategies if s in VALUE_MODEL_STRATEGIES]
+    needs_value = [s for s in strategies if s in VALUE_MODEL_STRATEGIES
+                   or config.search.to_params(**STRATEGIES[s].preset).value in SCORED_VALUES]
     if needs_value and config.value_model is None:
         raise EvalError(f"{', '.join(needs_value)} need a value model: set value_model.model in the config or pass "
                         f"--value-model")
@@ -214,26 +220,28 @@ def _rules(r: StrategyReport) -> str:
 
 def format_table(reports: list[StrategyReport]) -> str:
     lines = [f"{'strategy':<18} {'budget':>6} {'accuracy':>8}  {'95% CI':<13} {'tokens':>7} {'wall s':>7} "
-             f"{'AUROC':>6} {'pass@tree':>9}  rules ({' / '.join(rule.value for rule in FinalChoice)})"]
+             f"{'AUROC':>6} {'lines':>6} {'pass@tree':>9}  rules ({' / '.join(rule.value for rule in FinalChoice)})"]
     for r in reports:
-        auc = "n/a" if r.auroc is None else f"{r.auroc:.3f}"
         lines.append(f"{r.strategy:<18} {r.budget_tokens:>6} {100 * r.accuracy:>7.1f}%  "
                      f"{100 * r.ci_low:>5.1f}-{100 * r.ci_high:<5.1f}% {r.mean_tokens:>7.1f} {r.wall_seconds:>7.1f} "
-                     f"{auc:>6} {100 * r.pass_at_tree:>8.1f}%  {_rules(r)}")
+                     f"{_auc(r.auroc):>6} {_auc(r.line_auroc):>6} {100 * r.pass_at_tree:>8.1f}%  {_rules(r)}")
     return "\n".join(lines)
 
 
 def format_markdown(reports: list[StrategyReport]) -> str:
     rules = " / ".join(rule.value for rule in FinalChoice)
     lines = [f"| strategy | budget | accuracy | 95% CI | mean generated tokens | wall time (s) | value AUROC | "
-             f"pass@tree | accuracy by final rule ({rules}) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             f"line AUROC | pass@tree | accuracy by final rule ({rules}) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in reports:
-        auc = "n/a" if r.auroc is None else f"{r.auroc:.3f}"
         lines.append(f"| {r.strategy} | {r.budget_tokens} | {100 * r.accuracy:.1f}% ({r.correct}/{r.problems}) | "
                      f"{100 * r.ci_low:.1f}-{100 * r.ci_high:.1f}% | {r.mean_tokens:.1f} | {r.wall_seconds:.1f} | "
-                     f"{auc} | {100 * r.pass_at_tree:.1f}% | {_rules(r)} |")
+                     f"{_auc(r.auroc)} | {_auc(r.line_auroc)} | {100 * r.pass_at_tree:.1f}% | {_rules(r)} |")
     return "\n".join(lines)
+
+
+def _auc(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def report_json(report: StrategyReport) -> str:

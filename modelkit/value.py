@@ -28,7 +28,7 @@ from search.metrics import auroc
 log = logging.getLogger(__name__)
 
 # the recipe of the bundled value model; the command line's defaults
-EPOCHS, BATCH_SIZE, LEARNING_RATE, DEV_SHARE, EVAL_EVERY, PATIENCE = 3, 16, 1e-3, 0.1, 200, 3
+EPOCHS, BATCH_SIZE, LEARNING_RATE, DEV_SHARE, EVAL_EVERY, PATIENCE = 3, 16, 1e-3, 0.1, 200, 1
 WARMUP_STEPS = 20
 LABELS = {0: "wrong", 1: "right"}
 RIGHT = 1  # the label whose probability is the value
@@ -184,7 +184,10 @@ def train_value(examples: Sequence[Example], *, base: str | Path, output: str | 
                 break
         if stale >= patience:
             log.info("dev loss stopped improving (best %.4f at step %d): stopping", best, report["kept_step"])
+            report["stopped"] = "plateau"
             break
+    else:
+        report["stopped"] = "epochs"
     bar.close()
     report["seconds"] = round(time.monotonic() - started, 1)
     (out / REPORT).write_text(json.dumps(report, indent=2) + "\n")

@@ -30,12 +30,12 @@ import numpy as np
 
 from search import final, mcts
 from search.confidence import chunk_token_confidence, mean_confidence
-from search.params import ConfigError, FinalChoice, MCTSParams, ValueKind
+from search.params import ConfigError, FinalChoice, MCTSParams
 from search.prompts import OUTPUT_END, REFLECTION_PHRASE, extract_answer
 from search.protocol import (Chunk, Engine, EngineDeadError, EngineError, FinishReason, GenerationRequest,
                              ScoreRequest, Tokenizer)
 from search.tree import ROOT, NodeKind, Tree
-from search.values import VALUE_FUNCTIONS, Evaluation, reward_value
+from search.values import SCORED_VALUES, VALUE_FUNCTIONS, Evaluation, reward_value
 
 MAX_REQUEST_FAILURES = 3
 SEED_STRIDE = 1_000_003
@@ -85,7 +85,13 @@ class _InFlight:
     node: int
     expansion: bool
     reserved_tokens: int
-    score: bool = False  # a value-model request (no tokens generated)
+    score: bool = False  # a value-model request (no tokens generated) for the line ending at ``node``
+    selected: int | None = None  # score: the node the iteration selected (its virtual loss), when not ``node``
+
+    @property
+    def owner(self) -> int:
+        """The node whose iteration this request serves (undone when it fails)."""
+        return self.node if self.selected is None else self.selected
 
 
 ProgressCallback = Callable[["SearchStats", float], None]
@@ -111,11 +117,12 @@ class _Search:
         self.engine, self.tokenizer, self.params = engine, tokenizer, params
         self.reference, self.request_prefix, self.clock = reference, request_prefix, clock
         self.tree = Tree(prompt_token_ids, max_children=params.max_width + 1)  # + a reflection child
-        self.scored = params.value is ValueKind.REWARD_MODEL
+        self.scored = params.value in SCORED_VALUES
         if self.scored and not callable(getattr(engine, "score", None)):
             raise ConfigError("value", params.value.value, "needs a value model, and this engine has no scorer "
                                                            "(set value_model in the config)")
-        self.value_fn, self.needs_rollout = VALUE_FUNCTIONS.get(params.value, (None, False))
+        self.value_fn, self.needs_rollout = (None, SCORED_VALUES[params.value]) if self.scored else \
+            VALUE_FUNCTIONS[params.value]
         self.stats = SearchStats()
         self.inflight: dict[asyncio.Task, _InFlight] = {}
         self.started = 0  # iterations begun (completed + in flight)
@@ -200,20 +207,26 @@ class _Search:
         return self._request(node, n=1, expansion=False)
 
     def _value(self, node: int) -> bool:
-        """Value ``node`` itself (no rollout): at once, or by a value-model request (``value: reward_model``)."""
+        """Value ``node`` itself (no rollout): at once, or by a value-model request."""
         if not self.scored:
             self._complete(node, self._evaluate(node, None), selected=node)
             return True
-        if self.tree.nodes["is_terminal"][node] and self._finished_line(node) is None:
-            self._complete(node, self.params.unanswered_value, selected=node)
-            return True
-        ids = self.tree.prompt_for(node)
+        self._score(node, selected=node)
+        return True
+
+    def _score(self, end: int, *, selected: int) -> None:
+        """Ask the value model for the value of the prefix ending at ``end`` (a line that ends unanswered is worth
+        ``unanswered_value`` at once); the result is backed up from ``end`` through ``selected``."""
+        if self.tree.nodes["is_terminal"][end] and self._finished_line(end) is None:
+            self._complete(end, self.params.unanswered_value, selected=selected)
+            return
+        ids = self.tree.prompt_for(end)
         request = ScoreRequest(ids, (len(ids) - 1,), request_id=f"{self.request_prefix}v{self.stats.value_requests}")
         self.stats.value_requests += 1
-        self.tree.nodes["pending"][node] = True
+        self.tree.nodes["pending"][end] = True
         task = asyncio.ensure_future(self.engine.score(request))
-        self.inflight[task] = _InFlight(node, expansion=False, reserved_tokens=0, score=True)
-        return True
+        self.inflight[task] = _InFlight(end, expansion=False, reserved_tokens=0, score=True,
+                                        selected=None if selected == end else selected)
 
     def _request(self, node: int, *, n: int, expansion: bool) -> bool:
         """Send an expansion (n samples) or rollout (n=1) request; False, undoing the iteration, if unaffordable.
@@ -257,14 +270,14 @@ class _Search:
             raise
         except EngineError as exc:
             self.stats.failed_requests += 1
-            self._abandon(job.node)
+            self._abandon(job.owner)
             if self.stats.failed_requests >= MAX_REQUEST_FAILURES:
                 raise SearchError(f"{self.stats.failed_requests} engine requests failed; last: {exc}") from exc
             return
         if job.score:
             score = float(np.asarray(result)[-1])
             value = reward_value(score, self._path_confidence(job.node), self.params.reward_weight)
-            self._complete(job.node, value, selected=job.node)
+            self._complete(job.node, value, selected=job.owner)
             return
         chunks = result
         self.stats.generated_tokens += sum(len(c) for c in chunks)
@@ -330,7 +343,10 @@ class _Search:
             if tree.nodes["is_terminal"][leaf] and not last:  # a limit reached early: the rest is one piece
                 break
         tree.nodes["is_terminal"][leaf] = True
-        self._complete(leaf, self._evaluate(node, leaf, rollout_confidence=confidence), selected=node)
+        if self.scored:
+            self._score(leaf, selected=node)
+        else:
+            self._complete(leaf, self._evaluate(node, leaf, rollout_confidence=confidence), selected=node)
 
     def _decode_token(self, token: int) -> str:
         text = self._token_text.get(token)
@@ -409,7 +425,7 @@ class _Search:
         for job in self.inflight.values():
             self.reserved_tokens -= job.reserved_tokens
             self.tree.nodes["pending"][job.node] = False
-            self._abandon(job.node)
+            self._abandon(job.owner)
         self.inflight.clear()
 
     def _result(self, reason: StopReason) -> SearchResult:

@@ -60,7 +60,10 @@ def uct_scores(tree: Tree, node: int, exploration: float, bounds: Bounds | None 
         if exhausted[kid] or (pending[kid] and num_children[kid] == 0):
             scores.append(-math.inf)
         elif count > 0:
-            q = normalize(float(value_sum[kid]) / float(visits[kid]), bounds) * visits[kid] / count
+            # in-flight iterations count as visits worth nothing (virtual loss); a child whose first iteration is
+            # still in flight (its value on its way from a value model) has no mean yet
+            mean = normalize(float(value_sum[kid]) / float(visits[kid]), bounds) if visits[kid] else 0.0
+            q = mean * visits[kid] / count
             scores.append(q + exploration * math.sqrt(log_parent / count))
         else:
             scores.append(math.inf)

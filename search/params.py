@@ -88,6 +88,7 @@ class ValueKind(enum.Enum):
     CHUNK_CONFIDENCE = "chunk_confidence"  # no rollout: mean token confidence of the new child's own chunk
     ANSWER_CHECK = "answer_check"  # rollout, then 1 if its answer matches the reference else 0
     REWARD_MODEL = "reward_model"  # no rollout: a process reward model's score of the node's prefix (a Scorer)
+    REWARD_MODEL_ROLLOUT = "reward_model_rollout"  # a rollout, then the value model's score of the finished line
 
 
 class FinalChoice(enum.Enum):

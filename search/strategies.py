@@ -53,8 +53,8 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
     Strategy("mcts-mini32", run_mcts, "Marco-o1 MCTS, 32-token mini-steps", "mini_step:32"),
     Strategy("best_of_n-prm", best_of_n_prm, "as many samples as the budget affords; votes weighted by the value "
                                              "model's scores"),
-    Strategy("mcts-prm", run_mcts, "MCTS, one reasoning step per action, each node valued by the value model "
-                                   "(no rollouts)", "step", "reward_model"),
+    Strategy("mcts-prm", run_mcts, "MCTS, one reasoning step per action, each rollout's finished line valued by the "
+                                   "value model", "step", "reward_model_rollout"),
 )}
 
 VALUE_MODEL_STRATEGIES = frozenset({"best_of_n-prm", "mcts-prm"})

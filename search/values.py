@@ -1,8 +1,9 @@
 """Value functions: how good a state is, from what its evaluation saw.
 
 Each is a plain function of an ``Evaluation``; ``VALUE_FUNCTIONS`` maps the configured ``ValueKind`` to
-(function, needs_rollout). ``reward_model`` is the exception: its score comes from a ``Scorer`` call (a value
-model served on its own engine), so the driver asks for it and mixes it with the confidence (``reward_value``).
+(function, needs_rollout). The value-model kinds (``SCORED_VALUES``) are the exception: their score comes from a
+``Scorer`` call (a value model served on its own engine), so the driver asks for it and mixes it with the
+confidence (``reward_value``).
 """
 
 from __future__ import annotations
@@ -57,6 +58,12 @@ def reward_value(score: float, confidence: float, weight: float) -> float:
     score alone)."""
     return weight * float(score) + (1.0 - weight) * _finite_or(confidence, 0.0)
 
+
+SCORED_VALUES: dict[ValueKind, bool] = {
+    ValueKind.REWARD_MODEL: False,  # each new node scored as it is (no rollout)
+    ValueKind.REWARD_MODEL_ROLLOUT: True,  # a rollout to the end of the line, then the finished line scored
+}
+"""The value kinds a value model computes, mapped to needs_rollout."""
 
 VALUE_FUNCTIONS: dict[ValueKind, tuple[ValueFunction, bool]] = {
     ValueKind.ROLLOUT_CONFIDENCE: (rollout_confidence, True),

@@ -9,7 +9,7 @@ import torch
 
 from actors.pool import RemoteEngine, WorkerPool, start_generator_workers
 from actors.value_worker import ValueWorker
-from search.params import Budget, MCTSParams, ValueKind
+from search.params import Budget, Granularity, MCTSParams, ValueKind
 from search.prompts import build_prompt
 from search.protocol import EngineError, ScoreRequest
 from search.strategies import STRATEGIES
@@ -43,7 +43,7 @@ def value_model(tiny_model, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("value") / "tiny-value"
     report = train_value(toy_lines(160), base=tiny_model, output=out, epochs=8, lr=3e-3, dev_share=0.25,
-                         progress=False)
+                         eval_every=10, patience=8, progress=False)
     assert report["line_auroc"] >= 0.9
     return str(out)
 
@@ -86,10 +86,11 @@ def test_bad_score_requests_fail_alone(value_worker, ids, positions, message):
 
 
 def test_a_search_values_its_nodes_with_the_value_worker(workers, value_worker, tokenizer):
-    """mcts-prm over a real generator and a real value model: every new node is valued by its prefix's score."""
+    """MCTS valued by a real value model over a real generator: every new node is valued by its prefix's score
+    (16-token actions, so that the tiny random model's gibberish makes nodes that are not terminal)."""
     prompt = tokenizer.encode(build_prompt("Ann has 3 apples and buys 4 more. How many apples now?"))
-    params = MCTSParams(max_path_tokens=48, budget=Budget(iterations=12, tokens=384), seed=1,
-                        value=ValueKind.REWARD_MODEL)
+    params = MCTSParams(granularity=Granularity.parse("mini_step:16"), max_path_tokens=160, seed=1,
+                        budget=Budget(iterations=12, tokens=384), value=ValueKind.REWARD_MODEL)
 
     async def go():
         pool = WorkerPool(workers[:1], max_in_flight=16, value_workers=[value_worker])

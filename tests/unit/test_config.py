@@ -58,5 +58,5 @@ def test_a_reward_model_value_needs_a_value_model_and_presets_fix_the_value():
     config = ForestConfig.model_validate({"search": {"value": "reward_model"}, "value_model": {"model": "v"}})
     assert config.value_model.model == "v" and config.search_identity()["value_model"] == "v"
     params = ForestConfig().search.to_params(**STRATEGIES["mcts-prm"].preset)
-    assert params.value is ValueKind.REWARD_MODEL and str(params.granularity) == "step"
+    assert params.value is ValueKind.REWARD_MODEL_ROLLOUT and str(params.granularity) == "step"
     assert load_config(None, **{"value_model.model": "dir"}).value_model.model == "dir"

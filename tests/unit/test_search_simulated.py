@@ -394,3 +394,15 @@ def test_reward_weighted_best_of_n_follows_the_value_model_against_the_majority(
     assert weighted.answer == "42" and weighted.value == pytest.approx(0.9)
     assert weighted.stats.value_requests == len(kids)
     assert weighted.tree.nodes["visits"][kids].sum() == len(kids)  # each sample carries its score as its value
+
+
+def test_reward_model_rollout_value_scores_each_finished_line_once():
+    engine = ScoringSimulatedEngine(TOK, seed=4, steps=2, quality=lambda r: 0.6, answer=_answer_by_first_word,
+                                    judge=_judge_good_branch)
+    result = search(engine, value=ValueKind.REWARD_MODEL_ROLLOUT, budget=Budget(iterations=12))
+    assert result.answer == "42"
+    assert any("\n\n" not in r.stop for r in engine.requests)  # rollouts ran
+    for request in engine.score_requests:  # only whole lines are scored, at their last token
+        assert TOK.decode(request.token_ids[-2:]).endswith("</Output><|im_end|>") or \
+            TOK.decode(request.token_ids).endswith("</Output>")
+    assert result.stats.value_requests == len(engine.score_requests) <= result.stats.iterations

@@ -41,8 +41,8 @@ def base(tmp_path_factory):
 
 def test_a_tiny_value_model_learns_a_separable_task(base, tmp_path):
     lines = toy_lines(160, seed=0)
-    report = train_value(lines, base=base, output=tmp_path / "value", epochs=10, batch_size=16, lr=3e-3, eval_every=8,
-                         dev_share=0.25, progress=False)
+    report = train_value(lines, base=base, output=tmp_path / "value", epochs=10, batch_size=16, lr=3e-3,
+                         eval_every=8, patience=10, dev_share=0.25, progress=False)
     history = report["history"]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert report["line_auroc"] >= 0.95 and report["dev_problems"] == 40 and report["train_problems"] == 120
