@@ -120,7 +120,6 @@ async def self_consistency(engine: Engine, tokenizer: Tokenizer, prompt_token_id
     return _result(tree, max(winner, key=lambda node: conf[node]), stats, tokenizer)
 
 
-
 async def best_of_n_prm(engine: Engine, tokenizer: Tokenizer, prompt_token_ids, params: MCTSParams, *,
                         reference: str | None = None, request_prefix: str = "",
                         on_progress: ProgressCallback | None = None) -> SearchResult:

@@ -62,6 +62,24 @@ def test_eval_compares_every_strategy_at_one_budget(arith_worker, arith_config):
     assert greedy.correct >= 1, "the bundled model is trained: greedy decoding solves some problems"
     assert greedy.mean_tokens <= arith_config.search.max_path_tokens
     assert "mcts-mini32" in format_table(reports)
+    assert all(r.line_auroc is None or 0 <= r.line_auroc <= 1 for r in reports)
+
+
+def test_eval_searches_with_the_bundled_value_model(arith_worker, arith_config):
+    """best_of_n-prm and mcts-prm on the bundled policy and value model: a ValueWorker is started for the run."""
+    from cluster.config import EngineConfig
+    from dataset.problems import Problem
+    from deploy.evaluate import run_eval
+    from modelkit.arithmetic import HELD_OUT_SEED_START, make_problems
+
+    value_model = EngineConfig(model=str(REPO / "models" / "forest-value"), device="cpu", dtype="float32",
+                               max_model_len=1024, enforce_eager=True, cpu_kvcache_gib=1)
+    config = arith_config.model_copy(update={"value_model": value_model})
+    problems = [Problem(p.id, p.question, p.answer) for p in make_problems(8, HELD_OUT_SEED_START + 13)]
+    reports = run_eval(config, problems, ["best_of_n-prm", "mcts-prm"], budgets=[512], concurrency=8)
+    for r in reports:
+        assert r.problems == 8 and 0 < r.mean_tokens <= 512 and 0 <= r.correct <= 8
+    assert reports[1].rule_accuracy is not None  # an MCTS preset: the final rules are compared
 
 
 def test_model_report_decodes_greedily_and_samples_on_the_worker(arith_worker, arith_config):
