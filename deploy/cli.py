@@ -12,8 +12,7 @@ from deploy.flags import DEFAULT_CONFIG, EXIT_USAGE, add_build_flags, add_run_fl
 from deploy.model_report import DEFAULT_SAMPLES
 from modelkit import value as value_recipe
 from modelkit.arithmetic import HELD_OUT_SEED_START
-from search.values import SCORED_VALUES
-from search.strategies import EVAL_STRATEGIES, STRATEGIES, VALUE_MODEL_STRATEGIES
+from search.strategies import EVAL_STRATEGIES, STRATEGIES, needs_value_model
 
 
 def parser() -> argparse.ArgumentParser:
@@ -212,7 +211,7 @@ def cmd_search(args) -> int:
     config = load(args)
     strategy = get_strategy(args.strategy)
     params = config.search.to_params(**strategy.preset)
-    scores = strategy.name in VALUE_MODEL_STRATEGIES or params.value in SCORED_VALUES
+    scores = needs_value_model(strategy, params)
     if scores and config.value_model is None:
         print(f"forest search: {strategy.name} with value {params.value.value} needs a value model: set "
               f"value_model.model in the config or pass --value-model", file=sys.stderr)

@@ -27,8 +27,7 @@ from search import final
 from search.metrics import auroc
 from search.params import Budget, FinalChoice, MCTSParams
 from search.prompts import answers_match, prompt_token_ids
-from search.strategies import STRATEGIES, VALUE_MODEL_STRATEGIES, Strategy
-from search.values import SCORED_VALUES
+from search.strategies import STRATEGIES, Strategy, needs_value_model
 
 if TYPE_CHECKING:
     from actors.pool import WorkerPool
@@ -154,8 +153,8 @@ def run_eval(config: ForestConfig, problems: list[Problem], strategies: list[str
     if config.search.reflection == "wrong_answer":
         raise EvalError("search.reflection: wrong_answer reads the reference answer, which forest eval never gives a "
                         "strategy; use off, always or below:<value>")
-    needs_value = [s for s in strategies if s in VALUE_MODEL_STRATEGIES
-                   or config.search.to_params(**STRATEGIES[s].preset).value in SCORED_VALUES]
+    needs_value = [s for s in strategies
+                   if needs_value_model(STRATEGIES[s], config.search.to_params(**STRATEGIES[s].preset))]
     if needs_value and config.value_model is None:
         raise EvalError(f"{', '.join(needs_value)} need a value model: set value_model.model in the config or pass "
                         f"--value-model")

@@ -16,6 +16,7 @@ from search.baselines import best_of_n, best_of_n_prm, greedy, self_consistency
 from search.driver import ProgressCallback, SearchResult, run_mcts
 from search.params import ConfigError, MCTSParams
 from search.protocol import Engine, Tokenizer
+from search.values import SCORED_VALUES
 
 SearchFunction = Callable[..., Awaitable[SearchResult]]
 """``(engine, tokenizer, prompt_token_ids, params, *, reference=None, request_prefix="", on_progress=None)``."""
@@ -58,7 +59,12 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
 )}
 
 VALUE_MODEL_STRATEGIES = frozenset({"best_of_n-prm", "mcts-prm"})
-"""The strategies that need a value model (``value_model`` in the config)."""
+"""The strategies that need a value model (``value_model`` in the config) whatever the configured value."""
+
+
+def needs_value_model(strategy: Strategy, params: MCTSParams) -> bool:
+    """Whether running ``strategy`` with ``params`` (the preset applied) asks a value model for scores."""
+    return strategy.name in VALUE_MODEL_STRATEGIES or (strategy.search is run_mcts and params.value in SCORED_VALUES)
 
 EVAL_STRATEGIES = ("greedy", "best_of_n", "self_consistency", "mcts-step", "mcts-mini64", "mcts-mini32")
 """What ``forest eval`` compares by default: the baselines and Marco-o1's three granularities."""
