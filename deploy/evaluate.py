@@ -156,8 +156,9 @@ def run_eval(config: ForestConfig, problems: list[Problem], strategies: list[str
     needs_value = [s for s in strategies
                    if needs_value_model(STRATEGIES[s], config.search.to_params(**STRATEGIES[s].preset))]
     if needs_value and config.value_model is None:
-        raise EvalError(f"{', '.join(needs_value)} need a value model: set value_model.model in the config or pass "
-                        f"--value-model")
+        verb = "needs" if len(needs_value) == 1 else "need"
+        raise EvalError(f"{', '.join(needs_value)} {verb} a value model: set value_model.model in the config or "
+                        f"pass --value-model")
     if not budgets or min(budgets) < config.search.max_path_tokens:
         raise EvalError(f"every budget ({budgets}) must be at least search.max_path_tokens "
                         f"({config.search.max_path_tokens}): no strategy could finish one path")
