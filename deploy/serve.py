@@ -15,6 +15,7 @@ import dataclasses
 import hmac
 import logging
 import os
+import signal
 import time
 from collections import OrderedDict
 
@@ -274,8 +275,14 @@ def app_for(config: ForestConfig):
     return ForestServer.options(max_ongoing_requests=config.serve.max_ongoing_requests).bind(config)
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def run_forever(config: ForestConfig) -> None:
-    """``forest serve``: start Serve on host:port and block until Ctrl-C, then shut everything down."""
+    """``forest serve``: start Serve on host:port and block until Ctrl-C or SIGTERM (how Kubernetes, Docker and
+    systemd stop a process), then shut everything down. Both handlers are installed explicitly: a process started
+    in the background by a non-interactive shell inherits an ignored SIGINT, and Ray's own SIGTERM handler aborts."""
     import time
 
     import ray
@@ -285,12 +292,14 @@ def run_forever(config: ForestConfig) -> None:
     connect()
     serve.start(http_options={"host": config.serve.host, "port": config.serve.port})
     serve.run(app_for(config), name="forest", route_prefix="/")
+    for stop in (signal.SIGINT, signal.SIGTERM):  # after Ray's start-up, which installs a SIGTERM handler of its own
+        signal.signal(stop, _interrupt)
     log.info("Forest is serving on http://%s:%d (Ctrl-C stops it)", config.serve.host, config.serve.port)
     try:
         while True:
             time.sleep(3600)
-    except KeyboardInterrupt:
-        log.info("shutting down")
+    except KeyboardInterrupt as stop:
+        log.info("shutting down (%s)", stop or "SIGINT")
     finally:
         serve.shutdown()
         ray.shutdown()
