@@ -19,6 +19,13 @@ EXIT_DELAY_SECONDS = 0.2
 """After its engine dies the worker exits this long after answering, so the caller hears why first."""
 
 
+def exit_for_restart(engine: str) -> None:
+    """After ``engine`` died: exit shortly (once the caller has heard why), so that Ray restarts the actor with a
+    fresh engine; the caller re-sends the request."""
+    log.error("%s died; restarting the worker", engine)
+    asyncio.get_running_loop().call_later(EXIT_DELAY_SECONDS, os._exit, 1)
+
+
 class GeneratorWorker:
     """One vLLM engine as a Ray actor; a dead engine makes the actor exit, and Ray restarts it (``max_restarts``)."""
 
@@ -29,9 +36,7 @@ class GeneratorWorker:
         try:
             return await self.engine.generate(request)
         except EngineDeadError:
-            # Exit so that Ray restarts this actor with a fresh engine; the caller re-sends the request.
-            log.error("engine died; restarting the worker")
-            asyncio.get_running_loop().call_later(EXIT_DELAY_SECONDS, os._exit, 1)
+            exit_for_restart("engine")
             raise
 
     def stats(self) -> WorkerStats:

@@ -6,18 +6,12 @@ Started, placed and restarted like a GeneratorWorker (``actors.pool``); searches
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import os
-
 import numpy as np
 
-from actors.generator import EXIT_DELAY_SECONDS
+from actors.generator import exit_for_restart
 from actors.vllm_engine import VLLMScorer
 from cluster.config import EngineConfig
 from search.protocol import EngineDeadError, ScoreRequest
-
-log = logging.getLogger(__name__)
 
 
 class ValueWorker:
@@ -30,8 +24,7 @@ class ValueWorker:
         try:
             return await self.scorer.score(request)
         except EngineDeadError:
-            log.error("value engine died; restarting the worker")
-            asyncio.get_running_loop().call_later(EXIT_DELAY_SECONDS, os._exit, 1)
+            exit_for_restart("value engine")
             raise
 
     def engine_settings(self) -> dict:

@@ -292,7 +292,6 @@ class VLLMScorer:
 
         self.config, self.seed, self.device = config, seed, device
         self.engine = AsyncLLM.from_engine_args(_engine_args(config, seed=seed, device=device, pooling=True))
-        self.done = self.failed = self.tokens = 0
 
     async def score(self, request: ScoreRequest) -> np.ndarray:
         from vllm import PoolingParams
@@ -313,17 +312,13 @@ class VLLMScorer:
                                                    PoolingParams(task="token_classify"), request_id=request_id):
                 final = output
         except VLLMEngineDead as exc:
-            self.failed += 1
             raise EngineDeadError(f"vLLM value engine (seed {self.seed}) died: {exc}") from exc
         except (ValueError, TypeError) as exc:
-            self.failed += 1
             raise EngineError(f"bad score request: {exc}") from exc
         if final is None:
             raise EngineError(f"score request {request_id} returned no output")
         probabilities = np.asarray(final.outputs.data.float().numpy() if hasattr(final.outputs.data, "numpy")
                                    else final.outputs.data, dtype=np.float32)
-        self.done += 1
-        self.tokens += len(ids)
         return probabilities[positions, -1]
 
     def settings(self) -> dict:

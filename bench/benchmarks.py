@@ -197,9 +197,9 @@ def bench_value(config: ForestConfig, *, problems: int) -> list[Figure]:
     budget = Budget(VALUE_BENCH_ITERATIONS, config.search.budget_tokens or VALUE_BENCH_BUDGET)
     with open_pool(config.model_copy(update={"workers": 1, "attach_workers": []})) as pool:
         prompts = _prompts(config, pool.tokenizer, problems)
-        workers = pool.worker_pool()
 
         async def run(name: str, batch: list) -> tuple[float, list]:
+            workers = pool.worker_pool()  # per event loop: each asyncio.run below has its own
             strategy = STRATEGIES[name]
             params = dataclasses.replace(config.search.to_params(**strategy.preset), budget=budget)
             start = time.monotonic()

@@ -1,7 +1,6 @@
 """ValueWorker: a value model served by a real vLLM engine (CPU build, pooling runner) and searched with."""
 
 import asyncio
-import dataclasses
 
 import numpy as np
 import pytest
@@ -13,28 +12,7 @@ from search.params import Budget, Granularity, MCTSParams, ValueKind
 from search.prompts import build_prompt
 from search.protocol import EngineError, ScoreRequest
 from search.strategies import STRATEGIES
-
-GOOD, BAD = 300, 301  # a toy line is right exactly when its middle step holds GOOD
-
-
-@dataclasses.dataclass(frozen=True)
-class Line:
-    problem_id: str
-    token_ids: np.ndarray
-    positions: np.ndarray
-    labels: np.ndarray
-    correct: bool
-
-
-def toy_lines(n: int) -> list[Line]:
-    rng = np.random.default_rng(0)
-    lines = []
-    for i in range(n):
-        right = bool(i % 2)
-        tokens = np.concatenate([rng.integers(400, 600, 6), [GOOD if right else BAD], rng.integers(400, 600, 5)])
-        lines.append(Line(f"p{i}", tokens.astype(np.int32), np.array([3, 6, 11]),
-                          np.array([0.5, float(right), float(right)], dtype=np.float32), right))
-    return lines
+from tests.toy_value import toy_lines
 
 
 @pytest.fixture(scope="module")

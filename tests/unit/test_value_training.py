@@ -1,37 +1,12 @@
 """Value-model training (``modelkit.value``) on a toy task, from a tiny random policy."""
 
 import json
-from dataclasses import dataclass
 
-import numpy as np
 import pytest
 
 from modelkit.make_model import make_tiny_random
 from modelkit.value import REPORT, split_by_problem, train_value
-
-
-@dataclass(frozen=True)
-class Line:
-    problem_id: str
-    token_ids: np.ndarray
-    positions: np.ndarray
-    labels: np.ndarray
-    correct: bool
-
-
-GOOD, BAD = 300, 301  # a line is right exactly when its middle step holds GOOD
-
-
-def toy_lines(n: int, seed: int) -> list[Line]:
-    rng = np.random.default_rng(seed)
-    lines = []
-    for i in range(n):
-        right = bool(i % 2)
-        tokens = np.concatenate([rng.integers(400, 600, 6), [GOOD if right else BAD], rng.integers(400, 600, 5)])
-        label = float(right)
-        lines.append(Line(f"p{i}", tokens.astype(np.int32), np.array([3, 6, 11]),
-                          np.array([0.5, label, label], dtype=np.float32), right))
-    return lines
+from tests.toy_value import toy_lines
 
 
 @pytest.fixture(scope="module")
