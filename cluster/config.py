@@ -153,6 +153,7 @@ class ServeConfig(_Strict):
     max_path_tokens: int = Field(DEFAULTS.max_path_tokens, ge=1,
                                  description="Cap on a request's max_tokens (per reasoning path).")
     recent_trees: int = Field(32, ge=0, description="Finished trees kept for the tree viewer.")
+    max_choices: int = Field(8, ge=1, description="Cap on a request's n (choices: distinct lines of one tree).")
 
 
 class ForestConfig(_Strict):

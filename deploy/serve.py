@@ -115,10 +115,11 @@ class ForestServer:
         if strategy is None:
             available = ", ".join(api.model_names(value_model=self.has_value_model))
             raise ApiError(400, f"unknown model {body.model!r}; available: {available}", field="model")
-        if body.messages[-1].role != "user":
-            raise ApiError(400, "the last message must come from the user", field="messages")
+        problem = api.request_problem(body, strategy, max_choices=self.limits.max_choices)
+        if problem is not None:
+            raise ApiError(400, problem[1], field=problem[0])
         search, limits = self.config.search, self.limits
-        prompt_text = build_chat_prompt([(m.role, m.content) for m in body.messages],
+        prompt_text = build_chat_prompt([(api.prompt_role(m.role), m.text) for m in body.messages],
                                         system_prompt=search.system_prompt)
         prompt = self.tokenizer.encode(prompt_text)
         room = self.config.engine.max_model_len - len(prompt)
@@ -131,7 +132,7 @@ class ForestServer:
                             limits.max_budget_tokens),
                         min(params.budget.seconds or limits.request_timeout_s, limits.request_timeout_s))
         params = dataclasses.replace(
-            params, budget=budget, max_path_tokens=min(body.max_tokens or params.max_path_tokens,
+            params, budget=budget, max_path_tokens=min(body.path_tokens or params.max_path_tokens,
                                                        limits.max_path_tokens, room),
             temperature=params.temperature if body.temperature is None else body.temperature,
             top_p=body.top_p or params.top_p, children=body.children or params.children,
@@ -186,7 +187,7 @@ class ForestServer:
             return StreamingResponse(self._stream(body, request_id, search, events), media_type="text/event-stream")
         result = await self._start(body, request_id)
         self._observe("chat", start)
-        return api.completion(result, body.model, request_id)
+        return api.completion(result, body.model, request_id, api.choices(result, body, self.tokenizer.decode))
 
     def _observe(self, route: str, start: float) -> None:
         self.metrics.serve_latency.observe(time.monotonic() - start, tags={"route": route})
@@ -207,9 +208,12 @@ class ForestServer:
             except ApiError as exc:
                 yield api.sse({"error": {"message": exc.message, "type": "server_error"}})
                 return
-            reasoning, answer = api.split_response(result.response)
-            yield api.sse(api.chunk(request_id, body.model, {"reasoning_content": reasoning, "content": answer or ""}))
-            yield api.sse(api.chunk(request_id, body.model, {}, "stop", usage=api.usage(result)))
+            for choice in api.choices(result, body, self.tokenizer.decode):
+                delta = {"reasoning_content": choice.reasoning, "content": choice.content}
+                yield api.sse(api.chunk(request_id, body.model, delta, index=choice.index, logprobs=choice.logprobs))
+                yield api.sse(api.chunk(request_id, body.model, {}, choice.finish_reason, index=choice.index))
+            if body.include_usage:
+                yield api.sse(api.usage_chunk(request_id, body.model, result))
             yield "data: [DONE]\n\n"
             self._observe("chat_stream", start)
         finally:
@@ -224,7 +228,8 @@ class ForestServer:
         request_id, start = api.new_request_id(), time.monotonic()
         result = await self._start(body, request_id)
         self._observe("search", start)
-        return {**api.completion(result, body.model, request_id), "tree": self.recent.get(request_id) or
+        return {**api.completion(result, body.model, request_id, api.choices(result, body, self.tokenizer.decode)),
+                "tree": self.recent.get(request_id) or
                 api.tree_json(result.tree, self.tokenizer.decode, result.path)}
 
     @fastapi_app.get("/v1/models")

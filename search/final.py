@@ -71,3 +71,28 @@ def choose(tree: Tree, lines: list[Line], rule: FinalChoice) -> Line | None:
             if line.leaf == leaf:
                 return line
     return _best(lines)
+
+
+def ranked_leaves(tree: Tree, decode: Callable[[Sequence[int]], str], first: int, n: int) -> list[int]:
+    """Up to ``n`` leaves of token-distinct ended lines: ``first`` (the chosen line), then the finished lines, then
+    the lines a limit cut, each group by value (a line nobody valued by its confidence, after the valued ones).
+
+    What a request for ``n`` alternatives gets: the tree's own lines, no new search."""
+    n_ = tree.nodes
+    candidates = []
+    for leaf in range(1, tree.num_nodes):
+        if leaf == first or not n_["is_terminal"][leaf] or n_["num_children"][leaf]:
+            continue
+        finished = line_finished(tree, leaf, decode(tree.path_token_ids(leaf).tolist()))
+        value, confidence = tree.mean_value(leaf), float(n_["confidence"][leaf])
+        candidates.append(((finished, value == value, np.nan_to_num(value, nan=-np.inf),
+                            np.nan_to_num(confidence, nan=-np.inf), -leaf), leaf))
+    seen, leaves = {tree.path_token_ids(first).tobytes()}, [first]
+    for _, leaf in sorted(candidates, reverse=True):
+        if len(leaves) >= n:
+            break
+        key = tree.path_token_ids(leaf).tobytes()
+        if key not in seen:
+            seen.add(key)
+            leaves.append(leaf)
+    return leaves[:n]

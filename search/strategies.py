@@ -32,6 +32,7 @@ class Strategy:
     description: str
     granularity: str | None = None
     value: str | None = None
+    one_line: bool = False  # the search draws a single line, so it has no alternatives to offer (``n`` > 1)
 
     @property
     def preset(self) -> dict:
@@ -45,7 +46,7 @@ class Strategy:
 
 
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
-    Strategy("greedy", greedy, "one chain of thought at temperature 0"),
+    Strategy("greedy", greedy, "one chain of thought at temperature 0", one_line=True),
     Strategy("best_of_n", best_of_n, "as many sampled answers as the token budget affords; the most confident"),
     Strategy("self_consistency", self_consistency, "as many sampled answers as the budget affords; majority vote"),
     Strategy("mcts", run_mcts, "Marco-o1 MCTS at the configured granularity"),

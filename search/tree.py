@@ -161,6 +161,12 @@ class Tree:
         parts = [self.node_token_ids(i) for i in self.path(node)]
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
 
+    def path_tokens(self, node: int) -> dict[str, np.ndarray]:
+        """Every token column (ids, logprobs, top-k) over the generated tokens from the root to ``node``."""
+        index = np.concatenate([np.arange(self.nodes["token_start"][i], self.nodes["token_end"][i])
+                                for i in self.path(node)])
+        return {name: column[index] for name, column in self.tokens.items()}
+
     def path_length(self, node: int) -> int:
         return int(sum(self.nodes["token_end"][i] - self.nodes["token_start"][i] for i in self.path(node)))
 

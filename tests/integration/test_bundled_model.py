@@ -122,6 +122,48 @@ def test_per_token_design_generates_what_one_call_does(arith_worker):
     assert replayed["generated_tokens"] == 4 * len(whole) and replayed["seconds"] > 0
 
 
+def test_openai_stop_and_logprobs_on_the_bundled_model(arith_worker, arith_config):
+    """Over HTTP with the openai client, on the trained model (whose lines end with answers): ``stop`` cuts the
+    answer text, ``logprobs`` returns the answer's tokens with the engine's logprobs (greedy: each token its own
+    top-1), ``n`` returns distinct lines."""
+    from openai import OpenAI
+    from ray import serve
+
+    from deploy.serve import app_for
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(app_for(arith_config), name="arith", route_prefix="/")
+    try:
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=300)
+        messages = [{"role": "user", "content": [{"type": "text", "text": "Ann has 12 eggs. Then Ann finds 3 more."},
+                                                 {"type": "text", "text": "How many eggs does Ann have now?"}]}]
+        plain = client.chat.completions.create(model="forest-greedy", messages=messages)
+        answer = plain.choices[0].message.content
+        assert answer and plain.choices[0].finish_reason == "stop" and plain.choices[0].logprobs is None
+        cut = client.chat.completions.create(model="forest-greedy", messages=messages, stop=[answer[-1]])
+        assert cut.choices[0].message.content == answer[:answer.index(answer[-1])]
+        assert cut.choices[0].finish_reason == "stop"
+
+        scored = client.chat.completions.create(model="forest-greedy", messages=messages, logprobs=True,
+                                                top_logprobs=2)
+        logprobs = scored.choices[0].logprobs
+        assert "".join(t.token for t in logprobs.content) == answer
+        reasoning = logprobs.model_extra["reasoning_content"]
+        assert reasoning and reasoning[0]["token"].startswith("<")
+        for token in [*logprobs.content]:
+            assert token.logprob <= 0 and len(token.top_logprobs) == 2
+            assert token.top_logprobs[0].token == token.token
+            assert token.top_logprobs[0].logprob == pytest.approx(token.logprob, abs=1e-4)
+
+        several = client.chat.completions.create(model="forest-best_of_n", messages=messages, n=3, temperature=1.0,
+                                                 extra_body={"budget_tokens": 1024})
+        texts = [c.message.model_extra["reasoning_content"] + c.message.content for c in several.choices]
+        assert len(several.choices) == 3 and len(set(texts)) == 3
+    finally:
+        serve.shutdown()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

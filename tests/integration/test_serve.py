@@ -61,7 +61,8 @@ def test_openai_client_streamed_with_progress(server):
     progress = [c.model_extra["forest_progress"] for c in chunks if c.model_extra.get("forest_progress")]
     assert progress and progress[-1]["iterations"] >= 1
     assert [p["iterations"] for p in progress] == sorted(p["iterations"] for p in progress)
-    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert chunks[-1].usage is None, "usage comes only with stream_options.include_usage"
     assert any("reasoning_content" in (c.choices[0].delta.model_extra or {}) for c in chunks)
 
 
@@ -71,6 +72,56 @@ def test_greedy_preset_models_and_health(server):
     assert {m.id for m in client().models.list()} >= {"forest-mcts-step", "forest-mcts-mini64", "forest-greedy"}
     health = httpx.get(f"{BASE}/healthz").json()
     assert health["status"] == "ok" and health["workers"][0]["alive"]
+
+
+def test_n_returns_distinct_lines_of_one_tree(server):
+    response = client().chat.completions.create(model="forest-best_of_n", messages=QUESTION, n=3, max_tokens=12,
+                                                temperature=1.0, extra_body={"budget_tokens": 48})
+    assert [c.index for c in response.choices] == [0, 1, 2]
+    lines = [c.message.model_extra["reasoning_content"] for c in response.choices]
+    assert len(set(lines)) == 3, lines
+    assert response.usage.completion_tokens <= 48
+
+
+def test_streamed_choices_and_usage_on_request(server):
+    chunks = list(client().chat.completions.create(
+        model="forest-mcts-step", messages=QUESTION, stream=True, n=2, stream_options={"include_usage": True},
+        extra_body={"iterations": 6}))
+    finished = {c.choices[0].index: c.choices[0].finish_reason for c in chunks if c.choices and
+                c.choices[0].finish_reason}
+    assert 0 in finished and set(finished) <= {0, 1} and set(finished.values()) <= {"stop", "length"}
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_text_content_parts_and_max_completion_tokens(server):
+    parts = [{"role": "developer", "content": [{"type": "text", "text": "Answer briefly."}]},
+             {"role": "user", "content": [{"type": "text", "text": "Ann has 3 apples."},
+                                          {"type": "text", "text": "How many apples?"}]}]
+    response = client().chat.completions.create(model="forest-greedy", messages=parts, max_completion_tokens=5,
+                                                user="analyst-7", metadata={"team": "a"})
+    assert response.usage.completion_tokens == 5 and response.choices[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"tools": [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]}, "tools"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"frequency_penalty": 0.5}, "frequency_penalty"),
+    ({"logit_bias": {"7": 5}}, "logit_bias"),
+    ({"logprobs": True, "top_logprobs": 8}, "top_logprobs"),
+    ({"n": 2, "model": "forest-greedy"}, "n"),
+    ({"n": 50}, "n"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}]},
+     "messages.0.content.0.type"),
+])
+def test_fields_forest_cannot_honour_get_400_naming_them(server, fields, param):
+    from openai import BadRequestError
+
+    body = {"model": "forest-mcts-step", "messages": QUESTION, **fields}
+    with pytest.raises(BadRequestError) as err:
+        client().chat.completions.create(**body)
+    error = err.value.body
+    assert err.value.status_code == 400 and error["param"] == param and error["message"].startswith(f"{param}: ")
 
 
 def test_search_returns_the_whole_tree(server):
@@ -127,7 +178,7 @@ def test_api_key(server):
         client("/secure", key="wrong").chat.completions.create(model="forest-greedy", messages=QUESTION)
     assert httpx.post(f"{BASE}/secure/v1/chat/completions", json={}).status_code == 401
     ok = client("/secure", key=KEY).chat.completions.create(model="forest-greedy", messages=QUESTION, max_tokens=4)
-    assert ok.choices[0].finish_reason == "stop"
+    assert ok.choices[0].finish_reason == "length" and ok.usage.completion_tokens == 4
 
 
 def test_a_full_server_answers_429_with_retry_after(server):
