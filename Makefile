@@ -41,7 +41,8 @@ value-model: $(BIN)/.installed
 
 demo: $(BIN)/.installed
 	$(BIN)/forest build --config deploy/configs/build.cpu.yaml --input deploy/demo_problems.jsonl --output out/demo
-	@echo "trees, nodes, pairs and sft.jsonl are in out/demo"
+	$(BIN)/forest view out/demo --html out/demo-view
+	@echo "trees, nodes, pairs and sft.jsonl are in out/demo; open out/demo-view/index.html to browse the trees"
 
 unit: $(BIN)/.installed
 	$(BIN)/python -m pytest -q tests/unit

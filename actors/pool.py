@@ -148,7 +148,13 @@ def open_pool(config: ForestConfig, *, name_prefix: str | None = None, actor_cla
                 config.value_model, config.value_workers, actor_class=ValueWorker,
                 name_prefix=f"{name_prefix}-value" if name_prefix else None)
             owned += value_workers
+        if owned:  # engine start-up is its own phase, so the first throughput figures of a run exclude it
+            log.info("starting %d engine(s) (%s) ...", len(owned),
+                     ", ".join(sorted({config.engine.model, *([config.value_model.model] if value_workers else [])})))
+        started = time.monotonic()
         ray.get([w.check_health.remote() for w in workers + value_workers], timeout=START_TIMEOUT_SECONDS)
+        if owned:
+            log.info("%d engine(s) ready in %.1f s", len(owned), time.monotonic() - started)
         yield Pool(config, workers, value_workers)
     finally:
         for worker in owned:

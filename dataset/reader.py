@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -72,14 +73,31 @@ def read_manifest(output: str) -> dict | None:
         return json.loads(f.read())
 
 
+NODE_VIEW_COLUMNS = ["tree_id", "node_id", "parent_id", "depth", "kind", "text", "confidence", "visits", "value_sum",
+                     "is_terminal", "weight", "exhausted"]
+"""The node columns a reader of whole trees needs (not the per-token lists)."""
+
+
 def read_tree(output: str, tree_id: str) -> tuple[dict, list[dict]]:
     """(tree row, its node rows in node-id order) of one committed tree; ``KeyError`` when there is none."""
     trees = read_kind(output, TREES, TREE_SCHEMA)
     trees = trees.filter(pc.equal(trees["tree_id"], tree_id))
     if trees.num_rows == 0:
         raise KeyError(f"no tree {tree_id!r} in {output}")
-    nodes = read_kind(output, NODES, NODE_SCHEMA,
-                      columns=["tree_id", "node_id", "parent_id", "depth", "kind", "text", "confidence", "visits",
-                               "value_sum", "is_terminal", "weight", "exhausted"])
+    nodes = read_kind(output, NODES, NODE_SCHEMA, columns=NODE_VIEW_COLUMNS)
     nodes = nodes.filter(pc.equal(nodes["tree_id"], tree_id)).sort_by("node_id")
     return trees.to_pylist()[0], nodes.to_pylist()
+
+
+
+def read_trees(output: str) -> Iterator[tuple[dict, list[dict]]]:
+    """Every committed tree: (tree row, its node rows in node-id order), in tree-id order; one read of each kind."""
+    trees = read_kind(output, TREES, TREE_SCHEMA).sort_by("tree_id")
+    nodes = read_kind(output, NODES, NODE_SCHEMA, columns=NODE_VIEW_COLUMNS)
+    nodes = nodes.sort_by([("tree_id", "ascending"), ("node_id", "ascending")])
+    spans: dict[str, list[int]] = {}  # tree id -> [first row, end row) of its nodes
+    for i, tree_id in enumerate(nodes["tree_id"].to_pylist()):
+        spans.setdefault(tree_id, [i, i])[1] = i + 1
+    for row in trees.to_pylist():
+        start, end = spans.get(row["tree_id"], (0, 0))
+        yield row, nodes.slice(start, end - start).to_pylist()

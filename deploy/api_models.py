@@ -284,6 +284,16 @@ def tree_json(tree: Tree, decode, best_path: list[int]) -> dict:
     return {"nodes": nodes, "best_path": [int(i) for i in best_path]}
 
 
+def tree_meta(request_id: str, body: ChatRequest, result: SearchResult) -> dict:
+    """A recent request's row in the tree index (``/trees``): no reference answer, so no right or wrong."""
+    value = None if result.value != result.value else result.value
+    return {"tree_id": request_id, "href": f"trees/{request_id}", "question": body.messages[-1].text,
+            "reference": None, "answer": result.answer, "correct": None, "value": value,
+            "nodes": result.tree.num_nodes, "tokens": result.stats.generated_tokens,
+            "seconds": round(result.stats.seconds, 4), "stop_reason": result.stop_reason.value,
+            "model": body.model}
+
+
 def progress(stats, best_value: float) -> dict:
     """A streamed progress event: iterations and tokens so far, the best root-child value."""
     return {"iterations": stats.iterations, "tokens": stats.generated_tokens,

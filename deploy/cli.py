@@ -10,6 +10,7 @@ from bench.benchmarks import BENCHES
 from cluster.config import DEFAULT_MODEL_DIR
 from deploy.flags import DEFAULT_CONFIG, EXIT_USAGE, add_build_flags, add_run_flags, load, run
 from deploy.model_report import DEFAULT_SAMPLES
+from deploy.viewer import DEFAULT_VIEW_FOLDER
 from modelkit import value as value_recipe
 from modelkit.arithmetic import HELD_OUT_SEED_START
 from search.strategies import EVAL_STRATEGIES, STRATEGIES, needs_value_model
@@ -91,10 +92,13 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--granularity", default="mini_step:64", help="manager/memory: action granularity")
     bench.add_argument("--managers", default="1,2,4", help="manager: manager counts to run")
     bench.add_argument("--json", action="store_true", help="one JSON line per figure")
-    view = sub.add_parser("view", help="write a self-contained HTML page drawing one tree of a build")
+    view = sub.add_parser("view", help="write self-contained HTML pages of a build: an index of every tree and "
+                                       "one page per tree (or, with --tree, one tree's page)")
     view.add_argument("output", metavar="OUT", help="a build's output directory or URI")
-    view.add_argument("--tree", required=True, metavar="ID", help="tree_id (see OUT/trees)")
-    view.add_argument("--html", metavar="FILE", help="where to write the page (default tree-ID.html)")
+    view.add_argument("--tree", metavar="ID", help="only this tree_id's page")
+    view.add_argument("--html", metavar="PATH", help="with --tree: the page's file (default tree-ID.html); "
+                                                     "otherwise the folder of index.html and the tree pages "
+                                                     f"(default {DEFAULT_VIEW_FOLDER})")
     return root
 
 
@@ -240,15 +244,21 @@ def cmd_serve(args) -> int:
 
 
 def cmd_view(args) -> int:
-    from deploy.viewer import render, tree_from_output
+    from dataset.reader import read_manifest
+    from deploy.viewer import tree_from_output, tree_page, write_build_view
     try:
-        tree, answer = tree_from_output(args.output, args.tree)
+        if args.tree is None:
+            if read_manifest(args.output) is None:
+                raise ValueError(f"no Forest build at {args.output} (it has no manifest.json)")
+            print(write_build_view(args.output, args.html or DEFAULT_VIEW_FOLDER))
+            return 0
+        tree, meta = tree_from_output(args.output, args.tree)
     except (KeyError, ValueError) as exc:
         print(f"forest view: {exc}", file=sys.stderr)
         return EXIT_USAGE
     path = args.html or f"tree-{args.tree}.html"
     with open(path, "w", encoding="utf-8") as f:
-        f.write(render(tree, title=f"tree {args.tree}", answer=answer))
+        f.write(tree_page(tree, title=f"tree {args.tree}", meta=meta))
     print(path)
     return 0
 

@@ -150,9 +150,10 @@ class ForestServer:
         self.searches += delta
         self.metrics.set(self.metrics.serve_searches, self.searches)
 
-    def _remember(self, request_id: str, result) -> None:
+    def _remember(self, request_id: str, body: api.ChatRequest, result) -> None:
         if self.limits.recent_trees:
-            self.recent[request_id] = api.tree_json(result.tree, self.tokenizer.decode, result.path)
+            self.recent[request_id] = {"tree": api.tree_json(result.tree, self.tokenizer.decode, result.path),
+                                       "meta": api.tree_meta(request_id, body, result)}
             while len(self.recent) > self.limits.recent_trees:
                 self.recent.popitem(last=False)
 
@@ -171,7 +172,7 @@ class ForestServer:
                 raise ApiError(503, f"the search failed: {exc}") from exc
             finally:
                 self._count_search(-1)
-            self._remember(request_id, result)
+            self._remember(request_id, body, result)
             return result
         return run()
 
@@ -229,7 +230,7 @@ class ForestServer:
         result = await self._start(body, request_id)
         self._observe("search", start)
         return {**api.completion(result, body.model, request_id, api.choices(result, body, self.tokenizer.decode)),
-                "tree": self.recent.get(request_id) or
+                "tree": self.recent[request_id]["tree"] if request_id in self.recent else
                 api.tree_json(result.tree, self.tokenizer.decode, result.path)}
 
     @fastapi_app.get("/v1/models")
@@ -240,15 +241,23 @@ class ForestServer:
 
     @fastapi_app.get("/trees")
     async def recent_trees(self, request: Request):
+        """The index of recent trees: an HTML page for a browser, ``{"trees": [ids], "rows": [...]}`` otherwise."""
+        from fastapi.responses import HTMLResponse
+
+        from deploy.viewer import index_page
+
         self._authorize(request)
-        return {"trees": list(reversed(self.recent))}
+        rows = [entry["meta"] for entry in reversed(self.recent.values())]
+        if "text/html" in request.headers.get("accept", ""):
+            return HTMLResponse(index_page(rows, title=f"Forest: the last {len(rows)} searches"))
+        return {"trees": [row["tree_id"] for row in rows], "rows": rows}
 
     @fastapi_app.get("/trees/{request_id}")
     async def view_tree(self, request_id: str, request: Request):
         """The tree viewer for a recent request (the ``id`` of its completion)."""
         from fastapi.responses import HTMLResponse
 
-        from deploy.viewer import TREE_ID_RE, render
+        from deploy.viewer import TREE_ID_RE, tree_page
 
         self._authorize(request)
         if not TREE_ID_RE.match(request_id):
@@ -256,7 +265,9 @@ class ForestServer:
         if request_id not in self.recent:
             raise ApiError(404, f"no recent request {request_id!r} (the server keeps the trees of the last "
                                 f"{self.limits.recent_trees})", field="request_id")
-        return HTMLResponse(render(self.recent[request_id], title=f"tree of {request_id}"))
+        entry = self.recent[request_id]
+        return HTMLResponse(tree_page(entry["tree"], title=f"tree of {request_id}",
+                                      meta={**entry["meta"], "index": "../trees"}))
 
     @fastapi_app.get("/healthz")
     async def healthz(self):

@@ -110,6 +110,9 @@ def test_driver_sigkill_then_resume_builds_everything_exactly_once(tmp_path, tin
                             timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"already built {partial}" in second.stdout
+    # engine start-up is its own phase: logged before and after, and before the first throughput line
+    starting, ready = second.stderr.find("starting 1 engine(s)"), second.stderr.find("1 engine(s) ready in")
+    assert 0 <= starting < ready < second.stderr.find("forest.progress"), second.stderr[-3000:]
     check_output(out, good)
     # the outputs read back with pandas and Ray Data
     assert len(pd.read_parquet(out / "nodes")) == pq.read_table(out / "nodes").num_rows

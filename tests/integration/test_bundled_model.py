@@ -192,7 +192,7 @@ def s3_server():
     server.wait(timeout=30)
 
 
-def test_a_build_reads_and_writes_object_storage_and_resumes(arith_worker, arith_config, s3_server):
+def test_a_build_reads_and_writes_object_storage_and_resumes(arith_worker, arith_config, s3_server, tmp_path):
     from modelkit.arithmetic import make_problems
     from deploy.build import run_build
 
@@ -212,6 +212,30 @@ def test_a_build_reads_and_writes_object_storage_and_resumes(arith_worker, arith
     assert any(e["problem_id"] == "bad" and "question" in e["message"] for e in errors)
     names = {info.base_name for info in filesystem.get_file_info(pafs.FileSelector("forest/trees-out"))}
     assert {"manifest.json", "sft.jsonl", "pairs.parquet", "trees", "nodes"} <= names
+    view_index_of_a_real_build(uri("trees-out"), trees, tmp_path)
     again = run_build(config)  # resume: nothing left, nothing duplicated
     assert (again.skipped, again.built) == (6, 0)
     assert pq.read_table("forest/trees-out/trees", filesystem=filesystem).num_rows == 6
+
+
+def view_index_of_a_real_build(output: str, trees, tmp_path) -> None:
+    """`forest view OUT` on the bundled model's build: every tree listed, the wrong-answer filter shows exactly the
+    wrong ones, and a tree page draws all its nodes."""
+    import re
+
+    from deploy.cli import main as forest
+    from tests.integration.conftest import run_chromium
+
+    assert forest(["view", output, "--html", str(tmp_path / "view")]) == 0
+    index = tmp_path / "view" / "index.html"
+    rows = trees.to_pylist()
+    dom, console, _ = run_chromium(index.as_uri(), tmp_path)
+    assert f'data-rows="{len(rows)}"' in dom and all(f'data-tree="{r["tree_id"]}"' in dom for r in rows)
+    assert not [line for line in console if "Uncaught" in line or "Error" in line], console
+    wrong = {r["tree_id"] for r in rows if r["final_answer"] is not None and r["correct"] is False}
+    dom, _, _ = run_chromium(f"{index.as_uri()}#filter=wrong", tmp_path)
+    shown = set(re.findall(r'<tr data-tree="([^"]+)" data-outcome="[a-z]+">', dom))
+    assert shown == wrong
+    first = rows[0]
+    page, _, _ = run_chromium((index.parent / f"tree-{first['tree_id']}.html").as_uri(), tmp_path)
+    assert f'data-drawn-nodes="{first["num_nodes"]}"' in page and "colour" in page

@@ -228,7 +228,11 @@ def test_tree_viewer_pages_for_recent_trees(server, tmp_path):
 
     data = httpx.post(f"{BASE}/v1/search", json={"model": "forest-mcts-step", "messages": QUESTION,
                                                  "iterations": 6}, timeout=300).json()
-    assert data["id"] in httpx.get(f"{BASE}/trees").json()["trees"]
+    listed = httpx.get(f"{BASE}/trees").json()
+    assert data["id"] in listed["trees"] and listed["rows"][0]["nodes"] == len(data["tree"]["nodes"])
+    index, console, _ = run_chromium(f"{BASE}/trees", tmp_path)
+    assert f'href="trees/{data["id"]}"' in index and 'data-visible-rows="' in index
+    assert not [line for line in console if "Uncaught" in line or "Error" in line], console
     dom, console, shot = run_chromium(f"{BASE}/trees/{data['id']}", tmp_path)
     assert f'data-drawn-nodes="{len(data["tree"]["nodes"])}"' in dom
     assert not [line for line in console if "Uncaught" in line or "Error" in line], console
