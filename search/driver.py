@@ -30,7 +30,7 @@ import numpy as np
 
 from search import final, mcts
 from search.confidence import chunk_token_confidence, mean_confidence
-from search.params import ConfigError, FinalChoice, MCTSParams
+from search.params import ConfigError, FinalChoice, MCTSParams, ReflectionMode
 from search.prompts import OUTPUT_END, REFLECTION_PHRASE, extract_answer
 from search.protocol import (Chunk, Engine, EngineDeadError, EngineError, FinishReason, GenerationRequest,
                              ScoreRequest, Tokenizer)
@@ -129,9 +129,11 @@ class _Search:
         self.reserved_tokens = 0
         self.token_blocked = False
         self.bounds: mcts.Bounds | None = None  # lowest and highest value backed up so far
+        self.settles = params.early_stop and params.final is FinalChoice.MOST_VISITS  # may stop SETTLED
         self.on_progress: ProgressCallback | None = None
         self.reflection_ids = tokenizer.encode(REFLECTION_PHRASE + params.granularity.delimiter)
         self._token_text: dict[int, str] = {}  # one token's text, for splitting rollouts into steps
+        self._responses: dict[int, str] = {}  # the decoded line root..node of each terminal node valued so far
 
     async def run(self) -> SearchResult:
         start = self.clock()
@@ -153,8 +155,7 @@ class _Search:
                 return StopReason.EXHAUSTED
             if self.stats.iterations >= budget.iterations:
                 return StopReason.ITERATIONS
-            if (self.params.early_stop and self.params.final is FinalChoice.MOST_VISITS
-                    and mcts.root_settled(tree, budget.iterations - self.stats.iterations)):
+            if self.settles and mcts.root_settled(tree, budget.iterations - self.stats.iterations):
                 return StopReason.SETTLED
             if not self.inflight:
                 return StopReason.TOKENS if self.token_blocked else StopReason.EXHAUSTED
@@ -310,11 +311,12 @@ class _Search:
         if not self._evaluate_new(child):
             mcts.refresh_exhausted(tree, node, self._can_widen)
 
-    def _add_child(self, parent: int, chunk: Chunk, kind: NodeKind = NodeKind.CHUNK) -> tuple[int, bool]:
+    def _add_child(self, parent: int, chunk: Chunk, kind: NodeKind = NodeKind.CHUNK,
+                   confidences: np.ndarray | None = None) -> tuple[int, bool]:
         """Add a generated child and mark it terminal; returns (child, whether it ends the thought)."""
         tree, p = self.tree, self.params
         finished, thought_ends = self._chunk_ends(parent, chunk)
-        child = tree.add_chunk(parent, chunk, kind=kind)
+        child = tree.add_chunk(parent, chunk, kind=kind, confidences=confidences)
         tree.nodes["is_terminal"][child] = (finished or tree.nodes["depth"][child] >= p.max_depth
                                             or tree.path_length(child) >= p.max_path_tokens)
         return child, thought_ends
@@ -329,16 +331,17 @@ class _Search:
         """The rollout's steps become a chain of children below ``node``, down to a terminal leaf; the line is
         valued by the value function and backed up from the leaf."""
         tree = self.tree
-        confidence = mean_confidence(chunk_token_confidence(chunk))
+        confidences = chunk_token_confidence(chunk)  # once for the whole rollout; its steps take slices
+        confidence = mean_confidence(confidences)
         room = self.params.max_depth - int(tree.nodes["depth"][node])  # steps deeper than that stay in the last
-        cuts = mcts.split_points(chunk.token_ids, self.params.granularity, self._decode_token)[:max(room - 1, 0)]
+        cuts = mcts.split_points(chunk.token_ids, self.params.granularity, self._token_texts)[:max(room - 1, 0)]
         bounds = [0, *cuts, len(chunk)]
         leaf = node
         for start, end in zip(bounds, bounds[1:], strict=False):
             last = end == len(chunk)
             piece = mcts.slice_chunk(chunk, start, end, chunk.finish_reason if last else FinishReason.STOP)
             parent = leaf
-            leaf, thought_ends = self._add_child(parent, piece, NodeKind.ROLLOUT)
+            leaf, thought_ends = self._add_child(parent, piece, NodeKind.ROLLOUT, confidences[start:end])
             self._maybe_reflect(parent, [(leaf, thought_ends)])
             if tree.nodes["is_terminal"][leaf] and not last:  # a limit reached early: the rest is one piece
                 break
@@ -348,15 +351,18 @@ class _Search:
         else:
             self._complete(leaf, self._evaluate(node, leaf, rollout_confidence=confidence), selected=node)
 
-    def _decode_token(self, token: int) -> str:
-        text = self._token_text.get(token)
-        if text is None:
-            text = self._token_text[token] = self.tokenizer.decode([token])
-        return text
+    def _token_texts(self, token_ids: list[int]) -> list[str]:
+        """Each token's own text (decoded once per token id and search)."""
+        cache = self._token_text
+        for token in set(token_ids).difference(cache):
+            cache[token] = self.tokenizer.decode([token])
+        return list(map(cache.__getitem__, token_ids))
 
     def _maybe_reflect(self, parent: int, added: list[tuple[int, bool]]) -> None:
         """Add one reflection sibling where a new child ends the thought and the policy asks for it."""
         tree, p = self.tree, self.params
+        if p.reflection.mode is ReflectionMode.OFF or not any(ends for _, ends in added):
+            return
         if (mcts.has_reflection_child(tree, parent) or mcts.reflections_on_path(tree, parent) >= p.max_reflections
                 or tree.nodes["depth"][parent] + 1 >= p.max_depth):
             return
@@ -392,7 +398,9 @@ class _Search:
     def _finished_line(self, end: int) -> tuple[str, float] | None:
         """(answer, mean token confidence) of the line ending at ``end``; None when the model did not finish it
         with an answer."""
-        response = self.tokenizer.decode(self.tree.path_token_ids(end).tolist())
+        response = self._responses.get(end)
+        if response is None:
+            response = self._responses[end] = self.tokenizer.decode(self.tree.path_token_ids(end).tolist())
         answer = extract_answer(response)
         if answer is None or not final.line_finished(self.tree, end, response):
             return None
@@ -400,8 +408,7 @@ class _Search:
 
     def _path_confidence(self, end: int) -> float:
         """Mean token confidence along the path, root to ``end`` (forced reflection tokens carry none)."""
-        tree = self.tree
-        return mean_confidence(np.concatenate([tree.token_confidences(i) for i in tree.path(end)]))
+        return self.tree.path_confidence(end)
 
     def _complete(self, leaf: int, value: float, *, selected: int) -> None:
         mcts.backup(self.tree, leaf, value, selected=selected)
@@ -430,7 +437,8 @@ class _Search:
 
     def _result(self, reason: StopReason) -> SearchResult:
         tree = self.tree
-        line = final.choose(tree, final.finished_lines(tree, self.tokenizer.decode), self.params.final)
+        line = final.choose(tree, final.finished_lines(tree, self.tokenizer.decode, self._responses),
+                            self.params.final)
         if line is None:  # no finished line: the most-visited one, whatever it holds
             leaf = mcts.most_visited_path(tree)[-1]
             ids = tree.path_token_ids(leaf)

@@ -37,13 +37,16 @@ def line_finished(tree: Tree, node: int, response: str) -> bool:
     return OUTPUT_END in response or tree.nodes["finish_reason"][node] == FinishReason.EOS
 
 
-def finished_lines(tree: Tree, decode: Callable[[Sequence[int]], str]) -> list[Line]:
-    """Every finished line of the tree, in leaf-id order."""
-    n, lines = tree.nodes, []
+def finished_lines(tree: Tree, decode: Callable[[Sequence[int]], str],
+                   responses: dict[int, str] | None = None) -> list[Line]:
+    """Every finished line of the tree, in leaf-id order. ``responses``: lines already decoded, by leaf."""
+    n, lines, known = tree.nodes, [], responses or {}
     for leaf in range(1, tree.num_nodes):
         if not n["is_terminal"][leaf] or n["num_children"][leaf]:
             continue
-        response = decode(tree.path_token_ids(leaf).tolist())
+        response = known.get(leaf)
+        if response is None:
+            response = decode(tree.path_token_ids(leaf).tolist())
         answer = extract_answer(response)
         if answer is not None and line_finished(tree, leaf, response):
             lines.append(Line(leaf, response, answer, normalize_answer(answer), tree.mean_value(leaf)))

@@ -25,6 +25,9 @@ from search.prompts import OUTPUT_END, OUTPUT_START, THOUGHT_END, answers_match
 from search.protocol import Chunk, FinishReason
 from search.tree import NO_PARENT, ROOT, NodeKind, Tree
 
+_REFLECTION = int(NodeKind.REFLECTION)  # enum members as plain ints on hot paths (enum lookups are slow)
+_EOS = int(FinishReason.EOS)
+
 TEXT_OVERLAP_TOKENS = 8
 """Tokens of the parent's path decoded with a chunk, so a tag split across two chunks is still seen."""
 
@@ -102,20 +105,21 @@ def select(tree: Tree, exploration: float, *, bounds: Bounds | None = None,
 def backup(tree: Tree, leaf: int, value: float, *, selected: int | None = None) -> None:
     """Add one visit and ``value`` on the path root..leaf, removing the virtual loss ``select`` added on the path
     root..selected (``selected`` defaults to ``leaf``; a rollout's steps below it never had any)."""
-    on_selected_path = set(tree.path(leaf if selected is None else selected))
-    for i in tree.path(leaf):
-        tree.nodes["visits"][i] += 1
-        tree.nodes["value_sum"][i] += value
-        if i in on_selected_path:
-            tree.nodes["virtual_loss"][i] -= 1
+    n = tree.nodes
+    path = tree.path(leaf)
+    n["visits"][path] += 1  # a path holds each node once, so fancy-indexed += is exact
+    n["value_sum"][path] += value
+    selected = leaf if selected is None else selected
+    depth = int(n["depth"][selected])
+    on_selected = path[:depth + 1] if depth < len(path) and path[depth] == selected else tree.path(selected)
+    n["virtual_loss"][on_selected] -= 1
 
 
 def generated_children(tree: Tree, node: int) -> int:
     """Samples the model generated below ``node``, merged ones included (their weights): a sample that repeated
     a sibling still used up a try. A reflection child is forced, so not counted against the width."""
-    kids = tree.children(node)
-    generated = tree.nodes["kind"][kids] != NodeKind.REFLECTION
-    return int(tree.nodes["weight"][kids][generated].sum())
+    kind, weight = tree.nodes["kind"], tree.nodes["weight"]  # Python over the few children: no numpy overhead
+    return sum(int(weight[kid]) for kid in tree.children(node).tolist() if kind[kid] != _REFLECTION)
 
 
 def allowed_width(tree: Tree, node: int, *, children: int, widening: float, max_width: int) -> int:
@@ -123,10 +127,15 @@ def allowed_width(tree: Tree, node: int, *, children: int, widening: float, max_
     floor(widening * sqrt(visits)), plus one more when every child is exhausted (so a step whose children all
     failed can be retried); never more than ``max_width``."""
     width = children + math.floor(widening * math.sqrt(float(tree.nodes["visits"][node])))
-    kids = tree.children(node)
-    if widening > 0 and len(kids) and tree.nodes["exhausted"][kids].all():
+    if widening > 0 and _all_exhausted(tree, node):
         width = max(width, generated_children(tree, node) + 1)
     return min(width, max_width)
+
+
+def _all_exhausted(tree: Tree, node: int) -> bool:
+    """``node`` has children and every one is exhausted."""
+    exhausted, kids = tree.nodes["exhausted"], tree.children(node).tolist()
+    return bool(kids) and all(exhausted[kid] for kid in kids)
 
 
 def refresh_exhausted(tree: Tree, node: int, can_widen: Callable[[int], bool]) -> None:
@@ -134,12 +143,10 @@ def refresh_exhausted(tree: Tree, node: int, can_widen: Callable[[int], bool]) -
     node when it waits for nothing, may get no other child, and all its children are exhausted."""
     n = tree.nodes
     while node != NO_PARENT:
-        kids = tree.children(node)
         if n["is_terminal"][node]:
             n["exhausted"][node] = n["visits"][node] > 0
         else:
-            n["exhausted"][node] = (len(kids) > 0 and not n["pending"][node] and bool(n["exhausted"][kids].all())
-                                    and not can_widen(node))
+            n["exhausted"][node] = (not n["pending"][node] and _all_exhausted(tree, node) and not can_widen(node))
         node = int(n["parent"][node])
 
 
@@ -152,23 +159,27 @@ def find_sibling(tree: Tree, parent: int, token_ids: np.ndarray) -> int | None:
     return None
 
 
-def split_points(token_ids: np.ndarray, granularity: Granularity, decode_token: Callable[[int], str]) -> list[int]:
-    """Where a rollout's tokens split into steps: after each step delimiter (``step``) or every N tokens
-    (``mini_step``); the end is not included. ``decode_token`` decodes one token id."""
+def split_points(token_ids: np.ndarray, granularity: Granularity,
+                 token_texts: Callable[[list[int]], list[str]]) -> list[int]:
+    """Where a rollout's tokens split into steps: after the token that completes a step delimiter (counting only
+    text after the previous cut), or after ``granularity.tokens`` tokens since it (``step``); every N tokens
+    (``mini_step``). The end is not included. ``token_texts`` gives each token's own text; one string search per
+    cut, not a Python loop over tokens."""
+    count = len(token_ids)
     if granularity.kind != "step":
-        return list(range(granularity.tokens, len(token_ids), granularity.tokens))
-    cuts, tail, since = [], "", 0
-    keep = len(granularity.delimiter) - 1
-    for i, token in enumerate(token_ids.tolist()):
-        tail += decode_token(token)
-        since += 1
-        if granularity.delimiter in tail or since >= granularity.tokens:
-            if i + 1 < len(token_ids):
-                cuts.append(i + 1)
-            tail, since = "", 0
-        else:
-            tail = tail[-keep:] if keep else ""
-    return cuts
+        return list(range(granularity.tokens, count, granularity.tokens))
+    texts = token_texts(token_ids.tolist())
+    ends = np.cumsum(list(map(len, texts)))  # char offset after each token
+    joined, delimiter = "".join(texts), granularity.delimiter
+    cuts, start_char, start_token = [], 0, 0
+    while True:
+        found = joined.find(delimiter, start_char)
+        by_delimiter = int(np.searchsorted(ends, found + len(delimiter))) if found >= 0 else count
+        last = min(by_delimiter, start_token + granularity.tokens - 1)  # the step's last token
+        if last + 1 >= count:
+            return cuts
+        cuts.append(last + 1)
+        start_char, start_token = int(ends[last]), last + 1
 
 
 def slice_chunk(chunk: Chunk, start: int, end: int, finish: FinishReason) -> Chunk:
@@ -178,13 +189,13 @@ def slice_chunk(chunk: Chunk, start: int, end: int, finish: FinishReason) -> Chu
 
 def chunk_text(tree: Tree, parent: int, chunk_ids: np.ndarray, decode) -> str:
     """The chunk decoded with a few tokens of its parent's path in front (to see tags split across chunks)."""
-    tail = tree.path_token_ids(parent)[-TEXT_OVERLAP_TOKENS:]
+    tail = tree.path_tail_ids(parent, TEXT_OVERLAP_TOKENS)
     return decode(np.concatenate([tail, chunk_ids]).tolist())
 
 
 def ends_by_model(chunk: Chunk, text: str, eos_token_id: int) -> bool:
     """The model finished its answer: EOS, or the end of ``<Output>``."""
-    if chunk.finish_reason == FinishReason.EOS or len(chunk) == 0:
+    if chunk.finish_reason == _EOS or len(chunk) == 0:
         return True
     return int(chunk.token_ids[-1]) == eos_token_id or OUTPUT_END in text
 
@@ -209,11 +220,11 @@ def wants_reflection(policy: ReflectionPolicy, *, confidence: float, answer: str
 
 
 def reflections_on_path(tree: Tree, node: int) -> int:
-    return sum(int(tree.nodes["kind"][i] == NodeKind.REFLECTION) for i in tree.path(node))
+    return int((tree.nodes["kind"][tree.path(node)] == _REFLECTION).sum())
 
 
 def has_reflection_child(tree: Tree, node: int) -> bool:
-    return bool((tree.nodes["kind"][tree.children(node)] == NodeKind.REFLECTION).any())
+    return bool((tree.nodes["kind"][tree.children(node)] == _REFLECTION).any())
 
 
 def best_child(tree: Tree, node: int) -> int:

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from search.confidence import chunk_token_confidence, mean_confidence, token_confidence
+from search.confidence import chunk_token_confidence, token_confidence
 from search.protocol import NO_TOKEN, TOP_K, Chunk, FinishReason
 
 ROOT = 0
@@ -46,6 +46,10 @@ _NODE_COLUMNS = {
     "pending": (np.bool_, False, ()),  # an engine request from this node is in flight
     "weight": (np.int32, 1, ()),  # identical samples merged into this node (dedup)
     "exhausted": (np.bool_, False, ()),  # nothing in this subtree can be expanded any more: never selected
+    # running totals root..node, so a path's length and mean confidence cost O(1) (kept by _add/_append_tokens)
+    "path_tokens": (np.int32, 0, ()),  # tokens on the path, forced ones included
+    "path_confidence_sum": (np.float64, 0.0, ()),  # summed token confidence of the generated tokens on the path
+    "path_generated": (np.int32, 0, ()),  # generated tokens on the path (those with a confidence)
 }
 _TOKEN_COLUMNS = {
     "token_ids": (np.int32, NO_TOKEN, ()),
@@ -104,6 +108,12 @@ class Tree:
         n["weight"][node], n["exhausted"][node] = 1, False
         n["finish_reason"][node] = -1
         n["token_start"][node] = n["token_end"][node] = self.num_tokens
+        if parent == NO_PARENT:
+            n["path_tokens"][node] = n["path_generated"][node] = 0
+            n["path_confidence_sum"][node] = 0.0
+        else:
+            n["path_tokens"][node], n["path_generated"][node] = n["path_tokens"][parent], n["path_generated"][parent]
+            n["path_confidence_sum"][node] = n["path_confidence_sum"][parent]
         if parent != NO_PARENT:
             slot = n["num_children"][parent]
             if slot >= self.max_children:
@@ -125,13 +135,23 @@ class Tree:
         t["top_logprobs"][start:start + count] = np.nan if forced else top_logprobs
         self.num_tokens += count
         self.nodes["token_start"][node], self.nodes["token_end"][node] = start, start + count
+        self.nodes["path_tokens"][node] += count
 
-    def add_chunk(self, parent: int, chunk: Chunk, *, kind: NodeKind = NodeKind.CHUNK) -> int:
-        """Add a generated chunk as a child of ``parent``; returns its id."""
+    def add_chunk(self, parent: int, chunk: Chunk, *, kind: NodeKind = NodeKind.CHUNK,
+                  confidences: np.ndarray | None = None) -> int:
+        """Add a generated chunk as a child of ``parent``; returns its id. ``confidences``: the chunk's token
+        confidences when the caller has them already (a rollout's steps are slices of one computation)."""
         node = self._add(parent, kind)
         self._append_tokens(node, chunk.token_ids, chunk.logprobs, chunk.top_ids, chunk.top_logprobs)
-        self.nodes["confidence"][node] = mean_confidence(chunk_token_confidence(chunk))
-        self.nodes["finish_reason"][node] = chunk.finish_reason
+        if confidences is None:
+            confidences = chunk_token_confidence(chunk)
+        n = self.nodes
+        valid = confidences[~np.isnan(confidences)]
+        total = valid.sum()
+        n["confidence"][node] = total / valid.size if valid.size else np.nan  # mean_confidence, summed once
+        n["path_confidence_sum"][node] += total
+        n["path_generated"][node] += valid.size
+        n["finish_reason"][node] = chunk.finish_reason
         return node
 
     def add_forced(self, parent: int, token_ids: Sequence[int], *, kind: NodeKind = NodeKind.REFLECTION) -> int:
@@ -167,8 +187,25 @@ class Tree:
                                 for i in self.path(node)])
         return {name: column[index] for name, column in self.tokens.items()}
 
+    def path_tail_ids(self, node: int, count: int) -> np.ndarray:
+        """The last ``count`` generated token ids on the path root..``node`` (fewer when the path is shorter)."""
+        n, parts, have = self.nodes, [], 0
+        while node != NO_PARENT and have < count:
+            ids = self.node_token_ids(node)
+            parts.append(ids)
+            have += len(ids)
+            node = n["parent"][node]
+        if not parts:
+            return np.zeros(0, dtype=np.int32)
+        return np.concatenate(parts[::-1])[-count:] if count else np.zeros(0, dtype=np.int32)
+
     def path_length(self, node: int) -> int:
-        return int(sum(self.nodes["token_end"][i] - self.nodes["token_start"][i] for i in self.path(node)))
+        return int(self.nodes["path_tokens"][node])
+
+    def path_confidence(self, node: int) -> float:
+        """Mean token confidence of the generated tokens root..``node`` (NaN when there are none)."""
+        count = int(self.nodes["path_generated"][node])
+        return float(self.nodes["path_confidence_sum"][node] / count) if count else float("nan")
 
     def prompt_for(self, node: int) -> np.ndarray:
         """What the model sees to continue from ``node``: root prompt + the path's tokens."""

@@ -179,7 +179,8 @@ def test_identical_samples_are_found_among_siblings():
 def test_a_rollout_splits_into_steps():
     from search.params import Granularity
 
-    decode = {1: "a", 2: "\n", 3: "\n\n", 4: "b"}.__getitem__
+    vocab = {1: "a", 2: "\n", 3: "\n\n", 4: "b"}
+    decode = lambda ids: [vocab[t] for t in ids]  # noqa: E731
     tokens = np.array([1, 3, 4, 2, 2, 1, 4], dtype=np.int32)
     assert mcts.split_points(tokens, Granularity("step", 256), decode) == [2, 5]  # "\n" + "\n" spans two tokens
     assert mcts.split_points(tokens, Granularity("step", 2), decode) == [2, 4, 6]  # at most 2 tokens a step
@@ -205,3 +206,37 @@ def test_final_answer_rules_over_every_finished_line(rule, leaf):
     assert [line.key for line in lines] == ["7", "8", "8"]
     # vote: 8 has 0.6 + 0.5 > 0.9, and its best-valued line is node 2
     assert final.choose(tree, lines, FinalChoice(rule)).leaf == leaf
+
+
+def _split_points_token_by_token(token_ids, granularity, decode_token):
+    """The straightforward per-token loop ``split_points`` replaced; kept as the reference it must agree with."""
+    cuts, tail, since = [], "", 0
+    keep = len(granularity.delimiter) - 1
+    for i, token in enumerate(token_ids.tolist()):
+        tail += decode_token(token)
+        since += 1
+        if granularity.delimiter in tail or since >= granularity.tokens:
+            if i + 1 < len(token_ids):
+                cuts.append(i + 1)
+            tail, since = "", 0
+        else:
+            tail = tail[-keep:] if keep else ""
+    return cuts
+
+
+@pytest.mark.parametrize("max_step_tokens", [256, 5, 3, 1])
+def test_split_points_agrees_with_the_token_by_token_reference(max_step_tokens):
+    from search.params import Granularity
+    from search.simulated import SimulatedTokenizer
+
+    tok = SimulatedTokenizer()
+    granularity = Granularity.parse("step", max_step_tokens=max_step_tokens)
+    # delimiters whole, split across tokens, overlapping ("\n\n\n"), at the start and at the end
+    pieces = ["\n", "\n\n", " w1", "a", "b", "\n", "x"]
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        ids = np.asarray([tok.ids[pieces[i]] for i in rng.integers(0, len(pieces), rng.integers(0, 30))],
+                         dtype=np.int32)
+        texts = lambda tokens: [tok.vocab[t] for t in tokens]  # noqa: E731
+        assert mcts.split_points(ids, granularity, texts) == _split_points_token_by_token(
+            ids, granularity, tok.vocab.__getitem__)
