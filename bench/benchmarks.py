@@ -35,6 +35,8 @@ VALUE_BENCH_BUDGET = 1024  # generated tokens per tree in the value bench (when 
 VALUE_BENCH_ITERATIONS = 1000  # enough that the token budget, not the iteration count, ends each tree
 UNBOUNDED_IN_FLIGHT = 1 << 30  # the simulated engine has no batch limit
 RAW_TOKEN_BYTES = 4 + 4 + TOP_K * (4 + 4)  # token id, sampled logprob, top-5 ids and logprobs
+ENGINE_CANDIDATES = (("float32", True), ("float32", False), ("bfloat16", True), ("bfloat16", False))
+"""(dtype, enforce_eager) settings the engine bench tries with plain vLLM, for ``default_vs_fastest_engine``."""
 
 
 @dataclasses.dataclass
@@ -108,8 +110,9 @@ async def _warm_up(worker, prompt) -> None:
     await worker.reset_prefix_cache.remote()
 
 
-def bench_engine(config: ForestConfig, *, problems: int) -> list[Figure]:
-    """Forest's tokens/s over plain vLLM's on the same requests at the same concurrency (one worker, one run)."""
+def bench_engine(config: ForestConfig, *, problems: int, fastest: bool = True) -> list[Figure]:
+    """Forest's tokens/s over plain vLLM's on the same requests at the same concurrency (one worker, one run);
+    with ``fastest``, also over the best plain rate among ``ENGINE_CANDIDATES`` (a fresh worker per setting)."""
     import ray
 
     from bench.engines import RequestLog
@@ -120,13 +123,36 @@ def bench_engine(config: ForestConfig, *, problems: int) -> list[Figure]:
         prompts = _prompts(config, pool.tokenizer, problems)
         forest_seconds, _ = asyncio.run(_forest_run(pool, prompts, params, log))
         plain = ray.get(pool.workers[0].replay.remote(log.requests, log.peak_in_flight))
+        shipped = ray.get(pool.workers[0].engine_settings.remote())
     forest_rate = log.generated_tokens / forest_seconds
     plain_rate = plain["generated_tokens"] / plain["seconds"]
-    return [Figure("engine", "throughput_ratio", round(forest_rate / plain_rate, 3), {
+    figures = [Figure("engine", "throughput_ratio", round(forest_rate / plain_rate, 3), {
         "forest_tokens_per_s": round(forest_rate, 1), "plain_vllm_tokens_per_s": round(plain_rate, 1),
         "requests": len(log.requests), "concurrency": log.peak_in_flight, "trees": len(prompts),
         "forest_tokens": log.generated_tokens, "plain_tokens": plain["generated_tokens"],
-        "model": config.engine.model})]
+        "model": config.engine.model, "dtype": shipped["dtype"], "enforce_eager": shipped["enforce_eager"]})]
+    if fastest:
+        rates = _plain_rates(config, log.requests, log.peak_in_flight)
+        best = max(rates, key=rates.get)
+        figures.append(Figure("engine", "default_vs_fastest_engine", round(forest_rate / rates[best], 3), {
+            "forest_tokens_per_s": round(forest_rate, 1), "fastest_setting": best,
+            "fastest_plain_tokens_per_s": round(rates[best], 1),
+            "plain_tokens_per_s": {name: round(rate, 1) for name, rate in rates.items()},
+            "shipped": f"{shipped['dtype']}/{'eager' if shipped['enforce_eager'] else 'compiled'}"}))
+    return figures
+
+
+def _plain_rates(config: ForestConfig, requests: list, concurrency: int) -> dict[str, float]:
+    """Plain vLLM's tokens/s on the same requests for each ``ENGINE_CANDIDATES`` setting, one fresh worker each."""
+    import ray
+
+    rates = {}
+    for dtype, eager in ENGINE_CANDIDATES:
+        with _one_worker(config, dtype=dtype, enforce_eager=eager) as pool:
+            asyncio.run(_warm_up(pool.workers[0], requests[0].prompt_token_ids))
+            plain = ray.get(pool.workers[0].replay.remote(requests, concurrency))
+        rates[f"{dtype}/{'eager' if eager else 'compiled'}"] = plain["generated_tokens"] / plain["seconds"]
+    return rates
 
 
 def bench_designs(config: ForestConfig, *, problems: int, per_token_problems: int) -> list[Figure]:

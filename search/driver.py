@@ -133,7 +133,7 @@ class _Search:
         self.on_progress: ProgressCallback | None = None
         self.reflection_ids = tokenizer.encode(REFLECTION_PHRASE + params.granularity.delimiter)
         self._token_text: dict[int, str] = {}  # one token's text, for splitting rollouts into steps
-        self._responses: dict[int, str] = {}  # the decoded line root..node of each terminal node valued so far
+        self._answers: dict[int, str | None] = {}  # final.line_answer of each terminal node valued so far
 
     async def run(self) -> SearchResult:
         start = self.clock()
@@ -398,13 +398,11 @@ class _Search:
     def _finished_line(self, end: int) -> tuple[str, float] | None:
         """(answer, mean token confidence) of the line ending at ``end``; None when the model did not finish it
         with an answer."""
-        response = self._responses.get(end)
-        if response is None:
-            response = self._responses[end] = self.tokenizer.decode(self.tree.path_token_ids(end).tolist())
-        answer = extract_answer(response)
-        if answer is None or not final.line_finished(self.tree, end, response):
-            return None
-        return answer, self._path_confidence(end)
+        if end not in self._answers:
+            response = self.tokenizer.decode(self.tree.path_token_ids(end).tolist())
+            self._answers[end] = final.line_answer(self.tree, end, response)
+        answer = self._answers[end]
+        return None if answer is None else (answer, self._path_confidence(end))
 
     def _path_confidence(self, end: int) -> float:
         """Mean token confidence along the path, root to ``end`` (forced reflection tokens carry none)."""
@@ -437,7 +435,7 @@ class _Search:
 
     def _result(self, reason: StopReason) -> SearchResult:
         tree = self.tree
-        line = final.choose(tree, final.finished_lines(tree, self.tokenizer.decode, self._responses),
+        line = final.choose(tree, final.finished_lines(tree, self.tokenizer.decode, self._answers),
                             self.params.final)
         if line is None:  # no finished line: the most-visited one, whatever it holds
             leaf = mcts.most_visited_path(tree)[-1]
@@ -445,5 +443,6 @@ class _Search:
             response = self.tokenizer.decode(ids.tolist())
             return SearchResult(tree, tree.path(leaf), ids, response, extract_answer(response),
                                 tree.mean_value(leaf), reason, self.stats)
-        return SearchResult(tree, tree.path(line.leaf), tree.path_token_ids(line.leaf), line.response, line.answer,
+        ids = tree.path_token_ids(line.leaf)
+        return SearchResult(tree, tree.path(line.leaf), ids, self.tokenizer.decode(ids.tolist()), line.answer,
                             line.value, reason, self.stats)

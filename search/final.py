@@ -26,7 +26,6 @@ from search.tree import Tree
 @dataclass(frozen=True, slots=True)
 class Line:
     leaf: int
-    response: str
     answer: str  # as written in <Output>
     key: str  # the normalised answer (what votes and comparisons use)
     value: float
@@ -37,19 +36,22 @@ def line_finished(tree: Tree, node: int, response: str) -> bool:
     return OUTPUT_END in response or tree.nodes["finish_reason"][node] == FinishReason.EOS
 
 
+def line_answer(tree: Tree, leaf: int, response: str) -> str | None:
+    """The answer of the line ``response`` ending at ``leaf``; None unless the model finished it with one."""
+    answer = extract_answer(response)
+    return answer if answer is not None and line_finished(tree, leaf, response) else None
+
+
 def finished_lines(tree: Tree, decode: Callable[[Sequence[int]], str],
-                   responses: dict[int, str] | None = None) -> list[Line]:
-    """Every finished line of the tree, in leaf-id order. ``responses``: lines already decoded, by leaf."""
-    n, lines, known = tree.nodes, [], responses or {}
+                   known: dict[int, str | None] | None = None) -> list[Line]:
+    """Every finished line of the tree, in leaf-id order. ``known``: ``line_answer`` of leaves already decoded."""
+    n, lines, known = tree.nodes, [], known or {}
     for leaf in range(1, tree.num_nodes):
         if not n["is_terminal"][leaf] or n["num_children"][leaf]:
             continue
-        response = known.get(leaf)
-        if response is None:
-            response = decode(tree.path_token_ids(leaf).tolist())
-        answer = extract_answer(response)
-        if answer is not None and line_finished(tree, leaf, response):
-            lines.append(Line(leaf, response, answer, normalize_answer(answer), tree.mean_value(leaf)))
+        answer = known[leaf] if leaf in known else line_answer(tree, leaf, decode(tree.path_token_ids(leaf).tolist()))
+        if answer is not None:
+            lines.append(Line(leaf, answer, normalize_answer(answer), tree.mean_value(leaf)))
     return lines
 
 
