@@ -9,9 +9,12 @@ VALUE_MODEL := models/forest-value
 VALUE_DATA := out/value-data
 VALUE_PROBLEMS ?= 2000
 VALUE_SEED := 200000
+LOOP_DATA := out/data-loop
+LOOP_PROBLEMS ?= 800
+LOOP_SEED := 300000
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: demo test unit install browser clean model value-model
+.PHONY: demo test unit install browser clean model value-model data-loop
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +41,20 @@ value-model: $(BIN)/.installed
 	$(BIN)/forest build --config deploy/configs/value-data.cpu.yaml --input $(VALUE_DATA)/problems.jsonl \
 	    --output $(VALUE_DATA)/build
 	$(BIN)/forest train-value --input $(VALUE_DATA)/build --output $(VALUE_MODEL) --threads 2
+
+# the data loop (docs/data-loop.md): MCTS and best-of-N builds over $(LOOP_PROBLEMS) problems of training seed
+# $(LOOP_SEED) at the same token budget, the policy fine-tuned on each build's right lines, greedy on 500 held-out
+# problems
+data-loop: $(BIN)/.installed
+	$(BIN)/forest make-problems --n $(LOOP_PROBLEMS) --seed $(LOOP_SEED) --output $(LOOP_DATA)/problems.jsonl
+	$(BIN)/forest make-problems --n 500 --seed 1000000 --output $(LOOP_DATA)/heldout.jsonl
+	$(BIN)/forest build --config deploy/configs/data-loop.cpu.yaml --input $(LOOP_DATA)/problems.jsonl \
+	    --output $(LOOP_DATA)/mcts
+	$(BIN)/forest build --config deploy/configs/data-loop.cpu.yaml --strategy best_of_n \
+	    --input $(LOOP_DATA)/problems.jsonl --output $(LOOP_DATA)/best_of_n
+	$(BIN)/python -m deploy.data_loop --config deploy/configs/data-loop.cpu.yaml --problems $(LOOP_DATA)/problems.jsonl \
+	    --build mcts=$(LOOP_DATA)/mcts --build best_of_n=$(LOOP_DATA)/best_of_n --heldout $(LOOP_DATA)/heldout.jsonl \
+	    --work $(LOOP_DATA)/models --plot docs/data-loop
 
 demo: $(BIN)/.installed
 	$(BIN)/forest build --config deploy/configs/build.cpu.yaml --input deploy/demo_problems.jsonl --output out/demo

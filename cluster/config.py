@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from search.params import Budget, ConfigError, FinalChoice, Granularity, MCTSParams, ReflectionPolicy, ValueKind
 from search.prompts import DEFAULT_SYSTEM_PROMPT
+from search.strategies import get_strategy, needs_value_model
 from search.values import SCORED_VALUES
 
 DEFAULT_MODEL_DIR = "models/forest-arith"  # bundled, trained by modelkit/train.py
@@ -135,6 +136,14 @@ class BuildConfig(_Strict):
     max_active_trees: int = Field(64, ge=1, description="Trees one manager searches at once (bounds memory).")
     flush_trees: int = Field(64, ge=1, description="Commit to Parquet after this many finished trees.")
     flush_seconds: float = Field(10.0, gt=0, description="... or after this many seconds.")
+    strategy: str = Field("mcts", description="What each tree runs (search.strategies): 'mcts' (the configured "
+                                              "search), a preset such as 'mcts-step', or a baseline such as "
+                                              "'best_of_n' (rejection-sampling data at the same token budget).")
+
+    @model_validator(mode="after")
+    def _known_strategy(self) -> "BuildConfig":
+        get_strategy(self.strategy)  # ConfigError naming the choices
+        return self
 
 
 class ServeConfig(_Strict):
@@ -180,12 +189,17 @@ class ForestConfig(_Strict):
     def _check_value_model(self) -> "ForestConfig":
         if self.search.value in SCORED_VALUES and self.value_model is None:
             raise ConfigError("search.value", self.search.value.value, "needs a value model: set value_model.model")
+        strategy = get_strategy(self.build.strategy)
+        if self.value_model is None and needs_value_model(strategy, self.search.to_params(**strategy.preset)):
+            raise ConfigError("build.strategy", strategy.name, "needs a value model: set value_model.model")
         return self
 
     def search_identity(self) -> dict:
         """What decides the trees' content (hashed; a resumed build must match it)."""
         identity = {"model": self.engine.model, "dtype": self.engine.dtype,
                     "search": self.search.model_dump(mode="json")}
+        if self.build.strategy != BuildConfig.model_fields["strategy"].default:  # older outputs keep their hash
+            identity["strategy"] = self.build.strategy
         if self.value_model is not None and self.search.value in SCORED_VALUES:
             identity["value_model"] = self.value_model.model
         return identity

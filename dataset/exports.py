@@ -32,3 +32,33 @@ def write_exports(output: str, manifest: dict) -> dict:
               "correct": sum(1 for c in trees.column("correct").to_pylist() if c)}
     write_manifest(output, {**manifest, "counts": counts})
     return counts
+
+
+class SftDataError(ValueError):
+    """An ``sft.jsonl`` that cannot be trained on; the message names the file and the line."""
+
+
+def read_sft(path: str) -> list[dict]:
+    """The ``{"instruction", "response"}`` rows of an ``sft.jsonl`` (a local path or a filesystem URI)."""
+    filesystem, file = open_output(path)
+    try:
+        with filesystem.open_input_stream(file) as f:
+            text = f.read().decode("utf-8")
+    except (FileNotFoundError, OSError) as exc:
+        raise SftDataError(f"{path}: cannot read it ({exc})") from exc
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise SftDataError(f"{path} line {number}: not JSON ({exc.msg})") from None
+        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) and row[k].strip()
+                                                for k in ("instruction", "response")):
+            raise SftDataError(f"{path} line {number}: expected an object with non-empty string fields "
+                               f"'instruction' and 'response'")
+        rows.append(row)
+    if not rows:
+        raise SftDataError(f"{path}: no rows (a build writes one per tree that reached a right answer)")
+    return rows

@@ -39,6 +39,7 @@ class ValueExample:
     positions: np.ndarray
     labels: np.ndarray
     correct: bool
+    prompt_length: int = 0  # the first ``prompt_length`` of ``token_ids`` are the prompt
 
 
 def tree_examples(problem_id: str, prompt_token_ids: Sequence[int], nodes: Sequence[dict],
@@ -76,7 +77,7 @@ def tree_examples(problem_id: str, prompt_token_ids: Sequence[int], nodes: Seque
             positions.append(end - 1)
             labels.append(right[i] / total[i])
         examples.append(ValueExample(problem_id, np.concatenate(pieces), np.asarray(positions, dtype=np.int64),
-                                     np.asarray(labels, dtype=np.float32), outcome[leaf]))
+                                     np.asarray(labels, dtype=np.float32), outcome[leaf], len(prompt)))
     return examples
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from dataset.records import config_hash, error_row
 from cluster.config import ForestConfig
-from search.values import SCORED_VALUES
+from search.strategies import get_strategy, needs_value_model
 
 log = logging.getLogger(__name__)
 
@@ -119,11 +119,13 @@ def run_build(config: ForestConfig) -> BuildSummary:
         fresh = [error_row(run_id, e.problem_id, "input", e.message) for e in input_errors
                  if (e.problem_id, "input", e.message) not in known]
         ray.get(sink.add_errors.remote(fresh))
+        strategy = get_strategy(b.strategy)
+        params = config.search.to_params(**strategy.preset)
         with open_pool(config, name_prefix=f"forest-build-{session}", start=bool(todo),
-                       value=config.search.value in SCORED_VALUES) as pool:
+                       value=needs_value_model(strategy, params)) as pool:
             engine = ray.get(pool.workers[0].engine_settings.remote()) if pool.workers else None
             settings = ManagerSettings(
-                model_dir=config.engine.model, params=config.search.to_params(),
+                model_dir=config.engine.model, params=params, strategy=strategy.name,
                 system_prompt=config.search.system_prompt, max_model_len=config.engine.max_model_len,
                 run_id=run_id, config_hash=digest, max_active_trees=b.max_active_trees,
                 max_in_flight_per_worker=config.max_in_flight_per_worker)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from bench.benchmarks import BENCHES
 from cluster.config import DEFAULT_MODEL_DIR
 from deploy.flags import DEFAULT_CONFIG, EXIT_USAGE, add_build_flags, add_run_flags, load, run
 from deploy.model_report import DEFAULT_SAMPLES
 from deploy.viewer import DEFAULT_VIEW_FOLDER
+from modelkit import policy as policy_recipe
 from modelkit import value as value_recipe
 from modelkit.arithmetic import HELD_OUT_SEED_START
 from search.strategies import EVAL_STRATEGIES, STRATEGIES, needs_value_model
@@ -30,6 +32,20 @@ def parser() -> argparse.ArgumentParser:
     mp.add_argument("--seed", type=int, required=True,
                     help="stream seed; held-out sets use seeds >= 1000000, which training never uses")
     mp.add_argument("--output", required=True, metavar="FILE", help="JSONL file of id, question, answer")
+
+    tp = sub.add_parser("train-policy", help="fine-tune the policy on the right lines a build found (supervised)")
+    data = tp.add_mutually_exclusive_group(required=True)
+    data.add_argument("--sft", metavar="FILE", help="a build's sft.jsonl (the chosen line of each right tree)")
+    data.add_argument("--input", nargs="+", metavar="OUT", help="build outputs: every distinct finished line whose "
+                                                               "answer is right (training seeds only)")
+    tp.add_argument("--output", required=True, metavar="DIR", help="model directory to write")
+    tp.add_argument("--base", default=DEFAULT_MODEL_DIR, help="the policy to fine-tune")
+    tp.add_argument("--seed", type=int, default=0)
+    tp.add_argument("--epochs", type=int, default=policy_recipe.EPOCHS)
+    tp.add_argument("--batch-size", type=int, default=policy_recipe.BATCH_SIZE)
+    tp.add_argument("--lr", type=float, default=policy_recipe.LEARNING_RATE)
+    tp.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    tp.add_argument("--device", default="cpu", help="cpu or cuda")
 
     tv = sub.add_parser("train-value", help="train a value model (a process reward model) on the trees of builds")
     tv.add_argument("--input", nargs="+", required=True, metavar="OUT",
@@ -142,6 +158,38 @@ def cmd_train_value(args) -> int:
         return EXIT_USAGE
     print(json.dumps({k: report[k] for k in ("kept_step", "dev_loss", "line_auroc", "step_auroc", "train_lines",
                                              "dev_lines", "seconds")}))
+    return 0
+
+
+def cmd_train_policy(args) -> int:
+    from transformers import AutoTokenizer
+
+    from dataset.exports import SftDataError, read_sft
+    from dataset.value_labels import ValueDataError, read_value_examples
+    from modelkit.arithmetic import held_out_problem
+    from modelkit.policy import PolicyDataError, line_examples, sft_examples, train_policy
+
+    try:
+        if not (Path(args.base) / "config.json").is_file():
+            raise FileNotFoundError(f"--base {args.base}: not a model directory (no config.json)")
+        tokenizer = AutoTokenizer.from_pretrained(args.base)
+        if args.sft:
+            examples = sft_examples(read_sft(args.sft), tokenizer)
+        else:
+            lines = read_value_examples(args.input)
+            held_out = sorted({e.problem_id for e in lines if held_out_problem(e.problem_id)})
+            if held_out:
+                raise PolicyDataError(f"{len(held_out)} problems come from held-out seeds (e.g. {held_out[0]}); "
+                                      f"the policy is fine-tuned on training seeds only")
+            examples = line_examples(lines, tokenizer)
+        print(f"{len(examples)} right lines of {len({e.problem_id for e in examples})} problems", flush=True)
+        report = train_policy(examples, base=args.base, output=args.output, seed=args.seed, epochs=args.epochs,
+                              batch_size=args.batch_size, lr=args.lr, threads=args.threads, device=args.device)
+    except (SftDataError, ValueDataError, PolicyDataError, FileNotFoundError) as exc:
+        print(f"forest train-policy: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(json.dumps({k: report[k] for k in ("kept_step", "base_dev_loss", "dev_loss", "train_lines", "dev_lines",
+                                             "seconds")}))
     return 0
 
 
@@ -269,7 +317,7 @@ def cmd_build(args) -> int:
 
 
 COMMANDS = {"make-model": cmd_make_model, "make-problems": cmd_make_problems, "eval": cmd_eval,
-            "train-value": cmd_train_value,
+            "train-value": cmd_train_value, "train-policy": cmd_train_policy,
             "model-report": cmd_model_report, "bench": cmd_bench,
             "build": cmd_build, "search": cmd_search, "serve": cmd_serve, "view": cmd_view}
 

@@ -50,6 +50,7 @@ def add_build_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", help="output directory or filesystem URI (s3://...)")
     p.add_argument("--managers", type=count_or_auto, help="TreeManager actors (build.managers), or auto")
     p.add_argument("--limit", type=int, help="build at most this many problems")
+    p.add_argument("--strategy", help="what each tree runs, e.g. mcts-step or best_of_n (build.strategy)")
 
 
 def overrides(args: argparse.Namespace) -> dict:
@@ -60,6 +61,7 @@ def overrides(args: argparse.Namespace) -> dict:
             "search.value": args.value, "value_model.model": args.value_model,
             "build.input": getattr(args, "input", None), "build.output": getattr(args, "output", None),
             "build.managers": getattr(args, "managers", None), "build.limit": getattr(args, "limit", None),
+            "build.strategy": getattr(args, "strategy", None),
             "serve.host": getattr(args, "host", None), "serve.port": getattr(args, "port", None)}
 
 

@@ -60,3 +60,16 @@ def test_a_reward_model_value_needs_a_value_model_and_presets_fix_the_value():
     params = ForestConfig().search.to_params(**STRATEGIES["mcts-prm"].preset)
     assert params.value is ValueKind.REWARD_MODEL_ROLLOUT and str(params.granularity) == "step"
     assert load_config(None, **{"value_model.model": "dir"}).value_model.model == "dir"
+
+
+def test_a_build_runs_a_named_strategy():
+    from cluster.config import load_config
+
+    assert load_config(None).build.strategy == "mcts"
+    config = load_config(None, **{"build.strategy": "best_of_n"})
+    assert config.search_identity()["strategy"] == "best_of_n"
+    assert "strategy" not in load_config(None).search_identity()  # outputs of earlier builds keep their hash
+    with pytest.raises(ValueError, match="choose from"):
+        load_config(None, **{"build.strategy": "beam"})
+    with pytest.raises(ValueError, match="needs a value model"):
+        load_config(None, **{"build.strategy": "mcts-prm"})

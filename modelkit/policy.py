@@ -1,0 +1,200 @@
+"""Fine-tuning the policy on what a build found (``forest train-policy``): supervised, on right finished lines.
+
+Examples come from a build's ``sft.jsonl`` (the chosen line of each tree whose answer was right) or from its trees
+(every distinct finished line whose answer matches the reference: what rejection sampling keeps). The loss is the
+next-token loss on the response and its end token only; a seeded share of the problems is held out as a dev set,
+the dev loss is measured every ``eval_every`` steps, and the weights with the best dev loss are kept. The output
+is a model directory like the base (weights, tokenizer, generation config) that vLLM loads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from modelkit.value import split_by_problem
+from search.prompts import DEFAULT_SYSTEM_PROMPT, build_prompt
+
+log = logging.getLogger(__name__)
+
+REPORT = "policy_training.json"
+IGNORE = -100  # the label transformers' loss skips
+EPOCHS, BATCH_SIZE, LEARNING_RATE, EVAL_EVERY, PATIENCE, DEV_SHARE = 3, 16, 5e-4, 25, 3, 0.1
+WARMUP_STEPS = 10
+
+
+class PolicyDataError(ValueError):
+    """Inputs that give nothing to train on; the message says which and why."""
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyExample:
+    """One line to imitate: the prompt's token ids and the response's (its end token included)."""
+
+    problem_id: str  # the dev split holds whole problems out
+    prompt_ids: np.ndarray
+    response_ids: np.ndarray
+
+
+def sft_examples(rows: Iterable[dict], tokenizer, *, system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> list[PolicyExample]:
+    """``sft.jsonl`` rows (instruction, response) as examples, prompted as a search prompts."""
+    rows = list(rows)
+    prompts = tokenizer([build_prompt(r["instruction"], system_prompt=system_prompt) for r in rows],
+                        add_special_tokens=False)["input_ids"]
+    responses = tokenizer([r["response"] for r in rows], add_special_tokens=False)["input_ids"]
+    return [PolicyExample(r["instruction"], np.asarray(p, dtype=np.int64), _with_end(np.asarray(t), tokenizer))
+            for r, p, t in zip(rows, prompts, responses, strict=True)]
+
+
+def line_examples(lines: Iterable, tokenizer) -> list[PolicyExample]:
+    """The right lines among labelled finished lines (``dataset.value_labels.ValueExample``), each distinct line
+    once."""
+    seen, out = set(), []
+    for line in lines:
+        if not line.correct:
+            continue
+        key = line.token_ids.tobytes()
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append(PolicyExample(line.problem_id, line.token_ids[:line.prompt_length].astype(np.int64),
+                                 _with_end(line.token_ids[line.prompt_length:], tokenizer)))
+    return out
+
+
+def _with_end(response: np.ndarray, tokenizer) -> np.ndarray:
+    """The response ending with the end-of-turn token, as the model must learn to stop."""
+    end = tokenizer.eos_token_id
+    response = response.astype(np.int64)
+    return response if len(response) and response[-1] == end else np.append(response, end)
+
+
+def _batch(examples: Sequence[PolicyExample], pad_id: int, device):
+    """Right-padded ids, mask and labels that score only the responses."""
+    import torch
+
+    width = max(len(e.prompt_ids) + len(e.response_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    for row, e in enumerate(examples):
+        prompt, response = len(e.prompt_ids), len(e.response_ids)
+        ids[row, :prompt + response] = torch.from_numpy(np.concatenate([e.prompt_ids, e.response_ids]))
+        mask[row, :prompt + response] = 1
+        labels[row, prompt:prompt + response] = torch.from_numpy(e.response_ids)
+    return ids.to(device), mask.to(device), labels.to(device)
+
+
+def response_loss(model, examples: Sequence[PolicyExample], pad_id: int, device, batch_size: int = BATCH_SIZE) -> float:
+    """Mean next-token loss over the response tokens of ``examples``."""
+    import torch
+
+    model.eval()
+    total = count = 0.0
+    with torch.no_grad():
+        for start in range(0, len(examples), batch_size):
+            ids, mask, labels = _batch(examples[start:start + batch_size], pad_id, device)
+            tokens = int((labels[:, 1:] != IGNORE).sum())
+            total += model(input_ids=ids, attention_mask=mask, labels=labels).loss.item() * tokens
+            count += tokens
+    model.train()
+    return total / max(count, 1)
+
+
+def _save(model, tokenizer, out: Path) -> None:
+    """A model directory vLLM loads like the base: weights, tokenizer, and the end token in the generation config."""
+    from transformers import GenerationConfig
+
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    GenerationConfig(eos_token_id=tokenizer.eos_token_id).save_pretrained(out)
+
+
+def train_policy(examples: Sequence[PolicyExample], *, base: str | Path, output: str | Path, seed: int = 0,
+                 epochs: int = EPOCHS, batch_size: int = BATCH_SIZE, lr: float = LEARNING_RATE,
+                 dev_share: float = DEV_SHARE, eval_every: int = EVAL_EVERY, patience: int = PATIENCE,
+                 threads: int | None = None, device: str = "cpu", progress: bool = True) -> dict:
+    """Fine-tune ``base`` on ``examples``; write the best model (by dev loss) to ``output``; returns the report
+    written to ``policy_training.json``."""
+    import torch
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not examples:
+        raise PolicyDataError("no right lines to train on")
+    if not (Path(base) / "config.json").is_file():
+        raise FileNotFoundError(f"--base {base}: not a model directory (no config.json)")
+    train, dev = split_by_problem(examples, dev_share, seed)
+    if not dev:
+        raise PolicyDataError("fine-tuning needs lines of at least two problems (one for the dev split)")
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model = AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float32).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    order = random.Random(seed)
+    base_dev_loss = response_loss(model, dev, pad_id, device, batch_size)
+    report = {"base": str(base), "seed": seed, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+              "train_lines": len(train), "dev_lines": len(dev), "train_problems": len({e.problem_id for e in train}),
+              "dev_problems": len({e.problem_id for e in dev}), "base_dev_loss": round(base_dev_loss, 4),
+              "device": device, "history": []}
+    best, stale, step, losses, started = base_dev_loss, 0, 0, [], time.monotonic()
+    total = epochs * -(-len(train) // batch_size)
+    bar = tqdm(total=total, desc="policy", unit="step", disable=not progress)
+    for epoch in range(1, epochs + 1):
+        shuffled = list(train)
+        order.shuffle(shuffled)
+        for start in range(0, len(shuffled), batch_size):
+            step += 1
+            for group in optimizer.param_groups:
+                group["lr"] = lr * min(1.0, step / WARMUP_STEPS)
+            ids, mask, labels = _batch(shuffled[start:start + batch_size], pad_id, device)
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            losses.append(loss.item())
+            bar.update()
+            if step % eval_every and step != total:
+                continue
+            dev_loss = response_loss(model, dev, pad_id, device, batch_size)
+            entry = {"epoch": epoch, "step": step, "train_loss": round(float(np.mean(losses)), 4),
+                     "dev_loss": round(dev_loss, 4), "seconds": round(time.monotonic() - started, 1)}
+            losses = []
+            report["history"].append(entry)
+            bar.set_postfix(dev_loss=entry["dev_loss"])
+            log.info("policy step %d: train loss %.4f, dev loss %.4f", step, entry["train_loss"], dev_loss)
+            if dev_loss < best:
+                best, stale = dev_loss, 0
+                report.update(kept_step=step, dev_loss=entry["dev_loss"])
+                _save(model, tokenizer, out)
+            else:
+                stale += 1
+            (out / REPORT).write_text(json.dumps(report, indent=2) + "\n")
+            if stale >= patience:
+                break
+        if stale >= patience:
+            log.info("dev loss stopped improving (best %.4f): stopping", best)
+            report["stopped"] = "plateau"
+            break
+    else:
+        report["stopped"] = "epochs"
+    bar.close()
+    if "kept_step" not in report:  # no step beat the base on the dev set: the base is kept, and said to be
+        report.update(kept_step=0, dev_loss=round(base_dev_loss, 4))
+        _save(AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float32), tokenizer, out)
+    report["seconds"] = round(time.monotonic() - started, 1)
+    (out / REPORT).write_text(json.dumps(report, indent=2) + "\n")
+    return report

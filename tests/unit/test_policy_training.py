@@ -1,0 +1,97 @@
+"""Fine-tuning the policy (``modelkit.policy``, ``forest train-policy``) from a tiny random model, and its inputs."""
+
+import json
+
+import numpy as np
+import pytest
+
+from dataset.exports import SftDataError, read_sft
+from dataset.value_labels import ValueExample
+from deploy.cli import main as forest
+from modelkit.arithmetic import make_problems
+from modelkit.make_model import make_tiny_random
+from modelkit.policy import REPORT, PolicyDataError, line_examples, response_loss, sft_examples, train_policy
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return make_tiny_random(tmp_path_factory.mktemp("policy") / "tiny", seed=0, hidden_size=64)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(base):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(base)
+
+
+def sft_file(path, problems) -> str:
+    path.write_text("".join(json.dumps({"instruction": p.question, "response": p.solution}) + "\n"
+                            for p in problems))
+    return str(path)
+
+
+def test_a_tiny_fine_tune_lowers_the_loss_on_its_rows(base, tokenizer, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    rows = read_sft(sft_file(tmp_path / "sft.jsonl", make_problems(24, 5)))
+    examples = sft_examples(rows, tokenizer)
+    assert all(e.response_ids[-1] == tokenizer.eos_token_id for e in examples)
+    before = response_loss(AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float32), examples,
+                           tokenizer.pad_token_id, "cpu")
+    report = train_policy(examples, base=base, output=tmp_path / "tuned", epochs=6, batch_size=8, lr=3e-3,
+                          eval_every=3, patience=10, dev_share=0.25, progress=False)
+    after = response_loss(AutoModelForCausalLM.from_pretrained(tmp_path / "tuned", torch_dtype=torch.float32),
+                          examples, tokenizer.pad_token_id, "cpu")
+    assert after < 0.8 * before, (before, after)
+    assert report["dev_loss"] < report["base_dev_loss"] and report["kept_step"] > 0
+    assert report["dev_problems"] == 6 and report["train_problems"] == 18
+    assert (tmp_path / "tuned" / "tokenizer.json").is_file() and (tmp_path / "tuned" / REPORT).is_file()
+    assert json.loads((tmp_path / "tuned" / "generation_config.json").read_text())["eos_token_id"] == \
+        tokenizer.eos_token_id
+
+
+def test_right_lines_of_trees_become_distinct_examples(tokenizer):
+    def line(problem, tokens, correct):
+        ids = np.asarray([1, 2, 3, *tokens], dtype=np.int32)
+        return ValueExample(problem, ids, np.asarray([len(ids) - 1]), np.asarray([1.0], np.float32), correct, 3)
+
+    lines = [line("a", [7, 8], True), line("a", [7, 8], True), line("a", [9], False), line("b", [5], True)]
+    examples = line_examples(lines, tokenizer)
+    assert [(e.problem_id, e.prompt_ids.tolist(), e.response_ids.tolist()) for e in examples] == [
+        ("a", [1, 2, 3], [7, 8, tokenizer.eos_token_id]), ("b", [1, 2, 3], [5, tokenizer.eos_token_id])]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "no rows"),
+    ('{"instruction": "q", "response": "r"}\n{not json\n', "line 2: not JSON"),
+    ('{"instruction": "q"}\n', "line 1: expected an object"),
+    ('["q", "r"]\n', "line 1: expected an object"),
+    ('{"instruction": "q", "response": ""}\n', "line 1: expected an object"),
+])
+def test_a_bad_sft_file_is_refused_naming_the_line(tmp_path, text, message):
+    path = tmp_path / "sft.jsonl"
+    path.write_text(text)
+    with pytest.raises(SftDataError, match=message):
+        read_sft(str(path))
+
+
+def test_bad_inputs_fail_with_a_clear_error(base, tokenizer, tmp_path, capsys):
+    with pytest.raises(SftDataError, match="cannot read"):
+        read_sft(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(PolicyDataError, match="no right lines"):
+        train_policy([], base=base, output=tmp_path / "p")
+    one_problem = sft_examples([{"instruction": "q", "response": "r"}], tokenizer)
+    with pytest.raises(PolicyDataError, match="at least two problems"):
+        train_policy(one_problem, base=base, output=tmp_path / "p")
+    good = sft_file(tmp_path / "sft.jsonl", make_problems(4, 5))
+    assert forest(["train-policy", "--sft", good, "--base", str(tmp_path / "nope"), "--output", str(tmp_path / "o")]) \
+        == 2
+    assert "not a model directory" in capsys.readouterr().err
+    (tmp_path / "empty.jsonl").write_text("\n")
+    assert forest(["train-policy", "--sft", str(tmp_path / "empty.jsonl"), "--base", str(base),
+                   "--output", str(tmp_path / "o")]) == 2
+    assert "no rows" in capsys.readouterr().err
+    assert forest(["train-policy", "--input", str(tmp_path / "no-build"), "--base", str(base),
+                   "--output", str(tmp_path / "o")]) == 2
+    assert "no committed trees" in capsys.readouterr().err
