@@ -239,3 +239,39 @@ def view_index_of_a_real_build(output: str, trees, tmp_path) -> None:
     first = rows[0]
     page, _, _ = run_chromium((index.parent / f"tree-{first['tree_id']}.html").as_uri(), tmp_path)
     assert f'data-drawn-nodes="{first["num_nodes"]}"' in page and "colour" in page
+
+
+def test_a_policy_written_by_train_policy_loads_in_a_generator_worker(ray_cluster, tmp_path):
+    """`forest train-policy` on an sft.jsonl of worked solutions (training seeds), then the fine-tuned model in a
+    GeneratorWorker on vLLM: it loads and still answers in Marco-o1's format."""
+    import ray
+
+    from actors.pool import RemoteEngine, start_generator_workers
+    from actors.tokenizer import HFTokenizer
+    from cluster.config import EngineConfig
+    from deploy.cli import main as forest
+    from modelkit.arithmetic import make_problems
+    from search.prompts import OUTPUT_END, build_prompt, extract_answer
+    from search.protocol import GenerationRequest
+
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text("".join(json.dumps({"instruction": p.question, "response": p.solution}) + "\n"
+                           for p in make_problems(32, 41)))
+    tuned = tmp_path / "tuned"
+    assert forest(["train-policy", "--sft", str(sft), "--base", BUNDLED_MODEL, "--output", str(tuned),
+                   "--epochs", "1", "--threads", "2"]) == 0
+    report = json.loads((tuned / "policy_training.json").read_text())
+    assert report["train_lines"] + report["dev_lines"] == 32
+    (worker,) = start_generator_workers(EngineConfig(model=str(tuned), device="cpu", dtype="float32",
+                                                     max_model_len=1024, enforce_eager=True, cpu_kvcache_gib=1),
+                                        1, name_prefix="tuned-policy-test")
+    try:
+        ray_cluster.get(worker.check_health.remote(), timeout=600)
+        tokenizer = HFTokenizer(str(tuned))
+        question = make_problems(1, 43)[0].question
+        prompt = np.asarray(tokenizer.encode(build_prompt(question)), dtype=np.int32)
+        (chunk,) = asyncio.run(RemoteEngine(worker).generate(
+            GenerationRequest(prompt, max_tokens=400, temperature=0.0, stop=(OUTPUT_END,))))
+        assert extract_answer(tokenizer.decode(chunk.token_ids.tolist())) is not None
+    finally:
+        ray.kill(worker)
