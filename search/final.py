@@ -83,13 +83,13 @@ def ranked_leaves(tree: Tree, decode: Callable[[Sequence[int]], str], first: int
     the lines a limit cut, each group by value (a line nobody valued by its confidence, after the valued ones).
 
     What a request for ``n`` alternatives gets: the tree's own lines, no new search."""
-    n_ = tree.nodes
+    nodes = tree.nodes
     candidates = []
     for leaf in range(1, tree.num_nodes):
-        if leaf == first or not n_["is_terminal"][leaf] or n_["num_children"][leaf]:
+        if leaf == first or not nodes["is_terminal"][leaf] or nodes["num_children"][leaf]:
             continue
         finished = line_finished(tree, leaf, decode(tree.path_token_ids(leaf).tolist()))
-        value, confidence = tree.mean_value(leaf), float(n_["confidence"][leaf])
+        value, confidence = tree.mean_value(leaf), float(nodes["confidence"][leaf])
         candidates.append(((finished, value == value, np.nan_to_num(value, nan=-np.inf),
                             np.nan_to_num(confidence, nan=-np.inf), -leaf), leaf))
     seen, leaves = {tree.path_token_ids(first).tobytes()}, [first]

@@ -406,3 +406,21 @@ def test_reward_model_rollout_value_scores_each_finished_line_once():
         assert TOK.decode(request.token_ids[-2:]).endswith("</Output><|im_end|>") or \
             TOK.decode(request.token_ids).endswith("</Output>")
     assert result.stats.value_requests == len(engine.score_requests) <= result.stats.iterations
+
+
+def test_running_path_totals_match_a_walk_of_the_path():
+    """Tree.path_length and Tree.path_confidence (running totals kept per node) against walking the path, with
+    forced reflection tokens on some paths."""
+    result = search(SimulatedEngine(TOK, seed=6, steps=4), reflection=ReflectionPolicy.parse("always"),
+                    budget=Budget(iterations=20), early_stop=False)
+    tree = result.tree
+    assert (tree.nodes["kind"][:tree.num_nodes] == NodeKind.REFLECTION).any()
+    for node in range(tree.num_nodes):
+        path = tree.path(node)
+        assert tree.path_length(node) == sum(len(tree.node_token_ids(i)) for i in path)
+        confidences = np.concatenate([tree.token_confidences(i) for i in path])
+        generated = confidences[~np.isnan(confidences)]
+        if generated.size:
+            assert tree.path_confidence(node) == pytest.approx(generated.mean(), rel=1e-12)
+        else:
+            assert np.isnan(tree.path_confidence(node))
