@@ -284,7 +284,7 @@ def tree_json(tree: Tree, decode, best_path: list[int]) -> dict:
     return {"nodes": nodes, "best_path": [int(i) for i in best_path]}
 
 
-def tree_meta(request_id: str, body: ChatRequest, result: SearchResult) -> dict:
+def index_row(request_id: str, body: ChatRequest, result: SearchResult) -> dict:
     """A recent request's row in the tree index (``/trees``): no reference answer, so no right or wrong."""
     value = None if result.value != result.value else result.value
     return {"tree_id": request_id, "href": f"trees/{request_id}", "question": body.messages[-1].text,

@@ -2,7 +2,8 @@
 
 ``forest serve --config ...`` or ``serve run deploy/configs/serve.yaml``. Routes: ``POST /v1/chat/completions``
 (OpenAI-compatible, ``stream`` supported: progress chunks while the search runs, then the answer, then
-``[DONE]``), ``POST /v1/search`` (the whole tree), ``GET /v1/models``, ``GET /healthz``. The replica searches
+``[DONE]``), ``POST /v1/search`` (the whole tree), ``GET /v1/models``, ``GET /healthz``, ``GET /trees`` and
+``GET /trees/{request_id}`` (the viewer's index of recent requests and their tree pages). The replica searches
 through the same ``TreeEngine``/``WorkerPool`` as the build's TreeManager, over GeneratorWorkers it starts (or
 attaches to by name). A client that disconnects cancels its search, which aborts its engine requests.
 """
@@ -153,7 +154,7 @@ class ForestServer:
     def _remember(self, request_id: str, body: api.ChatRequest, result) -> None:
         if self.limits.recent_trees:
             self.recent[request_id] = {"tree": api.tree_json(result.tree, self.tokenizer.decode, result.path),
-                                       "meta": api.tree_meta(request_id, body, result)}
+                                       "meta": api.index_row(request_id, body, result)}
             while len(self.recent) > self.limits.recent_trees:
                 self.recent.popitem(last=False)
 

@@ -334,7 +334,7 @@ def _node_dicts(nodes: list[dict]) -> list[dict]:
             for n in nodes]
 
 
-def tree_meta(row: dict) -> dict:
+def build_index_row(row: dict) -> dict:
     """The index row / page header of a build's tree row."""
     return {"tree_id": row["tree_id"], "question": row["question"], "reference": row["reference_answer"],
             "answer": row["final_answer"], "correct": row["correct"], "value": _clean(row["value"]),
@@ -349,7 +349,7 @@ def tree_from_output(output: str, tree_id: str) -> tuple[dict, dict]:
     if not TREE_ID_RE.match(tree_id):
         raise ValueError(f"tree id {tree_id!r} is not a valid id")
     row, nodes = read_tree(output, tree_id)
-    return {"nodes": _node_dicts(nodes), "best_path": row["best_path"]}, tree_meta(row)
+    return {"nodes": _node_dicts(nodes), "best_path": row["best_path"]}, build_index_row(row)
 
 
 def write_build_view(output: str, folder: str | Path) -> Path:
@@ -363,7 +363,7 @@ def write_build_view(output: str, folder: str | Path) -> Path:
     for row, nodes in read_trees(output):
         if not TREE_ID_RE.match(row["tree_id"]):
             raise ValueError(f"tree id {row['tree_id']!r} is not a valid id")
-        meta = tree_meta(row)
+        meta = build_index_row(row)
         page = tree_page({"nodes": _node_dicts(nodes), "best_path": row["best_path"]},
                          title=f"tree {row['tree_id']}", meta={**meta, "index": "index.html"})
         (folder / meta["href"]).write_text(page, encoding="utf-8")
