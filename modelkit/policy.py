@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 REPORT = "policy_training.json"
 IGNORE = -100  # the label transformers' loss skips
-EPOCHS, BATCH_SIZE, LEARNING_RATE, EVAL_EVERY, PATIENCE, DEV_SHARE = 3, 16, 5e-4, 25, 3, 0.1
+EPOCHS, BATCH_SIZE, LEARNING_RATE, EVAL_EVERY, PATIENCE, DEV_SHARE = 3, 16, 1e-4, 25, 3, 0.1
 WARMUP_STEPS = 10
 
 
