@@ -52,13 +52,20 @@ def run(config: ForestConfig, problem_ids: list[str], builds: dict[str, str], he
     from transformers import AutoTokenizer
 
     from dataset.value_labels import read_value_examples
+    from modelkit.arithmetic import held_out_problem
     from modelkit.policy import line_examples, train_policy
 
+    lines_of = {method: read_value_examples([output]) for method, output in builds.items()}
+    for method, lines in lines_of.items():
+        held_out = sorted({line.problem_id for line in lines if held_out_problem(line.problem_id)})
+        if held_out:
+            raise ValueError(f"build {method}: {len(held_out)} problems come from held-out seeds (e.g. "
+                             f"{held_out[0]}); the loop fine-tunes on training seeds only")
     tokenizer = AutoTokenizer.from_pretrained(base)
     rows = [{"method": BASE, "fraction": 0.0, "build_tokens": 0, "lines": 0, **greedy_accuracy(config, base, heldout)}]
     log.info("base: %s", rows[-1])
     for method, output in builds.items():
-        lines = read_value_examples([output])
+        lines = lines_of[method]
         for fraction in FRACTIONS:
             keep = set(problem_ids[:round(fraction * len(problem_ids))])
             examples = line_examples([line for line in lines if line.problem_id in keep], tokenizer)

@@ -95,3 +95,17 @@ def test_bad_inputs_fail_with_a_clear_error(base, tokenizer, tmp_path, capsys):
     assert forest(["train-policy", "--input", str(tmp_path / "no-build"), "--base", str(base),
                    "--output", str(tmp_path / "o")]) == 2
     assert "no committed trees" in capsys.readouterr().err
+
+
+def test_the_data_loop_plot_has_a_line_per_method(tmp_path):
+    from deploy.data_loop import BASE, plot
+
+    def row(method, tokens, accuracy):
+        return {"method": method, "build_tokens": tokens, "accuracy": accuracy, "ci_low": accuracy - 0.04,
+                "ci_high": accuracy + 0.04}
+
+    rows = [row(BASE, 0, 0.52), row("mcts", 1e5, 0.53), row("mcts", 2e5, 0.55), row("best_of_n", 2e5, 0.54)]
+    paths = plot(rows, str(tmp_path / "loop"))
+    assert [p.rsplit(".", 1)[1] for p in paths] == ["png", "svg"]
+    svg = (tmp_path / "loop.svg").read_text()
+    assert "fine-tuned on mcts lines" in svg and "fine-tuned on best_of_n lines" in svg and "base model" in svg
