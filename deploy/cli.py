@@ -18,6 +18,16 @@ from modelkit.arithmetic import HELD_OUT_SEED_START
 from search.strategies import EVAL_STRATEGIES, STRATEGIES, needs_value_model
 
 
+def _add_training_flags(p: argparse.ArgumentParser, recipe) -> None:
+    """The fine-tuning flags of train-policy and train-value, defaulting to ``recipe``'s constants."""
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=recipe.EPOCHS)
+    p.add_argument("--batch-size", type=int, default=recipe.BATCH_SIZE)
+    p.add_argument("--lr", type=float, default=recipe.LEARNING_RATE)
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="forest", description="Marco-o1-style tree search over LLM reasoning on Ray.")
     sub = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -40,24 +50,14 @@ def parser() -> argparse.ArgumentParser:
                                                                "answer is right (training seeds only)")
     tp.add_argument("--output", required=True, metavar="DIR", help="model directory to write")
     tp.add_argument("--base", default=DEFAULT_MODEL_DIR, help="the policy to fine-tune")
-    tp.add_argument("--seed", type=int, default=0)
-    tp.add_argument("--epochs", type=int, default=policy_recipe.EPOCHS)
-    tp.add_argument("--batch-size", type=int, default=policy_recipe.BATCH_SIZE)
-    tp.add_argument("--lr", type=float, default=policy_recipe.LEARNING_RATE)
-    tp.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    tp.add_argument("--device", default="cpu", help="cpu or cuda")
+    _add_training_flags(tp, policy_recipe)
 
     tv = sub.add_parser("train-value", help="train a value model (a process reward model) on the trees of builds")
     tv.add_argument("--input", nargs="+", required=True, metavar="OUT",
                     help="build outputs whose problems had reference answers (training seeds only)")
     tv.add_argument("--output", required=True, metavar="DIR", help="value model directory to write")
     tv.add_argument("--base", default=DEFAULT_MODEL_DIR, help="policy whose weights start the value model")
-    tv.add_argument("--seed", type=int, default=0)
-    tv.add_argument("--epochs", type=int, default=value_recipe.EPOCHS)
-    tv.add_argument("--batch-size", type=int, default=value_recipe.BATCH_SIZE)
-    tv.add_argument("--lr", type=float, default=value_recipe.LEARNING_RATE)
-    tv.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    tv.add_argument("--device", default="cpu", help="cpu or cuda")
+    _add_training_flags(tv, value_recipe)
 
     build = sub.add_parser("build", help="build a dataset of search trees from a problems file (resumable)")
     add_build_flags(build)

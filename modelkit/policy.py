@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
-import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
+from modelkit.fit import fit
 from modelkit.value import split_by_problem
 from search.prompts import DEFAULT_SYSTEM_PROMPT, build_prompt
 
@@ -124,7 +123,6 @@ def train_policy(examples: Sequence[PolicyExample], *, base: str | Path, output:
     """Fine-tune ``base`` on ``examples``; write the best model (by dev loss) to ``output``; returns the report
     written to ``policy_training.json``."""
     import torch
-    from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not examples:
@@ -142,59 +140,23 @@ def train_policy(examples: Sequence[PolicyExample], *, base: str | Path, output:
     tokenizer = AutoTokenizer.from_pretrained(base)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model = AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float32).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    order = random.Random(seed)
     base_dev_loss = response_loss(model, dev, pad_id, device, batch_size)
     report = {"base": str(base), "seed": seed, "epochs": epochs, "batch_size": batch_size, "lr": lr,
               "train_lines": len(train), "dev_lines": len(dev), "train_problems": len({e.problem_id for e in train}),
               "dev_problems": len({e.problem_id for e in dev}), "base_dev_loss": round(base_dev_loss, 4),
               "device": device, "history": []}
-    best, stale, step, losses, started = base_dev_loss, 0, 0, [], time.monotonic()
-    total = epochs * -(-len(train) // batch_size)
-    bar = tqdm(total=total, desc="policy", unit="step", disable=not progress)
-    for epoch in range(1, epochs + 1):
-        shuffled = list(train)
-        order.shuffle(shuffled)
-        for start in range(0, len(shuffled), batch_size):
-            step += 1
-            for group in optimizer.param_groups:
-                group["lr"] = lr * min(1.0, step / WARMUP_STEPS)
-            ids, mask, labels = _batch(shuffled[start:start + batch_size], pad_id, device)
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            losses.append(loss.item())
-            bar.update()
-            if step % eval_every and step != total:
-                continue
-            dev_loss = response_loss(model, dev, pad_id, device, batch_size)
-            entry = {"epoch": epoch, "step": step, "train_loss": round(float(np.mean(losses)), 4),
-                     "dev_loss": round(dev_loss, 4), "seconds": round(time.monotonic() - started, 1)}
-            losses = []
-            report["history"].append(entry)
-            bar.set_postfix(dev_loss=entry["dev_loss"])
-            log.info("policy step %d: train loss %.4f, dev loss %.4f", step, entry["train_loss"], dev_loss)
-            if dev_loss < best:
-                best, stale = dev_loss, 0
-                report.update(kept_step=step, dev_loss=entry["dev_loss"])
-                _save(model, tokenizer, out)
-            else:
-                stale += 1
-            (out / REPORT).write_text(json.dumps(report, indent=2) + "\n")
-            if stale >= patience:
-                break
-        if stale >= patience:
-            log.info("dev loss stopped improving (best %.4f): stopping", best)
-            report["stopped"] = "plateau"
-            break
-    else:
-        report["stopped"] = "epochs"
-    bar.close()
+
+    def loss_of(lines):
+        ids, mask, labels = _batch(lines, pad_id, device)
+        return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+    fit(model, train, loss_of=loss_of, evaluate=lambda: {"dev_loss": response_loss(model, dev, pad_id, device,
+                                                                                   batch_size)},
+        keep=lambda: _save(model, tokenizer, out), report=report, report_path=out / REPORT, seed=seed,
+        epochs=epochs, batch_size=batch_size, lr=lr, warmup_steps=WARMUP_STEPS, eval_every=eval_every,
+        patience=patience, progress=progress, name="policy", best=base_dev_loss)
     if "kept_step" not in report:  # no step beat the base on the dev set: the base is kept, and said to be
         report.update(kept_step=0, dev_loss=round(base_dev_loss, 4))
         _save(AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float32), tokenizer, out)
-    report["seconds"] = round(time.monotonic() - started, 1)
-    (out / REPORT).write_text(json.dumps(report, indent=2) + "\n")
+        (out / REPORT).write_text(json.dumps(report, indent=2) + "\n")
     return report

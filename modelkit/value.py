@@ -14,15 +14,14 @@ lower one, and ``value_training.json`` records every evaluation.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
-import time
 from pathlib import Path
 from typing import Protocol, Sequence
 
 import numpy as np
 
+from modelkit.fit import fit
 from search.metrics import auroc
 
 log = logging.getLogger(__name__)
@@ -117,7 +116,6 @@ def train_value(examples: Sequence[Example], *, base: str | Path, output: str | 
     """Train on ``examples`` from the policy ``base``; write the best model (by dev loss) and its tokenizer to
     ``output``; returns the report written to ``value_training.json``."""
     import torch
-    from tqdm import tqdm
     from transformers import AutoTokenizer, Qwen2ForTokenClassification
 
     if not examples:
@@ -137,58 +135,20 @@ def train_value(examples: Sequence[Example], *, base: str | Path, output: str | 
     model = Qwen2ForTokenClassification.from_pretrained(
         base, num_labels=len(LABELS), id2label=LABELS, label2id={v: k for k, v in LABELS.items()},
         torch_dtype=torch.float32).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    order = random.Random(seed)
     report = {"base": str(base), "seed": seed, "epochs": epochs, "batch_size": batch_size, "lr": lr,
               "train_lines": len(train), "dev_lines": len(dev),
               "train_problems": len({e.problem_id for e in train}), "dev_problems": len({e.problem_id for e in dev}),
               "right_share": float(np.mean([e.correct for e in examples])), "device": device, "history": []}
-    best, stale, step, losses, started = float("inf"), 0, 0, [], time.monotonic()
-    total = epochs * -(-len(train) // batch_size)
-    bar = tqdm(total=total, desc="value model", unit="step", disable=not progress)
-    for epoch in range(1, epochs + 1):
-        shuffled = list(train)
-        order.shuffle(shuffled)
-        for start in range(0, len(shuffled), batch_size):
-            step += 1
-            for group in optimizer.param_groups:
-                group["lr"] = lr * min(1.0, step / WARMUP_STEPS)
-            batch = _batch(shuffled[start:start + batch_size], pad_id, device)
-            loss = soft_label_loss(_step_log_probs(model, batch), batch[4])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            losses.append(loss.item())
-            bar.update()
-            if step % eval_every and step != total:
-                continue
-            metrics = evaluate(model, dev, pad_id, device, batch_size)
-            entry = {"epoch": epoch, "step": step, "train_loss": round(float(np.mean(losses)), 4),
-                     **{k: None if v is None else round(v, 4) for k, v in metrics.items()},
-                     "seconds": round(time.monotonic() - started, 1)}
-            losses = []
-            report["history"].append(entry)
-            bar.set_postfix(dev_loss=entry["dev_loss"], line_auroc=entry["line_auroc"])
-            log.info("value step %d: train loss %.4f, dev loss %.4f, dev line AUROC %s, step AUROC %s", step,
-                     entry["train_loss"], entry["dev_loss"], entry["line_auroc"], entry["step_auroc"])
-            if metrics["dev_loss"] < best:
-                best, stale = metrics["dev_loss"], 0
-                report.update(kept_step=step, **{k: entry[k] for k in ("dev_loss", "line_auroc", "step_auroc")})
-                model.save_pretrained(out, safe_serialization=True)
-                tokenizer.save_pretrained(out)
-            else:
-                stale += 1
-            (out / REPORT).write_text(json.dumps(report, indent=2) + "\n")
-            if stale >= patience:
-                break
-        if stale >= patience:
-            log.info("dev loss stopped improving (best %.4f at step %d): stopping", best, report["kept_step"])
-            report["stopped"] = "plateau"
-            break
-    else:
-        report["stopped"] = "epochs"
-    bar.close()
-    report["seconds"] = round(time.monotonic() - started, 1)
-    (out / REPORT).write_text(json.dumps(report, indent=2) + "\n")
+
+    def loss_of(lines):
+        batch = _batch(lines, pad_id, device)
+        return soft_label_loss(_step_log_probs(model, batch), batch[4])
+
+    def keep():
+        model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+
+    fit(model, train, loss_of=loss_of, evaluate=lambda: evaluate(model, dev, pad_id, device, batch_size), keep=keep,
+        report=report, report_path=out / REPORT, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr,
+        warmup_steps=WARMUP_STEPS, eval_every=eval_every, patience=patience, progress=progress, name="value model")
     return report
