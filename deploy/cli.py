@@ -42,6 +42,9 @@ def parser() -> argparse.ArgumentParser:
     mp.add_argument("--seed", type=int, required=True,
                     help="stream seed; held-out sets use seeds >= 1000000, which training never uses")
     mp.add_argument("--output", required=True, metavar="FILE", help="JSONL file of id, question, answer")
+    mp.add_argument("--distribution", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="other ranges than the bundled model's, e.g. max_bags=49 max_piles=25 start=10-999 "
+                         "(docs/model.md lists the keys)")
 
     tp = sub.add_parser("train-policy", help="fine-tune the policy on the right lines a build found (supervised)")
     data = tp.add_mutually_exclusive_group(required=True)
@@ -125,11 +128,16 @@ def cmd_make_model(args) -> int:
 
 
 def cmd_make_problems(args) -> int:
-    from modelkit.arithmetic import write_problems
+    from modelkit.arithmetic import Distribution, write_problems
     if args.n < 1:
         print(f"forest make-problems: --n must be >= 1, got {args.n}", file=sys.stderr)
         return EXIT_USAGE
-    print(write_problems(args.output, args.n, args.seed))
+    try:
+        dist = Distribution.parse(args.distribution)
+    except ValueError as e:
+        print(f"forest make-problems: --distribution: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(write_problems(args.output, args.n, args.seed, dist))
     return 0
 
 

@@ -36,12 +36,63 @@ NAMES = ["Ann", "Bo", "Cy", "Dee", "Eli", "Fay", "Gus", "Hal", "Ivy", "Jo", "Kim
 ITEMS = ["apples", "books", "coins", "pens", "cards", "eggs", "shells", "stamps", "marbles", "cookies"]
 GAINS = ["buys {n} more", "finds {n} more", "gets {n} more from a friend", "wins {n} more"]
 LOSSES = ["gives away {n}", "loses {n}", "sells {n}", "eats {n}"]
-MIN_CHANGES, MAX_CHANGES = 1, 5
-MAX_DISTRACTORS = 2
-MAX_COUNT = 999  # a count never exceeds three digits
-MIN_GAIN = 2  # the fewest items a gain (or a bag) adds
+MIN_GAIN = 2  # the fewest items a gain, a loss or a bag adds or takes; also the fewest bags, piles and the least factor
+MIN_COUNT_TO_LOSE = 12  # losses and splits are drawn only from this count up
+MULTIPLY_VERBS = {2: "doubles", 3: "triples"}  # other factors read "multiplies them by N"
 STEP_DELIMITER = "\n\n"
 THOUGHT_OPEN = "<Thought>\n"
+
+
+@dataclass(frozen=True, slots=True)
+class Distribution:
+    """The ranges ``forest make-problems`` draws from (each inclusive); the defaults are the bundled model's.
+    Other ranges (``--distribution max_bags=49 ...``) make harder problems for models trained on them."""
+
+    start: tuple[int, int] = (10, 199)  # the first count
+    changes: tuple[int, int] = (1, 5)  # worked steps per problem, each number equally likely
+    max_count: int = 999  # no count goes above it
+    max_gain: int = 99  # the most a gain or a loss moves
+    max_bags: int = 9  # bags bought in one change ...
+    max_bag_size: int = 12  # ... of up to this many items each: a product in one step
+    max_factor: int = 3  # doubles, triples, "ends up with N times as many"
+    max_piles: int = 9  # "splits into N equal piles": a division with a remainder
+    max_distractors: int = 2  # sentences the solution never uses
+
+    def __post_init__(self):
+        (low, high), (fewest, most) = self.start, self.changes
+        problems = [f"start must be a range 1 <= low <= high <= max_count ({self.max_count}), got {low}-{high}"
+                    ] if not 1 <= low <= high <= self.max_count else []
+        if not 1 <= fewest <= most:
+            problems.append(f"changes must be a range 1 <= low <= high, got {fewest}-{most}")
+        problems += [f"{name} must be >= {MIN_GAIN}, got {getattr(self, name)}"
+                     for name in ("max_gain", "max_bags", "max_bag_size", "max_factor", "max_piles")
+                     if getattr(self, name) < MIN_GAIN]
+        if self.max_count < 2 * MIN_COUNT_TO_LOSE or self.max_distractors < 0:  # below it, a count can get stuck
+            problems.append(f"max_count must be >= {2 * MIN_COUNT_TO_LOSE} and max_distractors >= 0")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @classmethod
+    def parse(cls, settings: list[str]) -> "Distribution":
+        """The default ranges with ``KEY=VALUE`` settings applied (``start=10-999``, ``max_bags=49``)."""
+        fields = {}
+        for setting in settings:
+            key, sep, value = setting.partition("=")
+            if not sep or key not in cls.__dataclass_fields__:
+                raise ValueError(f"a distribution setting is KEY=VALUE with KEY one of "
+                                 f"{', '.join(cls.__dataclass_fields__)}; got {setting!r}")
+            try:
+                fields[key] = (tuple(int(v) for v in value.split("-", 1)) if key in ("start", "changes")
+                               else int(value))
+            except ValueError:
+                raise ValueError(f"{key} takes {'LOW-HIGH' if key in ('start', 'changes') else 'an integer'}, "
+                                 f"got {value!r}") from None
+            if isinstance(fields[key], tuple) and len(fields[key]) != 2:
+                raise ValueError(f"{key} takes LOW-HIGH, got {value!r}")
+        return cls(**fields)
+
+
+DEFAULT_DISTRIBUTION = Distribution()
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,38 +108,46 @@ class ArithmeticProblem:
         return {"id": self.id, "question": self.question, "answer": self.answer, "changes": self.changes}
 
 
-def _change(rng: random.Random, name: str, item: str, total: int) -> tuple[str, str, int]:
-    """One change to ``total``: (question sentence, worked step, new total)."""
+def _change(rng: random.Random, name: str, item: str, total: int, dist: Distribution = DEFAULT_DISTRIBUTION
+            ) -> tuple[str, str, int]:
+    """One change to ``total``: (question sentence, worked step, new total). Only changes that keep the count in
+    range are drawn."""
+    room = dist.max_count - total
     kinds = []
-    if total + MIN_GAIN <= MAX_COUNT:
+    if room >= MIN_GAIN:
         kinds.append("gain")
-    if total + 2 * MIN_GAIN <= MAX_COUNT:  # two bags of two
+    if room >= MIN_GAIN * MIN_GAIN:  # two bags of two
         kinds.append("gain_bags")
-    if total >= 12:
+    if total >= MIN_COUNT_TO_LOSE:
         kinds += ["loss", "loss", "split"]
-    if total * 2 <= MAX_COUNT:
+    if total * MIN_GAIN <= dist.max_count:
         kinds.append("multiply")
     kind = rng.choice(kinds)
     if kind == "gain":
-        n = rng.randint(MIN_GAIN, min(99, MAX_COUNT - total))
+        n = rng.randint(MIN_GAIN, min(dist.max_gain, room))
         return (f"Then {name} {rng.choice(GAINS).format(n=n)}.", f"{name} gains {n}, so {total} + {n} = {total + n}.",
                 total + n)
     if kind == "loss":
-        n = rng.randint(2, min(99, total - 1))
+        n = rng.randint(MIN_GAIN, min(dist.max_gain, total - 1))
         return (f"Then {name} {rng.choice(LOSSES).format(n=n)}.", f"{name} loses {n}, so {total} - {n} = {total - n}.",
                 total - n)
     if kind == "gain_bags":
-        bags = rng.randint(2, min(9, (MAX_COUNT - total) // MIN_GAIN))
-        size = rng.randint(MIN_GAIN, min(12, (MAX_COUNT - total) // bags))
+        bags = rng.randint(MIN_GAIN, min(dist.max_bags, room // MIN_GAIN))
+        size = rng.randint(MIN_GAIN, min(dist.max_bag_size, room // bags))
         gained = bags * size
         return (f"Then {name} buys {bags} bags of {size} {item}.",
                 f"{name} gains {bags} × {size} = {gained}, so {total} + {gained} = {total + gained}.", total + gained)
     if kind == "multiply":
-        factor = 3 if total * 3 <= MAX_COUNT and rng.random() < 0.5 else 2
-        verb = {2: "doubles", 3: "triples"}[factor]
-        return (f"Then {name} {verb} the {item}.", f"{name} {verb} them, so {total} × {factor} = {total * factor}.",
-                total * factor)
-    piles = rng.randint(2, min(9, total // 2))
+        factors = range(MIN_GAIN, min(dist.max_factor, dist.max_count // total) + 1)
+        # the largest factor first, and no draw when there is one choice: streams of the default ranges stay as
+        # the bundled model's problems were drawn
+        factor = factors[-1 - int(rng.random() * len(factors))] if len(factors) > 1 else factors[0]
+        if factor in MULTIPLY_VERBS:
+            sentence, did = f"Then {name} {MULTIPLY_VERBS[factor]} the {item}.", f"{MULTIPLY_VERBS[factor]} them"
+        else:
+            sentence, did = f"Then {name} ends up with {factor} times as many {item}.", f"multiplies them by {factor}"
+        return sentence, f"{name} {did}, so {total} × {factor} = {total * factor}.", total * factor
+    piles = rng.randint(MIN_GAIN, min(dist.max_piles, total // MIN_GAIN))
     kept, left = divmod(total, piles)
     return (f"Then {name} splits the {item} into {piles} equal piles, gives the rest away and keeps one pile.",
             f"{name} keeps one of {piles} piles, so {total} ÷ {piles} = {kept} remainder {left}, which leaves {kept}.",
@@ -104,17 +163,18 @@ def _distractor(rng: random.Random, name: str, item: str) -> str:
     ])
 
 
-def make_problem(rng: random.Random, problem_id: str) -> ArithmeticProblem:
+def make_problem(rng: random.Random, problem_id: str, dist: Distribution = DEFAULT_DISTRIBUTION
+                 ) -> ArithmeticProblem:
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    total = rng.randint(10, 199)
+    total = rng.randint(*dist.start)
     sentences = [f"{name} has {total} {item}."]
     steps = [f"{name} starts with {total} {item}."]
-    changes = rng.randint(MIN_CHANGES, MAX_CHANGES)
+    changes = rng.randint(*dist.changes)
     for _ in range(changes):
-        sentence, step, total = _change(rng, name, item, total)
+        sentence, step, total = _change(rng, name, item, total, dist)
         sentences.append(sentence)
         steps.append(step)
-    for _ in range(rng.randint(0, MAX_DISTRACTORS)):  # anywhere after the first sentence
+    for _ in range(rng.randint(0, dist.max_distractors)):  # anywhere after the first sentence
         sentences.insert(rng.randint(1, len(sentences)), _distractor(rng, name, item))
     question = " ".join(sentences) + f" How many {item} does {name} have now?"
     steps.append(f"So {name} has {total} {item}.")
@@ -131,18 +191,18 @@ def held_out_problem(problem_id: str) -> bool:
     return len(parts) == 3 and parts[0] == "arith" and parts[1].isdigit() and int(parts[1]) >= HELD_OUT_SEED_START
 
 
-def make_problems(n: int, seed: int) -> list[ArithmeticProblem]:
+def make_problems(n: int, seed: int, dist: Distribution = DEFAULT_DISTRIBUTION) -> list[ArithmeticProblem]:
     """``n`` problems from one seeded stream; ids carry the seed so sets from different seeds never collide."""
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     rng = random.Random(seed)
-    return [make_problem(rng, f"arith-{seed}-{i}") for i in range(n)]
+    return [make_problem(rng, f"arith-{seed}-{i}", dist) for i in range(n)]
 
 
 def _wrong(rng: random.Random, right: int) -> int:
-    """A plausible slip: one digit off by one, or a carry dropped (off by ten)."""
+    """A plausible slip: one digit of the result off by one (a carry dropped or added)."""
     while True:
-        wrong = right + rng.choice([-10, -1, 1, 10])
+        wrong = right + rng.choice([-1, 1]) * 10 ** rng.randrange(len(str(right)))
         if wrong >= 0:
             return wrong
 
@@ -204,12 +264,12 @@ def make_training_example(rng: random.Random, problem: ArithmeticProblem, *, ref
     return TrainingExample(response, ((start, start + len(slipped[at])),))
 
 
-def write_problems(path: str | Path, n: int, seed: int) -> Path:
+def write_problems(path: str | Path, n: int, seed: int, dist: Distribution = DEFAULT_DISTRIBUTION) -> Path:
     """Write ``n`` problems as JSONL rows of id, question, answer and changes (the number of worked steps): the
     format ``forest build``/``eval`` read."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
-        for problem in make_problems(n, seed):
+        for problem in make_problems(n, seed, dist):
             f.write(json.dumps(problem.row()) + "\n")
     return path

@@ -10,8 +10,8 @@ The problems are meant to be hard for a converged model (products, remainders an
 compounding over up to five steps). A share of training solutions slip, write Marco-o1's reflection phrase and
 redo the work (the slip itself is not trained on), so a forced reflection means something to the model.
 
-Reproducible: the tokenizer, the initial weights and the training stream all come from ``--seed`` (on one device
-and thread count; wall time only changes how long it takes). Digits are single tokens, so carries are learnable,
+Reproducible: the tokenizer, the initial weights and every step's batch come from ``--seed`` (on one device and
+thread count; wall time and ``--workers`` only change how long it takes; ``--max-seconds`` where it stops). Digits are single tokens, so carries are learnable,
 and mistakes happen on digits, where the model's token confidence drops.
 """
 
@@ -22,40 +22,43 @@ import json
 import logging
 import random
 import time
+from collections import deque
 from pathlib import Path
 
-from modelkit.arithmetic import (HELD_OUT_SEED_START, TrainingExample, make_problem, make_problems,
-                                 make_training_example)
+from dataclasses import asdict
+
+from modelkit.arithmetic import (DEFAULT_DISTRIBUTION, HELD_OUT_SEED_START, Distribution, TrainingExample,
+                                 make_problem, make_problems, make_training_example)
 from modelkit.make_model import train_tokenizer
 from search.prompts import DEFAULT_SYSTEM_PROMPT, REFLECTION_PHRASE, build_prompt, extract_answer
 
 log = logging.getLogger(__name__)
 
-TRAIN_SEED_OFFSET = 0
-DEV_SEED = HELD_OUT_SEED_START - 1  # never a training seed: training streams use seeds in [seed, seed + 1)
+DEV_SEED = HELD_OUT_SEED_START - 1  # never a training stream: those are seeded by strings (``_draw_batch``)
 IGNORE = -100  # the label transformers' loss skips
 WARMUP_STEPS = 100
 MIN_IMPROVEMENT = 0.005  # a dev loss at least 0.5% below the best so far counts as better
 DEV_GREEDY_PROBLEMS = 128
-MAX_NEW_TOKENS = 400  # room for a slip, a reflection and a redo of the longest problems
+MAX_NEW_TOKENS = 512  # room for a slip, a reflection and a redo of the longest problems
+PREFETCH_PER_WORKER = 4  # batches each data worker keeps ready
+REPORT_TEMPERATURES = (0.3, 0.6, 1.0)  # the dev report's sampling temperatures (top-p 1)
+REPORT_SAMPLES = 8  # samples per problem and temperature in the dev report: pass@8
 # the recipe of the bundled model (docs/model.md); the command line's defaults
 MAX_STEPS, BATCH_SIZE, LEARNING_RATE, EVAL_EVERY, PATIENCE, MAX_DECAYS = 20000, 32, 3e-3, 300, 3, 2
 REFLECTION_RATE = 0.15  # share of training solutions that slip, reflect and redo
 HIDDEN_SIZE, LAYERS = 128, 4
 
 
-def _tokenizer_corpus(seed: int) -> list[str]:
+def _tokenizer_corpus(seed: int, dist: Distribution) -> list[str]:
     """The problem distribution and the prompts (digits are split into single tokens by the tokenizer)."""
     corpus = [build_prompt(p.question) + p.solution + "<|im_end|>\n"
-              for p in make_problems(3000, seed + 7_777)]  # any training-side seed
+              for p in make_problems(3000, seed + 7_777, dist)]  # any training-side seed
     return corpus + [DEFAULT_SYSTEM_PROMPT, REFLECTION_PHRASE] * 50
 
 
-def _batch(tokenizer, examples: list[tuple[str, TrainingExample]], device):
-    """Right-padded input ids, attention mask and labels that score only the response (and its end token), less
-    its unscored spans (a deliberate slip before a reflection)."""
-    import torch
-
+def _rows(tokenizer, examples: list[tuple[str, TrainingExample]]) -> tuple[list[list[int]], list[list[int]]]:
+    """Token ids of prompt + response per example, and labels that score only the response (and its end token),
+    less its unscored spans (a deliberate slip before a reflection)."""
     prompts = tokenizer([build_prompt(q) for q, _ in examples], add_special_tokens=False)["input_ids"]
     responses = tokenizer([e.response + "<|im_end|>" for _, e in examples], add_special_tokens=False,
                           return_offsets_mapping=True)  # one call per batch: the tokenizer's per-call cost dominates
@@ -63,21 +66,73 @@ def _batch(tokenizer, examples: list[tuple[str, TrainingExample]], device):
     for prompt, response, offsets, (_, example) in zip(prompts, responses["input_ids"], responses["offset_mapping"],
                                                        examples, strict=True):
         label = [IGNORE if any(start < b and end > a for a, b in example.unscored) else token
-                 for token, (start, end) in zip(response, offsets, strict=True)]
+                 for token, (start, end) in zip(response, offsets, strict=True)] if example.unscored else response
         rows.append(prompt + response)
         labels.append([IGNORE] * len(prompt) + label)
+    return rows, labels
+
+
+def _tensors(rows: list[list[int]], labels: list[list[int]], pad: int, device):
+    """Right-padded input ids, attention mask and labels."""
+    import torch
+
     width = max(map(len, rows))
-    pad = tokenizer.pad_token_id
     ids = torch.tensor([row + [pad] * (width - len(row)) for row in rows], dtype=torch.long)
     mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows], dtype=torch.long)
     target = torch.tensor([label + [IGNORE] * (width - len(label)) for label in labels], dtype=torch.long)
     return ids.to(device), mask.to(device), target.to(device)
 
 
-def _draw_batch(stream: random.Random, batch_size: int, reflection_rate: float) -> list[tuple[str, TrainingExample]]:
-    """The next training batch of the stream: (question, example) pairs, problems drawn before their examples."""
-    problems = [make_problem(stream, "train") for _ in range(batch_size)]
+def _batch(tokenizer, examples: list[tuple[str, TrainingExample]], device):
+    """The model's inputs for ``examples``: ids, attention mask and labels (see ``_rows``)."""
+    return _tensors(*_rows(tokenizer, examples), tokenizer.pad_token_id, device)
+
+
+def _draw_batch(seed: int, step: int, batch_size: int, reflection_rate: float, dist: Distribution
+                ) -> list[tuple[str, TrainingExample]]:
+    """Training step ``step``'s batch: (question, example) pairs from a stream of its own, so batches can be
+    drawn in any order, by any process, and a resumed run needs no replay."""
+    stream = random.Random(f"train-{seed}-{step}")
+    problems = [make_problem(stream, "train", dist) for _ in range(batch_size)]
     return [(p.question, make_training_example(stream, p, reflection_rate=reflection_rate)) for p in problems]
+
+
+_worker_tokenizer = None  # a data worker's own tokenizer, loaded once per process
+
+
+def _load_worker_tokenizer(path: str) -> None:
+    global _worker_tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    _worker_tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+
+
+def _worker_rows(args: tuple) -> tuple[list[list[int]], list[list[int]]]:
+    return _rows(_worker_tokenizer, _draw_batch(*args))
+
+
+def _batches(tokenizer, tokenizer_dir: Path, steps: range, workers: int, args: tuple):
+    """Each step's (rows, labels): in this process, or drawn ahead by ``workers`` processes (in step order either
+    way: the same batches)."""
+    if not workers:
+        for step in steps:
+            yield _rows(tokenizer, _draw_batch(args[0], step, *args[1:]))
+        return
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(workers, _load_worker_tokenizer, (str(tokenizer_dir),)) as pool:
+        ahead: deque = deque()
+        todo = iter(steps)
+        for step in todo:
+            ahead.append(pool.apply_async(_worker_rows, ((args[0], step, *args[1:]),)))
+            if len(ahead) >= PREFETCH_PER_WORKER * workers:
+                break
+        while ahead:
+            rows = ahead.popleft().get()
+            step = next(todo, None)
+            if step is not None:
+                ahead.append(pool.apply_async(_worker_rows, ((args[0], step, *args[1:]),)))
+            yield rows
 
 
 def dev_loss(model, tokenizer, batches) -> float:
@@ -95,42 +150,79 @@ def dev_loss(model, tokenizer, batches) -> float:
     return total / count
 
 
-def greedy_accuracy(model, tokenizer, problems, *, max_new_tokens: int = MAX_NEW_TOKENS) -> float:
-    """Fraction of problems whose greedy (temperature 0) response has the right ``<Output>``."""
+def _responses(model, tokenizer, problems, *, temperature: float = 0.0, samples: int = 1,
+               max_new_tokens: int = MAX_NEW_TOKENS) -> list[list[str]]:
+    """``samples`` responses per problem, decoded with transformers: greedy at temperature 0, else sampled (top-p
+    1)."""
     import torch
 
     tokenizer.padding_side = "left"
-    correct = 0
+    sampling = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if temperature else {
+        "do_sample": False}
+    texts = []
     model.eval()
     with torch.no_grad():
         for start in range(0, len(problems), DEV_GREEDY_PROBLEMS):
             chunk = problems[start:start + DEV_GREEDY_PROBLEMS]
             enc = tokenizer([build_prompt(p.question) for p in chunk], return_tensors="pt", padding=True,
                             add_special_tokens=False).to(model.device)
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-            texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-            correct += sum(extract_answer(t) == p.answer for t, p in zip(texts, chunk, strict=True))
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, num_return_sequences=samples,
+                                 eos_token_id=tokenizer.eos_token_id,
+                                 pad_token_id=tokenizer.pad_token_id, **sampling)
+            texts += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     model.train()
     tokenizer.padding_side = "right"
-    return correct / len(problems)
+    return [texts[i * samples:(i + 1) * samples] for i in range(len(problems))]
+
+
+def greedy_accuracy(model, tokenizer, problems, *, max_new_tokens: int = MAX_NEW_TOKENS) -> float:
+    """Fraction of problems whose greedy (temperature 0) response has the right ``<Output>``."""
+    responses = _responses(model, tokenizer, problems, max_new_tokens=max_new_tokens)
+    return sum(extract_answer(r) == p.answer for (r,), p in zip(responses, problems, strict=True)) / len(problems)
+
+
+def dev_report(model, tokenizer, problems, *, temperatures=REPORT_TEMPERATURES, samples: int = REPORT_SAMPLES
+               ) -> dict:
+    """How the model behaves on dev problems, with transformers: greedy accuracy overall and by number of steps,
+    and per sampling temperature the mean one-sample accuracy, pass@``samples`` and the share of samples that
+    write the reflection phrase unprompted. Choosing a problem distribution or a temperature looks at these, never
+    at held-out problems."""
+    greedy = [extract_answer(r) == p.answer
+              for (r,), p in zip(_responses(model, tokenizer, problems), problems, strict=True)]
+    by_steps: dict[int, list[bool]] = {}
+    for ok, p in zip(greedy, problems, strict=True):
+        by_steps.setdefault(p.changes, []).append(ok)
+    report = {"problems": len(problems), "greedy": sum(greedy) / len(greedy),
+              "greedy_by_steps": {str(k): round(sum(v) / len(v), 4) for k, v in sorted(by_steps.items())},
+              "sampled": {}}
+    drawn = len(problems) * samples
+    for temperature in temperatures:
+        responses = _responses(model, tokenizer, problems, temperature=temperature, samples=samples)
+        right = [[extract_answer(r) == p.answer for r in rs] for rs, p in zip(responses, problems, strict=True)]
+        report["sampled"][str(temperature)] = {
+            "one_sample": round(sum(map(sum, right)) / drawn, 4),
+            f"pass@{samples}": round(sum(map(any, right)) / len(problems), 4),
+            "reflects": round(sum(REFLECTION_PHRASE in r for rs in responses for r in rs) / drawn, 4)}
+    return report
 
 
 def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batch_size: int = BATCH_SIZE,
           lr: float = LEARNING_RATE, hidden_size: int = HIDDEN_SIZE, layers: int = LAYERS, vocab_size: int = 512,
           reflection_rate: float = REFLECTION_RATE, eval_every: int = EVAL_EVERY, patience: int = PATIENCE,
-          max_decays: int = MAX_DECAYS, dev_problems: int = 256,
+          max_decays: int = MAX_DECAYS, dev_problems: int = 256, dist: Distribution = DEFAULT_DISTRIBUTION,
+          max_seconds: float | None = None, report_problems: int = 0, workers: int = 0,
           threads: int | None = None, device: str = "cpu", resume: bool = False) -> dict:
     """Train until the dev loss stops improving; returns the report written to ``training.json``.
 
-    ``resume`` continues a run in ``output`` from its kept weights and their step: the training stream is replayed
-    to that step, the optimizer's moments and the learning rate start afresh (they are not saved) with a new
-    warm-up, and
-    ``training.json`` records where the run resumed.
+    ``resume`` continues a run in ``output`` from its kept weights and their step, with the batches that follow
+    it; the optimizer's moments and the learning rate start afresh (they are not saved) with a new warm-up, and
+    ``training.json`` records where the run resumed. ``workers`` processes draw and tokenize batches ahead of the
+    training loop (the same batches as without them).
 
     The learning rate is constant after warm-up and halves whenever ``patience`` evaluations in a row fail to
     lower the best dev loss; after ``max_decays`` halvings, one more such plateau ends training (or ``max_steps``
-    does). The weights with the best dev loss are the ones kept."""
+    does, or ``max_seconds`` of training). The weights with the best dev loss are the ones kept; with
+    ``report_problems``, ``dev_report`` then measures them on that many dev problems."""
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
@@ -138,7 +230,7 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
         torch.set_num_threads(threads)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = train_tokenizer(out, _tokenizer_corpus(seed), vocab_size=vocab_size, split_digits=True)
+    tokenizer = train_tokenizer(out, _tokenizer_corpus(seed, dist), vocab_size=vocab_size, split_digits=True)
     eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     config = Qwen2Config(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=4 * hidden_size,
@@ -151,27 +243,26 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
     if previous:
         model = Qwen2ForCausalLM.from_pretrained(out, torch_dtype=torch.float32).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
-    stream = random.Random(seed + TRAIN_SEED_OFFSET)
-    dev = make_problems(dev_problems, DEV_SEED)
+    dev = make_problems(max(dev_problems, report_problems), DEV_SEED, dist)
     dev_batches = [_batch(tokenizer, [(p.question, TrainingExample(p.solution)) for p in dev[i:i + batch_size]],
-                          device) for i in range(0, len(dev), batch_size)]
+                          device) for i in range(0, dev_problems, batch_size)]
     report = {"seed": seed, "batch_size": batch_size, "lr": lr, "warmup": WARMUP_STEPS, "hidden_size": hidden_size,
               "layers": layers, "parameters": model.num_parameters(), "reflection_rate": reflection_rate,
-              "dev_seed": DEV_SEED, "dev_problems": dev_problems, "device": device,
+              "distribution": asdict(dist), "dev_seed": DEV_SEED, "dev_problems": dev_problems, "device": device,
               "threads": torch.get_num_threads(), "history": []}
     best, stale, decays, rate, first = float("inf"), 0, 0, lr, 1
     plateau_mark = best  # the dev loss that the next one must beat by MIN_IMPROVEMENT to count as progress
     train_losses, started = [], time.monotonic()
     if previous:
         first = previous["steps"] + 1
-        for _ in range(previous["steps"]):  # the same examples, drawn again without training on them
-            _draw_batch(stream, batch_size, reflection_rate)
         report["history"] = [h for h in previous["history"] if h["step"] <= previous["steps"]]
         report["resumed"] = [*previous.get("resumed", []), previous["steps"]]
         best = plateau_mark = previous["dev_loss"]
         started -= previous.get("seconds", report["history"][-1]["seconds"])
-    for step in range(first, max_steps + 1):
-        ids, mask, target = _batch(tokenizer, _draw_batch(stream, batch_size, reflection_rate), device)
+    batches = _batches(tokenizer, out, range(first, max_steps + 1), workers,
+                       (seed, batch_size, reflection_rate, dist))
+    for step, (rows, labels) in zip(range(first, max_steps + 1), batches, strict=False):
+        ids, mask, target = _tensors(rows, labels, tokenizer.pad_token_id, device)
         for group in optimizer.param_groups:
             group["lr"] = rate * min(1.0, (step - first + 1) / WARMUP_STEPS)
         loss = model(input_ids=ids, attention_mask=mask, labels=target).loss
@@ -180,7 +271,8 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         train_losses.append(loss.item())
-        if step % eval_every and step != max_steps:
+        out_of_time = max_seconds is not None and time.monotonic() - started >= max_seconds
+        if step % eval_every and step != max_steps and not out_of_time:
             continue
         loss_now = dev_loss(model, tokenizer, dev_batches)
         accuracy = greedy_accuracy(model, tokenizer, dev[:DEV_GREEDY_PROBLEMS])
@@ -206,9 +298,18 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
                 report["stopped"] = "converged"
                 break
             decays, stale, rate = decays + 1, 0, rate / 2
+        if out_of_time:
+            log.info("stopping at the time limit (%.0f s)", max_seconds)
+            report["stopped"] = "max_seconds"
+            break
     else:
         report["stopped"] = "max_steps"
+    batches.close()  # ends the data workers
     report["seconds"] = round(time.monotonic() - started, 1)
+    if report_problems:
+        best_model = Qwen2ForCausalLM.from_pretrained(out, torch_dtype=torch.float32).to(device)
+        report["dev_report"] = dev_report(best_model, tokenizer, dev[:report_problems])
+        log.info("dev report of the kept weights: %s", json.dumps(report["dev_report"]))
     (out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
@@ -255,15 +356,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--patience", type=int, default=PATIENCE, help="evaluations without a better dev loss before "
                                                                   "the learning rate halves")
     p.add_argument("--max-decays", type=int, default=MAX_DECAYS, help="halvings before a plateau stops training")
+    p.add_argument("--distribution", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="train on other ranges than the bundled model's (forest make-problems --distribution)")
+    p.add_argument("--max-seconds", type=float, help="stop after this much training, keeping the best weights")
+    p.add_argument("--report-problems", type=int, default=0, help="measure the kept weights on this many dev "
+                   "problems: greedy by steps; one-sample accuracy, pass@8 and reflections per temperature")
+    p.add_argument("--workers", type=int, default=0, help="processes that prepare batches ahead (0: none)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--resume", action="store_true", help="continue the run in --output from its kept weights")
     p.add_argument("--plot", metavar="PREFIX", help="also draw the training curves to PREFIX.png and PREFIX.svg")
     args = p.parse_args(argv)
+    try:
+        dist = Distribution.parse(args.distribution)
+    except ValueError as e:
+        p.error(f"--distribution: {e}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     report = train(args.output, seed=args.seed, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
                    hidden_size=args.hidden_size, layers=args.layers, reflection_rate=args.reflection_rate,
                    eval_every=args.eval_every, patience=args.patience, max_decays=args.max_decays,
+                   dist=dist, max_seconds=args.max_seconds, report_problems=args.report_problems, workers=args.workers,
                    threads=args.threads, device=args.device, resume=args.resume)
     if args.plot:
         print(*plot_history(report, args.plot))

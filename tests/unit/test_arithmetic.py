@@ -8,7 +8,7 @@ import re
 import pytest
 
 from deploy.cli import main
-from modelkit.arithmetic import (HELD_OUT_SEED_START, MAX_CHANGES, MAX_COUNT, MIN_CHANGES, _change, make_problems,
+from modelkit.arithmetic import (DEFAULT_DISTRIBUTION, HELD_OUT_SEED_START, Distribution, _change, make_problems,
                                  make_training_example)
 from modelkit.train import DEV_SEED
 from search.prompts import REFLECTION_PHRASE, extract_answer, split_response
@@ -31,20 +31,25 @@ def _check_step(step: str, count: int) -> int:
     return r
 
 
-def test_problems_are_reproducible_and_solutions_are_right():
-    first, again = make_problems(300, seed=5), make_problems(300, seed=5)
+HARDER = Distribution(start=(10, 999), changes=(1, 6), max_count=9999, max_gain=999, max_bags=49, max_bag_size=49,
+                      max_factor=9, max_piles=25)
+
+
+@pytest.mark.parametrize("dist", [DEFAULT_DISTRIBUTION, HARDER], ids=["default", "harder"])
+def test_problems_are_reproducible_and_solutions_are_right(dist):
+    first, again = make_problems(300, 5, dist), make_problems(300, 5, dist)
     assert first == again
-    assert first != make_problems(300, seed=6)
-    kinds = set()
+    assert first != make_problems(300, 6, dist)
+    (fewest, most), kinds = dist.changes, set()
     for p in first:
         reasoning, answer = split_response(p.solution)
         assert answer == p.answer == extract_answer(p.solution)
         steps = reasoning.split("\n\n")
-        assert len(steps) == p.changes + 2 and MIN_CHANGES <= p.changes <= MAX_CHANGES
+        assert len(steps) == p.changes + 2 and fewest <= p.changes <= most
         count = int(steps[0].split()[3])
         for step in steps[1:-1]:  # every worked step's arithmetic is right and starts where the last ended
             count = _check_step(step, count)
-            assert 0 <= count <= MAX_COUNT
+            assert 0 <= count <= dist.max_count
             kinds.add("bags" if " × " in step.split(", so")[0] else STEP.search(step)[2])
         assert str(count) == p.answer
     assert kinds == {"+", "-", "×", "÷", "bags"}, "every kind of change appears"
@@ -99,13 +104,40 @@ def test_make_problems_cli_writes_jsonl(tmp_path, capsys):
     assert "--n must be >= 1" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("total", [10, 12, 499, 500, 981, 995, 996, 997, 998, 999])
-def test_every_change_keeps_the_count_in_range(total):
+@pytest.mark.parametrize("total", [10, 11, 12, 499, 500, 981, 995, 996, 997, 998, 999])
+@pytest.mark.parametrize("dist", [DEFAULT_DISTRIBUTION, HARDER, Distribution(start=(10, 24), max_count=24)],
+                         ids=["default", "harder", "smallest"])
+def test_every_change_keeps_the_count_in_range(total, dist):
     """Near the largest count only the changes that fit are drawn (no empty ranges, no count above it)."""
     rng = random.Random(total)
+    total = min(total, dist.max_count)
     for _ in range(300):
-        _, step, after = _change(rng, "Ann", "pens", total)
-        assert 0 <= after <= MAX_COUNT and _check_step(step, total) == after
+        _, step, after = _change(rng, "Ann", "pens", total, dist)
+        assert 0 <= after <= dist.max_count and _check_step(step, total) == after
+
+
+def test_the_default_distribution_keeps_the_bundled_models_problems():
+    """The demo's problems are the first of seed 1,000,001: the default ranges still draw them, word for word."""
+    from pathlib import Path
+
+    demo = Path(__file__).parents[2] / "deploy" / "demo_problems.jsonl"
+    rows = [json.loads(line) for line in demo.read_text().splitlines()]
+    assert [p.row() for p in make_problems(len(rows), HELD_OUT_SEED_START + 1)] == rows
+
+
+def test_distribution_settings_parse_and_bad_ones_say_what_is_wrong(tmp_path, capsys):
+    assert Distribution.parse(["max_bags=49", "start=10-999"]) == Distribution(max_bags=49, start=(10, 999))
+    for settings, message in [(["bags=3"], "KEY one of start, changes"), (["start=5"], "start takes LOW-HIGH"),
+                              (["max_piles=x"], "max_piles takes an integer"), (["max_factor=1"], "max_factor must"),
+                              (["start=500-100"], "start must be a range"), (["max_count=20"], "max_count must")]:
+        with pytest.raises(ValueError, match=message):
+            Distribution.parse(settings)
+    out = tmp_path / "p.jsonl"
+    assert main(["make-problems", "--n", "40", "--seed", "3", "--output", str(out),
+                 "--distribution", "max_count=9999", "max_bags=49", "max_bag_size=49"]) == 0
+    assert max(int(json.loads(line)["answer"]) for line in out.read_text().splitlines()) > 999
+    assert main(["make-problems", "--n", "4", "--seed", "3", "--output", str(out), "--distribution", "nope"]) == 2
+    assert "--distribution: a distribution setting is KEY=VALUE" in capsys.readouterr().err
 
 
 def test_training_keeps_the_best_weights_and_resumes(tmp_path):
@@ -121,3 +153,36 @@ def test_training_keeps_the_best_weights_and_resumes(tmp_path):
     again = train(tmp_path, max_steps=3, resume=True, **settings)
     assert again["resumed"] == [first["steps"]]
     assert [h["step"] for h in again["history"]][-1] == 3
+
+
+def test_data_workers_draw_the_same_batches_in_the_same_order(tmp_path):
+    """Each step's batch comes from its own stream, so worker processes change nothing but the speed."""
+    from modelkit.make_model import train_tokenizer
+    from modelkit.train import _batches, _tokenizer_corpus
+
+    tokenizer = train_tokenizer(tmp_path, _tokenizer_corpus(0, HARDER)[:300], vocab_size=300, split_digits=True)
+    args = (0, 3, 0.5, HARDER)
+    here = list(_batches(tokenizer, tmp_path, range(4, 9), 0, args))
+    assert list(_batches(tokenizer, tmp_path, range(4, 9), 2, args)) == here
+    assert here[0] != here[1] and list(_batches(tokenizer, tmp_path, range(5, 6), 0, args)) == here[1:2]
+
+
+def test_dev_report_measures_greedy_by_steps_and_sampling(tmp_path):
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from modelkit.make_model import train_tokenizer
+    from modelkit.train import _tokenizer_corpus, dev_report
+
+    tokenizer = train_tokenizer(tmp_path, _tokenizer_corpus(0, DEFAULT_DISTRIBUTION)[:200], vocab_size=300,
+                                split_digits=True)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1,
+                                         head_dim=64, eos_token_id=tokenizer.eos_token_id,
+                                         pad_token_id=tokenizer.pad_token_id))
+    problems = make_problems(3, 8)
+    report = dev_report(model, tokenizer, problems, temperatures=(1.0,), samples=2)
+    assert report["problems"] == 3 and report["greedy"] == 0.0  # random weights answer nothing right
+    assert set(report["greedy_by_steps"]) == {str(p.changes) for p in problems}
+    assert set(report["sampled"]["1.0"]) == {"one_sample", "pass@2", "reflects"}
