@@ -11,8 +11,8 @@ compounding over up to five steps). A share of training solutions slip, write Ma
 redo the work (the slip itself is not trained on), so a forced reflection means something to the model.
 
 Reproducible: the tokenizer, the initial weights and every step's batch come from ``--seed`` (on one device and
-thread count; wall time and ``--workers`` only change how long it takes; ``--max-seconds`` where it stops). Digits are single tokens, so carries are learnable,
-and mistakes happen on digits, where the model's token confidence drops.
+thread count; wall time and ``--workers`` only change how long it takes; ``--max-seconds`` where it stops). Digits
+are single tokens, so carries are learnable, and mistakes happen on digits, where the model's token confidence drops.
 """
 
 from __future__ import annotations
