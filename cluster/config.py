@@ -90,6 +90,9 @@ class SearchConfig(_Strict):
     max_width: int = Field(DEFAULTS.max_width, description="Most generated children of one node, widening included.")
     dedup: bool = Field(DEFAULTS.dedup, description="Merge a sample identical to a sibling into it (a weight) "
                         "instead of adding a second node.")
+    refill_width: bool = Field(DEFAULTS.refill_width, description="When nothing is left to expand and budget "
+                               "remains, every node's width cap (max_width) rises by one, so a search spends its "
+                               "budget as best-of-N keeps sampling.")
     reward_weight: float = Field(DEFAULTS.reward_weight, description="value: reward_model: weight of the value "
                                  "model's score; the rest is the line's mean token confidence (1: the score alone).")
     iterations: int = Field(DEFAULTS.budget.iterations, description="Iteration budget per tree.")
@@ -118,7 +121,8 @@ class SearchConfig(_Strict):
             reflection=ReflectionPolicy.parse(self.reflection), max_reflections=self.max_reflections, final=self.final,
             budget=Budget(self.iterations, self.budget_tokens, self.budget_seconds), early_stop=self.early_stop,
             seed=self.seed, normalize_values=self.normalize_values, unanswered_value=self.unanswered_value,
-            widening=self.widening, max_width=self.max_width, dedup=self.dedup, reward_weight=self.reward_weight)
+            widening=self.widening, max_width=self.max_width, dedup=self.dedup, refill_width=self.refill_width,
+            reward_weight=self.reward_weight)
 
 
 class BuildConfig(_Strict):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections import Counter
 import functools
 import json
 import math
@@ -83,6 +84,7 @@ class StrategyReport:
     pass_at_tree: float  # share of problems whose tree holds a correct finished line (an oracle's accuracy)
     rule_accuracy: dict[str, float] | None = None  # MCTS: the accuracy each final-answer rule would have had
     line_auroc: float | None = None  # every finished line's value against its correctness, over all problems
+    stop_reasons: dict[str, int] | None = None  # how many searches each stop reason ended (why tokens were left)
 
     def row(self) -> dict:
         return dataclasses.asdict(self)
@@ -129,7 +131,8 @@ async def evaluate_strategy(name: str, problems: list[Problem], pool: WorkerPool
                           auroc([r.value for r in results], right), budget_tokens, float(np.mean(in_tree)), rules,
                           auroc([line.value for ls in lines for line in ls],
                                 [answers_match(line.answer, p.answer) for ls, p in zip(lines, problems, strict=True)
-                                 for line in ls]))
+                                 for line in ls]),
+                          dict(sorted(Counter(r.stop_reason.value for r in results).items())))
 
 
 def _answer(tree, lines, rule: FinalChoice) -> str | None:

@@ -2,7 +2,7 @@
 
 Each samples complete responses (at most ``params.max_path_tokens`` each) as children of a one-level tree and
 picks one. The sampling baselines spend the token budget as the tree search does: they keep drawing samples
-until the next one would not fit.
+while the longest sample so far would still fit (the first round assumes the longest possible one).
 greedy chain-of-thought (temperature 0, one sample), best-of-N (highest mean token confidence),
 self-consistency (majority vote of extracted answers; ties go to the more confident answer), and reward-weighted
 best-of-N (``best_of_n-prm``: a value model scores every sample, and the answer with the largest summed score wins,
@@ -31,16 +31,19 @@ async def _sample(engine: Engine, prompt_token_ids, params: MCTSParams, *, tempe
                   seed: int | None, request_id: str, on_progress: ProgressCallback | None,
                   spend_budget: bool) -> tuple[Tree, SearchStats]:
     """Sample whole responses as children of the root: one, or (``spend_budget``) as many as the token budget
-    affords, in rounds of ``budget_left // max_path_tokens`` samples until the next sample would not fit."""
+    affords, in rounds of ``budget_left // longest`` samples, each allowed ``budget_left // n`` tokens (at most
+    ``max_path_tokens``), until the longest sample so far would not fit. ``longest`` starts at
+    ``max_path_tokens``: the first round's samples can never be cut by the budget."""
     if spend_budget and params.budget.tokens is None:
         raise ConfigError("budget_tokens", None, "best-of-N and self-consistency size N from the token budget")
     start = time.monotonic()
     prompt = np.asarray(prompt_token_ids, dtype=np.int32)
     tree = Tree(prompt, max_children=MAX_SAMPLES)
     stats = SearchStats()
-    left = params.budget.tokens
+    left, seen = params.budget.tokens, 0  # the longest sample so far
     while True:
-        n = 1 if left is None else left // params.max_path_tokens
+        longest = max(seen, 1) if stats.requests else params.max_path_tokens
+        n = 1 if left is None else left // longest
         if stats.requests == 0:  # the first round always runs, within the budget
             n = max(n, 1) if spend_budget else 1
         n = min(n, MAX_SAMPLES - tree.num_nodes + 1)
@@ -65,6 +68,7 @@ async def _sample(engine: Engine, prompt_token_ids, params: MCTSParams, *, tempe
         if not spend_budget:
             break
         left -= generated
+        seen = max(seen, *(len(c) for c in chunks))
     stats.seconds = time.monotonic() - start
     if on_progress is not None:
         on_progress(stats, float(np.nanmax(tree.nodes["confidence"][tree.children(ROOT)], initial=np.nan)))

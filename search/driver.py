@@ -128,6 +128,7 @@ class _Search:
         self.started = 0  # iterations begun (completed + in flight)
         self.reserved_tokens = 0
         self.token_blocked = False
+        self.extra_width = 0  # how often the width cap rose because nothing was left to expand (refill_width)
         self.bounds: mcts.Bounds | None = None  # lowest and highest value backed up so far
         self.settles = params.early_stop and params.final is FinalChoice.MOST_VISITS  # may stop SETTLED
         self.on_progress: ProgressCallback | None = None
@@ -152,6 +153,8 @@ class _Search:
                    and not self.token_blocked and self._try_start()):
                 pass
             if tree.nodes["exhausted"][ROOT]:
+                if self._refill():
+                    continue
                 return StopReason.EXHAUSTED
             if self.stats.iterations >= budget.iterations:
                 return StopReason.ITERATIONS
@@ -176,11 +179,23 @@ class _Search:
         if n["is_terminal"][node] or n["visits"][node] == 0 or n["depth"][node] + 1 >= p.max_depth:
             return 0
         width = mcts.allowed_width(self.tree, node, children=p.children, widening=p.widening,
-                                   max_width=p.max_width)
+                                   max_width=p.max_width + self.extra_width)
         return max(width - mcts.generated_children(self.tree, node), 0)
 
     def _can_widen(self, node: int) -> bool:
         return self._widen_by(node) > 0
+
+    def _refill(self) -> bool:
+        """With ``refill_width`` and a token budget, raise every node's width cap by one when nothing is left to
+        expand and tokens remain (as best-of-N keeps sampling while samples fit); whether something can be expanded
+        now. A search budgeted by iterations alone still stops when its tree is fully explored."""
+        p, tokens = self.params, self.params.budget.tokens
+        if not p.refill_width or tokens is None or self.stats.generated_tokens >= tokens:
+            return False
+        self.extra_width += 1
+        self.tree.widen_children(p.max_width + self.extra_width + 1)  # + a reflection child
+        mcts.refresh_all_exhausted(self.tree, self._can_widen)
+        return not self.tree.nodes["exhausted"][ROOT]
 
     def _try_start(self) -> bool:
         tree, p = self.tree, self.params

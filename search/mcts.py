@@ -150,6 +150,17 @@ def refresh_exhausted(tree: Tree, node: int, can_widen: Callable[[int], bool]) -
         node = int(n["parent"][node])
 
 
+def refresh_all_exhausted(tree: Tree, can_widen: Callable[[int], bool]) -> None:
+    """Recompute ``exhausted`` for every node (after the width cap rose): children before their parents, which
+    node ids give for free (a child is created after its parent)."""
+    n = tree.nodes
+    for node in range(tree.num_nodes - 1, -1, -1):
+        if n["is_terminal"][node]:
+            n["exhausted"][node] = n["visits"][node] > 0
+        else:
+            n["exhausted"][node] = (not n["pending"][node] and _all_exhausted(tree, node) and not can_widen(node))
+
+
 def find_sibling(tree: Tree, parent: int, token_ids: np.ndarray) -> int | None:
     """A child of ``parent`` with exactly these tokens (an identical sample), or None."""
     starts, ends = tree.nodes["token_start"], tree.nodes["token_end"]

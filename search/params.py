@@ -140,6 +140,7 @@ class MCTSParams:
     widening: float = 1.0  # progressive widening: a node may have children + floor(widening * sqrt(visits))
     max_width: int = 4  # children one node may get, widening included (a reflection child not counted)
     dedup: bool = True  # an expansion's sample identical to a sibling is merged into it (its weight), not added
+    refill_width: bool = True  # nothing left to expand and budget left: every node's width cap rises by one
     reward_weight: float = 1.0  # value=reward_model: w * score + (1 - w) * the line's mean token confidence
 
     def __post_init__(self):

@@ -93,6 +93,13 @@ class Tree:
         self._add(NO_PARENT, NodeKind.ROOT)
 
     # -- building ---------------------------------------------------------------------------------
+    def widen_children(self, max_children: int) -> None:
+        """Let every node hold up to ``max_children`` children (never narrows)."""
+        if max_children > self.max_children:
+            extra = max_children - self.max_children
+            self.nodes["children"] = np.pad(self.nodes["children"], ((0, 0), (0, extra)), constant_values=NO_CHILD)
+            self.max_children = max_children
+
     def _add(self, parent: int, kind: NodeKind) -> int:
         """A new node; its depth is its distance from the root (a rollout too, though it is not a child)."""
         node = self.num_nodes

@@ -424,3 +424,36 @@ def test_running_path_totals_match_a_walk_of_the_path():
             assert tree.path_confidence(node) == pytest.approx(generated.mean(), rel=1e-12)
         else:
             assert np.isnan(tree.path_confidence(node))
+
+
+def test_a_tree_with_tokens_left_raises_its_width_cap_instead_of_stopping():
+    """Identical samples (temperature 0) fill every node's width with one merged child, so the tree is fully
+    explored long before its token budget is spent. Without refill_width it stops EXHAUSTED there; with it, every
+    node may take one more sample each time, and the search goes on until the budget (or iterations) stop it."""
+    settings = dict(budget=Budget(iterations=2_000, tokens=3_000), temperature=0.0, max_width=2, early_stop=False)
+    engine = SimulatedEngine(TOK, seed=1, steps=3)
+    stopped = search(engine, refill_width=False, **settings)
+    assert stopped.stop_reason is StopReason.EXHAUSTED and stopped.stats.generated_tokens < 3_000 // 2
+    refilled = search(SimulatedEngine(TOK, seed=1, steps=3), **settings)
+    assert refilled.stop_reason in (StopReason.TOKENS, StopReason.ITERATIONS)
+    assert refilled.stats.generated_tokens > 2 * stopped.stats.generated_tokens
+    assert refilled.stats.generated_tokens <= 3_000
+    tree = refilled.tree
+    weights = [sum(int(tree.nodes["weight"][k]) for k in tree.children(node))
+               for node in range(tree.num_nodes)]
+    assert max(weights) > 2, "some node took more samples than max_width allowed at first"
+    assert search(SimulatedEngine(TOK, seed=1, steps=3), max_width=2, temperature=0.0, early_stop=False,
+                  budget=Budget(iterations=2_000)).stop_reason is StopReason.EXHAUSTED  # no token budget: no refill
+
+
+def test_sampling_baselines_keep_drawing_while_the_longest_sample_fits():
+    """Samples much shorter than max_path_tokens: after the first round, rounds are sized by the longest sample so
+    far, so best-of-N stops with fewer tokens left than that sample (before: up to max_path_tokens - 1 unspent)."""
+    engine = SimulatedEngine(TOK, seed=4, steps=2)
+    params = MCTSParams(max_path_tokens=256, budget=Budget(tokens=1000))
+    result = asyncio.run(best_of_n(engine, TOK, PROMPT, params))
+    tree = result.tree
+    lengths = [int(tree.nodes["token_end"][k] - tree.nodes["token_start"][k]) for k in tree.children(ROOT)]
+    assert max(lengths) < 100 and result.stats.generated_tokens <= 1000
+    assert 1000 - result.stats.generated_tokens < max(lengths)
+    assert engine.requests[0].n == 1000 // 256 and engine.requests[0].max_tokens == 256  # the first round: worst case
