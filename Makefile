@@ -5,6 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 MODEL := models/forest-arith
 MODEL_DEVICE ?= cpu
+MODEL_ARGS ?=  # more modelkit.train flags, e.g. "--workers 12 --report-problems 256 --distribution max_bags=99"
 VALUE_MODEL := models/forest-value
 VALUE_DATA := out/value-data
 VALUE_PROBLEMS ?= 2000
@@ -29,10 +30,10 @@ $(BIN)/.installed: pyproject.toml
 install: $(BIN)/.installed
 
 # retrain the bundled model committed in $(MODEL) until its dev loss stops improving, and draw its training curves
-# (MODEL_DEVICE=cuda trains on a GPU)
-# (docs/model.md gives the time it takes; see modelkit/train.py)
+# (MODEL_DEVICE=cuda trains on a GPU; docs/model.md gives the time it takes; see modelkit/train.py)
 model: $(BIN)/.installed
-	$(BIN)/python -m modelkit.train --output $(MODEL) --device $(MODEL_DEVICE) --threads 2 --plot docs/model-training
+	$(BIN)/python -m modelkit.train --output $(MODEL) --device $(MODEL_DEVICE) --threads 2 --plot docs/model-training \
+	    $(MODEL_ARGS)
 
 # retrain the bundled value model in $(VALUE_MODEL): MCTS trees over $(VALUE_PROBLEMS) problems of training seed
 # $(VALUE_SEED) (never a held-out seed), then a process reward model on their step labels (docs/value.md)

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections import Counter
 import functools
 import json
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 

@@ -23,9 +23,8 @@ import logging
 import random
 import time
 from collections import deque
-from pathlib import Path
-
 from dataclasses import asdict
+from pathlib import Path
 
 from modelkit.arithmetic import (DEFAULT_DISTRIBUTION, HELD_OUT_SEED_START, Distribution, TrainingExample,
                                  make_problem, make_problems, make_training_example)
@@ -111,28 +110,23 @@ def _worker_rows(args: tuple) -> tuple[list[list[int]], list[list[int]]]:
     return _rows(_worker_tokenizer, _draw_batch(*args))
 
 
-def _batches(tokenizer, tokenizer_dir: Path, steps: range, workers: int, args: tuple):
-    """Each step's (rows, labels): in this process, or drawn ahead by ``workers`` processes (in step order either
-    way: the same batches)."""
+def _batches(tokenizer, tokenizer_dir: Path, steps: range, workers: int, seed: int, draw: tuple):
+    """Each step's (rows, labels), ``_draw_batch(seed, step, *draw)`` tokenized: in this process, or drawn ahead by
+    ``workers`` processes (in step order either way: the same batches)."""
     if not workers:
         for step in steps:
-            yield _rows(tokenizer, _draw_batch(args[0], step, *args[1:]))
+            yield _rows(tokenizer, _draw_batch(seed, step, *draw))
         return
     import multiprocessing
 
     with multiprocessing.get_context("spawn").Pool(workers, _load_worker_tokenizer, (str(tokenizer_dir),)) as pool:
         ahead: deque = deque()
-        todo = iter(steps)
-        for step in todo:
-            ahead.append(pool.apply_async(_worker_rows, ((args[0], step, *args[1:]),)))
+        for step in steps:  # keep PREFETCH_PER_WORKER batches per worker in flight
+            ahead.append(pool.apply_async(_worker_rows, ((seed, step, *draw),)))
             if len(ahead) >= PREFETCH_PER_WORKER * workers:
-                break
+                yield ahead.popleft().get()
         while ahead:
-            rows = ahead.popleft().get()
-            step = next(todo, None)
-            if step is not None:
-                ahead.append(pool.apply_async(_worker_rows, ((args[0], step, *args[1:]),)))
-            yield rows
+            yield ahead.popleft().get()
 
 
 def dev_loss(model, tokenizer, batches) -> float:
@@ -259,8 +253,7 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
         report["resumed"] = [*previous.get("resumed", []), previous["steps"]]
         best = plateau_mark = previous["dev_loss"]
         started -= previous.get("seconds", report["history"][-1]["seconds"])
-    batches = _batches(tokenizer, out, range(first, max_steps + 1), workers,
-                       (seed, batch_size, reflection_rate, dist))
+    batches = _batches(tokenizer, out, range(first, max_steps + 1), workers, seed, (batch_size, reflection_rate, dist))
     for step, (rows, labels) in zip(range(first, max_steps + 1), batches, strict=False):
         ids, mask, target = _tensors(rows, labels, tokenizer.pad_token_id, device)
         for group in optimizer.param_groups:
