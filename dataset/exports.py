@@ -1,4 +1,5 @@
-"""The exports written at the end of a build from its committed parts: ``sft.jsonl`` and ``pairs.parquet``."""
+"""The exports written at the end of a build from its committed parts: ``sft.jsonl`` and ``pairs.parquet``; and
+their readers for fine-tuning (``forest train-policy``)."""
 
 from __future__ import annotations
 
@@ -61,4 +62,35 @@ def read_sft(path: str) -> list[dict]:
         rows.append(row)
     if not rows:
         raise SftDataError(f"{path}: no rows (a build writes one per tree that reached a right answer)")
+    return rows
+
+
+class PairsDataError(ValueError):
+    """A ``pairs.parquet`` that cannot be trained on; the message names the file and what is wrong."""
+
+
+PAIR_FIELDS = ("problem_id", "question", "prefix", "chosen", "rejected")  # what a DPO pass reads
+
+
+def read_pairs(path: str) -> list[dict]:
+    """The preference pairs of a ``pairs.parquet`` (a local path or a filesystem URI): ``PAIR_FIELDS`` per row."""
+    import pyarrow.parquet as pq
+
+    filesystem, file = open_output(path)
+    try:
+        table = pq.read_table(file, filesystem=filesystem)
+    except (FileNotFoundError, OSError) as exc:
+        raise PairsDataError(f"{path}: cannot read it ({exc})") from exc
+    missing = [name for name in PAIR_FIELDS if name not in table.column_names]
+    if missing:
+        raise PairsDataError(f"{path}: no column {', '.join(missing)} (pairs written before pairs carried the "
+                             f"question and the prefix: build again)")
+    rows = table.select(list(PAIR_FIELDS)).to_pylist()
+    for number, row in enumerate(rows, 1):
+        if not all(isinstance(row[k], str) for k in PAIR_FIELDS) or not (row["chosen"] and row["rejected"]):
+            raise PairsDataError(f"{path} row {number}: expected strings in {', '.join(PAIR_FIELDS)}, and a "
+                                 f"non-empty chosen and rejected")
+    if not rows:
+        raise PairsDataError(f"{path}: no pairs (a build writes them where a chosen node has a worse visited "
+                             f"sibling)")
     return rows

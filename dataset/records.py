@@ -95,7 +95,8 @@ def preference_pairs(result: SearchResult, problem: Problem, *, run_id: str, tre
         rows.append({"run_id": run_id, "tree_id": tree_id, "problem_id": problem.problem_id,
                      "prompt": problem.question + "\n" + prefix if prefix else problem.question,
                      "chosen": chosen_text, "rejected": rejected_text, "chosen_value": chosen_value,
-                     "rejected_value": rejected_value, "depth": int(tree.nodes["depth"][chosen])})
+                     "rejected_value": rejected_value, "depth": int(tree.nodes["depth"][chosen]),
+                     "question": problem.question, "prefix": prefix})
     return rows
 
 

@@ -30,6 +30,7 @@ PAIR_SCHEMA = pa.schema([
     ("run_id", pa.string()), ("tree_id", pa.string()), ("problem_id", pa.string()), ("prompt", pa.string()),
     ("chosen", pa.string()), ("rejected", pa.string()), ("chosen_value", pa.float64()),
     ("rejected_value", pa.float64()), ("depth", pa.int32()),
+    ("question", pa.string()), ("prefix", pa.string()),  # prompt, split: the chat prompt is rebuilt from them (DPO)
 ])
 ERROR_SCHEMA = pa.schema([
     ("run_id", pa.string()), ("problem_id", pa.string()), ("stage", pa.string()), ("message", pa.string()),

@@ -46,11 +46,15 @@ def parser() -> argparse.ArgumentParser:
                     help="other ranges than the bundled model's, e.g. max_bags=49 max_piles=25 start=10-999 "
                          "(docs/model.md lists the keys)")
 
-    tp = sub.add_parser("train-policy", help="fine-tune the policy on the right lines a build found (supervised)")
-    data = tp.add_mutually_exclusive_group(required=True)
+    tp = sub.add_parser("train-policy", help="fine-tune the policy on the right lines a build found (supervised), "
+                                             "then optionally a DPO pass on its preference pairs")
+    data = tp.add_mutually_exclusive_group()
     data.add_argument("--sft", metavar="FILE", help="a build's sft.jsonl (the chosen line of each right tree)")
     data.add_argument("--input", nargs="+", metavar="OUT", help="build outputs: every distinct finished line whose "
                                                                "answer is right (training seeds only)")
+    tp.add_argument("--pairs", metavar="FILE", help="a build's pairs.parquet: a DPO pass after the supervised one "
+                                                   "(or from --base alone), the starting model as its reference")
+    tp.add_argument("--beta", type=float, default=policy_recipe.DPO_BETA, help="DPO's beta")
     tp.add_argument("--output", required=True, metavar="DIR", help="model directory to write")
     tp.add_argument("--base", default=DEFAULT_MODEL_DIR, help="the policy to fine-tune")
     _add_training_flags(tp, policy_recipe)
@@ -172,32 +176,53 @@ def cmd_train_value(args) -> int:
 def cmd_train_policy(args) -> int:
     from transformers import AutoTokenizer
 
-    from dataset.exports import SftDataError, read_sft
+    from dataset.exports import PairsDataError, SftDataError, read_pairs, read_sft
     from dataset.value_labels import ValueDataError, read_value_examples
     from modelkit.arithmetic import held_out_problem
-    from modelkit.policy import PolicyDataError, line_examples, sft_examples, train_policy
+    from modelkit.policy import PolicyDataError, line_examples, pair_examples, sft_examples, train_dpo, train_policy
 
+    def training_seeds_only(problem_ids) -> None:
+        held_out = sorted({p for p in problem_ids if held_out_problem(p)})
+        if held_out:
+            raise PolicyDataError(f"{len(held_out)} problems come from held-out seeds (e.g. {held_out[0]}); "
+                                  f"the policy is fine-tuned on training seeds only")
+
+    if not (args.sft or args.input or args.pairs):
+        print("forest train-policy: give --sft, --input or --pairs (or --sft/--input with --pairs)", file=sys.stderr)
+        return EXIT_USAGE
+    start = args.base
     try:
         if not (Path(args.base) / "config.json").is_file():
             raise FileNotFoundError(f"--base {args.base}: not a model directory (no config.json)")
-        tokenizer = AutoTokenizer.from_pretrained(args.base)
-        if args.sft:
-            examples = sft_examples(read_sft(args.sft), tokenizer)
-        else:
-            lines = read_value_examples(args.input)
-            held_out = sorted({e.problem_id for e in lines if held_out_problem(e.problem_id)})
-            if held_out:
-                raise PolicyDataError(f"{len(held_out)} problems come from held-out seeds (e.g. {held_out[0]}); "
-                                      f"the policy is fine-tuned on training seeds only")
-            examples = line_examples(lines, tokenizer)
-        print(f"{len(examples)} right lines of {len({e.problem_id for e in examples})} problems", flush=True)
-        report = train_policy(examples, base=args.base, output=args.output, seed=args.seed, epochs=args.epochs,
-                              batch_size=args.batch_size, lr=args.lr, threads=args.threads, device=args.device)
-    except (SftDataError, ValueDataError, PolicyDataError, FileNotFoundError) as exc:
+        pairs = read_pairs(args.pairs) if args.pairs else None  # a bad file fails before any training
+        if pairs:
+            training_seeds_only(row["problem_id"] for row in pairs)
+        if args.sft or args.input:
+            tokenizer = AutoTokenizer.from_pretrained(args.base)
+            if args.sft:
+                examples = sft_examples(read_sft(args.sft), tokenizer)
+            else:
+                lines = read_value_examples(args.input)
+                training_seeds_only(e.problem_id for e in lines)
+                examples = line_examples(lines, tokenizer)
+            print(f"{len(examples)} right lines of {len({e.problem_id for e in examples})} problems", flush=True)
+            report = train_policy(examples, base=args.base, output=args.output, seed=args.seed, epochs=args.epochs,
+                                  batch_size=args.batch_size, lr=args.lr, threads=args.threads, device=args.device)
+            print(json.dumps({k: report[k] for k in ("kept_step", "base_dev_loss", "dev_loss", "train_lines",
+                                                     "dev_lines", "seconds")}), flush=True)
+            start = args.output
+        if pairs:
+            examples = pair_examples(pairs, AutoTokenizer.from_pretrained(start))
+            print(f"{len(examples)} preference pairs of {len({e.problem_id for e in examples})} problems", flush=True)
+            report = train_dpo(examples, base=start, output=args.output, seed=args.seed, epochs=args.epochs,
+                               batch_size=args.batch_size, lr=args.lr, beta=args.beta, threads=args.threads,
+                               device=args.device)
+            print(json.dumps({k: report.get(k) for k in ("kept_step", "base_dev_loss", "dev_loss",
+                                                         "dev_pair_accuracy", "train_pairs", "dev_pairs",
+                                                         "seconds")}))
+    except (SftDataError, PairsDataError, ValueDataError, PolicyDataError, FileNotFoundError) as exc:
         print(f"forest train-policy: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    print(json.dumps({k: report[k] for k in ("kept_step", "base_dev_loss", "dev_loss", "train_lines", "dev_lines",
-                                             "seconds")}))
     return 0
 
 

@@ -1,16 +1,24 @@
-"""Fine-tuning the policy on what a build found (``forest train-policy``): supervised, on right finished lines.
+"""Fine-tuning the policy on what a build found (``forest train-policy``): supervised, on right finished lines,
+and optionally a DPO pass on the build's preference pairs.
 
 Examples come from a build's ``sft.jsonl`` (the chosen line of each tree whose answer was right) or from its trees
 (every distinct finished line whose answer matches the reference: what rejection sampling keeps). The loss is the
 next-token loss on the response and its end token only; a seeded share of the problems is held out as a dev set,
 the dev loss is measured every ``eval_every`` steps, and the weights with the best dev loss are kept. The output
 is a model directory like the base (weights, tokenizer, generation config) that vLLM loads.
+
+The DPO pass (``train_dpo``, Rafailov et al. 2023) reads ``pairs.parquet``: at a node of the chosen path, the
+chosen continuation against its lowest-valued visited sibling's. Its loss is ``-log sigmoid(beta * ((log pi(c) -
+log ref(c)) - (log pi(r) - log ref(r))))`` over the continuations' tokens, with the starting model as the frozen
+reference; the dev loss starts at log 2.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -27,6 +35,8 @@ REPORT = "policy_training.json"
 IGNORE = -100  # the label transformers' loss skips
 EPOCHS, BATCH_SIZE, LEARNING_RATE, EVAL_EVERY, PATIENCE, DEV_SHARE = 3, 16, 1e-4, 25, 3, 0.1
 WARMUP_STEPS = 10
+DPO_REPORT = "dpo_training.json"
+DPO_BETA = 0.1  # the DPO paper's default: how far the policy may move from the reference per unit of margin
 
 
 class PolicyDataError(ValueError):
@@ -66,6 +76,124 @@ def line_examples(lines: Iterable, tokenizer) -> list[PolicyExample]:
         out.append(PolicyExample(line.problem_id, line.token_ids[:line.prompt_length].astype(np.int64),
                                  _with_end(line.token_ids[line.prompt_length:], tokenizer)))
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class PairExample:
+    """A preference pair: the same prompt (chat prompt + the path's prefix) with the chosen and the rejected
+    continuation, and their log-probabilities under the reference model (set by ``train_dpo``)."""
+
+    problem_id: str
+    chosen: PolicyExample
+    rejected: PolicyExample
+    ref_chosen: float = math.nan
+    ref_rejected: float = math.nan
+
+
+def pair_examples(rows: Iterable[dict], tokenizer, *, system_prompt: str = DEFAULT_SYSTEM_PROMPT
+                  ) -> list[PairExample]:
+    """``pairs.parquet`` rows (``dataset.exports.read_pairs``) as examples, prompted as the search prompted."""
+    rows = list(rows)
+    prompts = tokenizer([build_prompt(r["question"], system_prompt=system_prompt) + r["prefix"] for r in rows],
+                        add_special_tokens=False)["input_ids"]
+    chosen = tokenizer([r["chosen"] for r in rows], add_special_tokens=False)["input_ids"]
+    rejected = tokenizer([r["rejected"] for r in rows], add_special_tokens=False)["input_ids"]
+    out = []
+    for row, prompt, good, bad in zip(rows, prompts, chosen, rejected, strict=True):
+        ids = np.asarray(prompt, dtype=np.int64)
+        out.append(PairExample(row["problem_id"], PolicyExample(row["problem_id"], ids, np.asarray(good, np.int64)),
+                               PolicyExample(row["problem_id"], ids, np.asarray(bad, np.int64))))
+    return out
+
+
+def sequence_logprobs(model, examples: Sequence[PolicyExample], pad_id: int, device):
+    """Each example's summed log-probability of its response tokens (a tensor, with the model's gradient)."""
+    import torch
+
+    ids, mask, labels = _batch(examples, pad_id, device)
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    targets = labels[:, 1:]
+    scored = targets != IGNORE
+    picked = torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * scored).sum(-1)
+
+
+def dpo_loss(model, pairs: Sequence[PairExample], beta: float, pad_id: int, device):
+    """(mean DPO loss, share of pairs whose margin is positive) of ``pairs``; the loss carries the gradient."""
+    import torch
+    import torch.nn.functional as F
+
+    logprobs = sequence_logprobs(model, [p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id, device)
+    chosen, rejected = logprobs[:len(pairs)], logprobs[len(pairs):]
+    ref = torch.tensor([[p.ref_chosen, p.ref_rejected] for p in pairs], dtype=chosen.dtype, device=chosen.device)
+    margin = beta * ((chosen - ref[:, 0]) - (rejected - ref[:, 1]))
+    return -F.logsigmoid(margin).mean(), float((margin > 0).float().mean())
+
+
+def _dpo_dev(model, dev: Sequence[PairExample], beta: float, pad_id: int, device, batch_size: int) -> dict:
+    import torch
+
+    model.eval()
+    losses, right = [], []
+    with torch.no_grad():
+        for start in range(0, len(dev), batch_size):
+            batch = dev[start:start + batch_size]
+            loss, accuracy = dpo_loss(model, batch, beta, pad_id, device)
+            losses.append(float(loss) * len(batch))
+            right.append(accuracy * len(batch))
+    model.train()
+    return {"dev_loss": sum(losses) / len(dev), "dev_pair_accuracy": sum(right) / len(dev)}
+
+
+def train_dpo(pairs: Sequence[PairExample], *, base: str | Path, output: str | Path, seed: int = 0,
+              epochs: int = EPOCHS, batch_size: int = BATCH_SIZE, lr: float = LEARNING_RATE, beta: float = DPO_BETA,
+              dev_share: float = DEV_SHARE, eval_every: int = EVAL_EVERY, patience: int = PATIENCE,
+              threads: int | None = None, device: str = "cpu", progress: bool = True) -> dict:
+    """A DPO pass from ``base`` (also the frozen reference) on ``pairs``; writes the best model (by dev DPO loss)
+    to ``output`` and returns the report written to ``dpo_training.json``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not pairs:
+        raise PolicyDataError("no preference pairs to train on")
+    if not (Path(base) / "config.json").is_file():
+        raise FileNotFoundError(f"--base {base}: not a model directory (no config.json)")
+    if not beta > 0:
+        raise PolicyDataError(f"beta must be > 0, got {beta}")
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model = AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float32).to(device)
+    model.eval()
+    scored = []
+    with torch.no_grad():  # the reference: the starting weights, frozen
+        for start in range(0, len(pairs), batch_size):
+            batch = pairs[start:start + batch_size]
+            logprobs = sequence_logprobs(model, [p.chosen for p in batch] + [p.rejected for p in batch], pad_id,
+                                         device).tolist()
+            scored += [dataclasses.replace(p, ref_chosen=c, ref_rejected=r)
+                       for p, c, r in zip(batch, logprobs[:len(batch)], logprobs[len(batch):], strict=True)]
+    model.train()
+    train, dev = split_by_problem(scored, dev_share, seed)
+    if not dev:
+        raise PolicyDataError("a DPO pass needs pairs of at least two problems (one for the dev split)")
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"base": str(base), "seed": seed, "epochs": epochs, "batch_size": batch_size, "lr": lr, "beta": beta,
+              "train_pairs": len(train), "dev_pairs": len(dev), "base_dev_loss": round(math.log(2), 4),
+              "device": device, "history": []}
+    fit(model, train, loss_of=lambda batch: dpo_loss(model, batch, beta, pad_id, device)[0],
+        evaluate=lambda: _dpo_dev(model, dev, beta, pad_id, device, batch_size),
+        keep=lambda: _save(model, tokenizer, out), report=report, report_path=out / DPO_REPORT, seed=seed,
+        epochs=epochs, batch_size=batch_size, lr=lr, warmup_steps=WARMUP_STEPS, eval_every=eval_every,
+        patience=patience, progress=progress, name="dpo", best=math.log(2))
+    if "kept_step" not in report:  # no step beat the reference on the dev pairs: the starting model is kept
+        report.update(kept_step=0, dev_loss=round(math.log(2), 4))
+        _save(AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float32), tokenizer, out)
+        (out / DPO_REPORT).write_text(json.dumps(report, indent=2) + "\n")
+    return report
 
 
 def _with_end(response: np.ndarray, tokenizer) -> np.ndarray:

@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from dataset.exports import write_exports
+from dataset.exports import read_pairs, write_exports
 from dataset.problems import Problem, read_problems
 from dataset.reader import committed_problem_ids, recorded_errors, remove_uncommitted
 from dataset.records import node_table, preference_pairs, tree_row
@@ -110,6 +110,10 @@ def test_sink_commits_trees_last_and_resume_removes_uncommitted_parts(tmp_path):
     assert len(sft) == counts["sft_rows"] == 3 and all("<Output>" in r["response"] for r in sft)
     pairs = pq.read_table(tmp_path / "out" / "pairs.parquet").to_pylist()
     assert all(p["chosen_value"] > p["rejected_value"] for p in pairs)
+    assert pairs and all(p["prompt"] == (p["question"] + "\n" + p["prefix"] if p["prefix"] else p["question"])
+                         for p in pairs)
+    assert read_pairs(str(tmp_path / "out" / "pairs.parquet")) == [
+        {k: p[k] for k in ("problem_id", "question", "prefix", "chosen", "rejected")} for p in pairs]
 
 
 def test_writer_writes_through_a_filesystem_uri(tmp_path):

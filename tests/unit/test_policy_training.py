@@ -5,12 +5,13 @@ import json
 import numpy as np
 import pytest
 
-from dataset.exports import SftDataError, read_sft
+from dataset.exports import PAIR_FIELDS, SftDataError, read_pairs, read_sft
 from dataset.value_labels import ValueExample
 from deploy.cli import main as forest
 from modelkit.arithmetic import make_problems
 from modelkit.make_model import make_tiny_random
-from modelkit.policy import REPORT, PolicyDataError, line_examples, response_loss, sft_examples, train_policy
+from modelkit.policy import (DPO_REPORT, REPORT, PolicyDataError, line_examples, pair_examples, response_loss,
+                             sequence_logprobs, sft_examples, train_dpo, train_policy)
 
 
 @pytest.fixture(scope="module")
@@ -109,3 +110,56 @@ def test_the_data_loop_plot_has_a_line_per_method(tmp_path):
     assert [p.rsplit(".", 1)[1] for p in paths] == ["png", "svg"]
     svg = (tmp_path / "loop.svg").read_text()
     assert "fine-tuned on mcts lines" in svg and "fine-tuned on best_of_n lines" in svg and "base model" in svg
+
+
+def pairs_file(path, problems, columns=PAIR_FIELDS) -> str:
+    """Pairs whose chosen continuation is the right solution and whose rejected one ends with a wrong answer."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"problem_id": p.id, "question": p.question, "prefix": "", "chosen": p.solution,
+             "rejected": p.solution.replace(f"<Output>\n{p.answer}", f"<Output>\n{int(p.answer) + 7}")}
+            for p in problems]
+    pq.write_table(pa.table({c: [r[c] for r in rows] for c in columns}), path)
+    return str(path)
+
+
+def test_a_dpo_pass_moves_the_policy_towards_the_chosen_lines(base, tokenizer, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = pairs_file(tmp_path / "pairs.parquet", make_problems(24, 7))
+    pairs = pair_examples(read_pairs(path), tokenizer)
+
+    def margin(model_dir) -> float:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+        with torch.no_grad():
+            chosen = sequence_logprobs(model, [p.chosen for p in pairs], tokenizer.pad_token_id, "cpu")
+            rejected = sequence_logprobs(model, [p.rejected for p in pairs], tokenizer.pad_token_id, "cpu")
+        return float((chosen - rejected).mean())
+
+    assert forest(["train-policy", "--pairs", path, "--base", str(base), "--output", str(tmp_path / "dpo"),
+                   "--epochs", "8", "--batch-size", "8", "--lr", "3e-3", "--beta", "0.5"]) == 0
+    report = json.loads((tmp_path / "dpo" / DPO_REPORT).read_text())
+    assert report["kept_step"] > 0 and report["dev_loss"] < report["base_dev_loss"]
+    assert margin(tmp_path / "dpo") > margin(base) + 1.0
+    assert (tmp_path / "dpo" / "tokenizer.json").is_file()
+
+
+def test_bad_pairs_are_refused_with_a_clear_error(base, tmp_path, capsys):
+    from dataset.exports import PairsDataError
+
+    with pytest.raises(PairsDataError, match="cannot read"):
+        read_pairs(str(tmp_path / "missing.parquet"))
+    old = pairs_file(tmp_path / "old.parquet", make_problems(3, 7), columns=("problem_id", "chosen", "rejected"))
+    with pytest.raises(PairsDataError, match="no column question, prefix"):
+        read_pairs(old)
+    with pytest.raises(PairsDataError, match="no pairs"):
+        read_pairs(pairs_file(tmp_path / "empty.parquet", []))
+    held_out = pairs_file(tmp_path / "held.parquet", make_problems(3, 1_000_003))
+    assert forest(["train-policy", "--pairs", held_out, "--base", str(base), "--output", str(tmp_path / "o")]) == 2
+    assert "held-out seeds" in capsys.readouterr().err
+    assert forest(["train-policy", "--base", str(base), "--output", str(tmp_path / "o")]) == 2
+    assert "give --sft, --input or --pairs" in capsys.readouterr().err
+    with pytest.raises(PolicyDataError, match="no preference pairs"):
+        train_dpo([], base=base, output=tmp_path / "o")
