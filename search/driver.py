@@ -247,13 +247,14 @@ class _Search:
     def _request(self, node: int, *, n: int, expansion: bool) -> bool:
         """Send an expansion (n samples) or rollout (n=1) request; False, undoing the iteration, if unaffordable.
 
-        A rollout must be able to reach the path limit within the budget: a line cut by the budget has no answer.
-        """
+        A rollout starts only when the budget lets it run as long as the longest line the tree has ended so far (the
+        path limit before any line ended): a line cut by the budget has no answer. Best-of-N's rounds follow the
+        same rule."""
         p = self.params
         room = p.max_path_tokens - self.tree.path_length(node)
         wanted = min(p.granularity.tokens, room) if expansion else room
         max_tokens = self._affordable(n, wanted)
-        if max_tokens < (1 if expansion else wanted):
+        if max_tokens < (1 if expansion else self._rollout_need(node, room)):
             self.token_blocked = True
             self._abandon(node)
             return False
@@ -269,6 +270,16 @@ class _Search:
         task = asyncio.ensure_future(self.engine.generate(request))
         self.inflight[task] = _InFlight(node, expansion, n * max_tokens)
         return True
+
+    def _rollout_need(self, node: int, room: int) -> int:
+        """Tokens a rollout from ``node`` must be allowed: what the longest ended line had beyond ``node``'s
+        depth in tokens, at most ``room`` (all of it before any line ended)."""
+        n, count = self.tree.nodes, self.tree.num_nodes
+        ended = n["is_terminal"][:count] & (n["visits"][:count] > 0)
+        if not ended.any():
+            return room
+        longest = int(n["path_tokens"][:count][ended].max())
+        return max(1, min(room, longest - self.tree.path_length(node)))
 
     def _affordable(self, n: int, wanted: int) -> int:
         if self.params.budget.tokens is None:

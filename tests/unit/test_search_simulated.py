@@ -266,14 +266,18 @@ def test_progress_is_reported_after_every_iteration():
 
 
 def test_a_line_the_budget_cannot_finish_is_not_started_and_unanswered_lines_are_worth_zero():
-    """A rollout starts only when the budget can take it to the path limit; a line cut by a limit is worth
-    ``unanswered_value``."""
+    """Before any line ended, a rollout starts only when the budget can take it to the path limit; after, when it
+    can run as long as the longest ended line. A line cut by a limit is worth ``unanswered_value``."""
     engine = SimulatedEngine(TOK, seed=2, steps=4)
-    search(engine, budget=Budget(iterations=100, tokens=150), max_path_tokens=60, early_stop=False)
-    assert any(r.n == 1 and "\n\n" not in r.stop for r in engine.requests)
-    for request in engine.requests:
-        if request.n == 1 and "\n\n" not in request.stop:  # a rollout
-            assert request.max_tokens == 60 - (len(request.prompt_token_ids) - len(PROMPT))
+    result = search(engine, budget=Budget(iterations=100, tokens=150), max_path_tokens=120, early_stop=False)
+    rollouts = [r for r in engine.requests if r.n == 1 and "\n\n" not in r.stop]
+    assert rollouts[0].max_tokens == 120 - (len(rollouts[0].prompt_token_ids) - len(PROMPT))
+    tree = result.tree
+    ended = tree.nodes["is_terminal"][: tree.num_nodes] & (tree.nodes["visits"][: tree.num_nodes] > 0)
+    longest = int(tree.nodes["path_tokens"][: tree.num_nodes][ended].max())
+    assert longest < 120 // 2  # lines end well before the path limit ...
+    assert any(r.max_tokens < 120 - (len(r.prompt_token_ids) - len(PROMPT)) for r in rollouts)  # ... so later
+    assert 150 - longest < result.stats.generated_tokens <= 150  # rollouts start with less: the budget is spent
     never = search(SimulatedEngine(TOK, seed=2, steps=50), budget=Budget(iterations=12), max_path_tokens=30,
                    early_stop=False)  # 50 steps never fit in 30 tokens: no line is finished
     tree = never.tree
