@@ -12,6 +12,9 @@ The distribution (what ``forest make-problems`` writes):
 - 0-2 distractor sentences (another person's count, an age, a price) that the solution never uses;
 - steps are separated by blank lines (Marco-o1's step delimiter); ``<Output>`` holds the final count.
 
+These are the default ranges of ``Distribution``; others (``forest make-problems --distribution``) make harder
+problems, for a model trained on them.
+
 Difficulty comes from the problems: multi-digit carries, products and remainders computed in one step, and mistakes
 that compound over the steps, so longer problems are harder for a model of any size.
 
