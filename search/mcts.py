@@ -138,27 +138,28 @@ def _all_exhausted(tree: Tree, node: int) -> bool:
     return bool(kids) and all(exhausted[kid] for kid in kids)
 
 
+def _exhausted(tree: Tree, node: int, can_widen: Callable[[int], bool]) -> bool:
+    """A terminal node is exhausted once valued; an inner node when it waits for nothing, may get no other child,
+    and all its children are exhausted."""
+    n = tree.nodes
+    if n["is_terminal"][node]:
+        return bool(n["visits"][node] > 0)
+    return not n["pending"][node] and _all_exhausted(tree, node) and not can_widen(node)
+
+
 def refresh_exhausted(tree: Tree, node: int, can_widen: Callable[[int], bool]) -> None:
-    """Recompute ``exhausted`` from ``node`` up to the root: a terminal node is exhausted once valued; an inner
-    node when it waits for nothing, may get no other child, and all its children are exhausted."""
+    """Recompute ``exhausted`` (``_exhausted``) from ``node`` up to the root."""
     n = tree.nodes
     while node != NO_PARENT:
-        if n["is_terminal"][node]:
-            n["exhausted"][node] = n["visits"][node] > 0
-        else:
-            n["exhausted"][node] = (not n["pending"][node] and _all_exhausted(tree, node) and not can_widen(node))
+        n["exhausted"][node] = _exhausted(tree, node, can_widen)
         node = int(n["parent"][node])
 
 
 def refresh_all_exhausted(tree: Tree, can_widen: Callable[[int], bool]) -> None:
     """Recompute ``exhausted`` for every node (after the width cap rose): children before their parents, which
     node ids give for free (a child is created after its parent)."""
-    n = tree.nodes
     for node in range(tree.num_nodes - 1, -1, -1):
-        if n["is_terminal"][node]:
-            n["exhausted"][node] = n["visits"][node] > 0
-        else:
-            n["exhausted"][node] = (not n["pending"][node] and _all_exhausted(tree, node) and not can_widen(node))
+        tree.nodes["exhausted"][node] = _exhausted(tree, node, can_widen)
 
 
 def find_sibling(tree: Tree, parent: int, token_ids: np.ndarray) -> int | None:
