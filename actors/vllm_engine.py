@@ -19,6 +19,7 @@ import numpy as np
 import psutil
 
 from cluster.config import EngineConfig
+from search.confidence import with_confidences
 from search.protocol import TOP_K, Chunk, EngineDeadError, EngineError, FinishReason, GenerationRequest, ScoreRequest
 
 CPU_MIN_BATCHED_TOKENS = 8192  # tokens one CPU engine step may take (whole prefills need at least max_model_len)
@@ -143,7 +144,7 @@ def _chunk(completion, token_ids, logprobs, top_ids, top_lps, eos_token_id: int,
                           f"{', '.join(_FINISH)}")
     if finish is FinishReason.STOP and count and completion.stop_reason is None and token_ids[-1] == eos_token_id:
         finish = FinishReason.EOS
-    return Chunk(token_ids, logprobs, top_ids, top_lps, finish, num_cached_tokens)
+    return with_confidences(Chunk(token_ids, logprobs, top_ids, top_lps, finish, num_cached_tokens))
 
 
 class VLLMEngine:

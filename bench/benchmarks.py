@@ -71,13 +71,17 @@ def _one_worker(config: ForestConfig, **engine_overrides):
                      actor_class=ReplayWorker, value=False)
 
 
-async def _search_all(engine_for_tree, tokenizer, prompts, params, *, on_tree_done=None) -> tuple[float, list]:
-    """Run one MCTS per prompt, all at once; (wall seconds, results)."""
+async def _search_all(engine_for_tree, tokenizer, prompts, params, *, on_tree_done=None,
+                      active: int | None = None) -> tuple[float, list]:
+    """Run one MCTS per prompt, all at once or (``active``) that many at a time, a finished tree's slot going to
+    the next prompt as in a build; (wall seconds, results)."""
     mcts = STRATEGIES["mcts"]
+    gate = asyncio.Semaphore(active or len(prompts) or 1)
 
     async def one(i: int, prompt):
         try:
-            return await mcts(engine_for_tree(i), tokenizer, prompt, dataclasses.replace(params, seed=i))
+            async with gate:
+                return await mcts(engine_for_tree(i), tokenizer, prompt, dataclasses.replace(params, seed=i))
         finally:
             if on_tree_done:
                 on_tree_done()
@@ -87,9 +91,9 @@ async def _search_all(engine_for_tree, tokenizer, prompts, params, *, on_tree_do
     return time.monotonic() - start, results
 
 
-async def _forest_run(pool, prompts, params, log=None) -> tuple[float, list]:
-    """Forest's own dispatch on the pool's one warmed-up worker with a cold prefix cache; records requests into
-    ``log``."""
+async def _forest_run(pool, prompts, params, log=None, active: int | None = None) -> tuple[float, list]:
+    """Forest's own dispatch on the pool's one warmed-up worker with a cold prefix cache, ``active`` trees at a time
+    (all at once by default); records requests into ``log``."""
     from actors.pool import TreeEngine
     from bench.engines import RecordingEngine
 
@@ -99,7 +103,7 @@ async def _forest_run(pool, prompts, params, log=None) -> tuple[float, list]:
     def engine_for_tree(_):
         return TreeEngine(workers) if log is None else RecordingEngine(TreeEngine(workers), log)
 
-    return await _search_all(engine_for_tree, pool.tokenizer, prompts, params)
+    return await _search_all(engine_for_tree, pool.tokenizer, prompts, params, active=active)
 
 
 async def _warm_up(worker, prompt) -> None:
@@ -110,32 +114,43 @@ async def _warm_up(worker, prompt) -> None:
     await worker.reset_prefix_cache.remote()
 
 
-def bench_engine(config: ForestConfig, *, problems: int, fastest: bool = True) -> list[Figure]:
-    """Forest's tokens/s over plain vLLM's on the same requests at the same concurrency (one worker, one run);
-    with ``fastest``, also over the best plain rate among ``ENGINE_CANDIDATES`` (a fresh worker per setting)."""
+def bench_engine(config: ForestConfig, *, problems: int, repeats: int = 1, fastest: bool = True) -> list[Figure]:
+    """Forest's tokens/s over plain vLLM's on the same requests at the same concurrency (one worker); with
+    ``fastest``, also over the best plain rate among ``ENGINE_CANDIDATES`` (a fresh worker per setting).
+
+    Forest searches ``build.max_active_trees`` problems at a time, as a build does, so with ``problems`` several
+    times that the ramp-up and the last trees' tail weigh as little as in a build. Each of ``repeats`` rounds runs
+    Forest, then replays its requests at once; the figure is the median of the rounds' ratios (a rate on this VM
+    moves by 10-15% from one minute to the next)."""
     import ray
 
     from bench.engines import RequestLog
 
     params = config.search.to_params()
-    log = RequestLog()
+    active = config.build.max_active_trees
+    rounds = []  # (Forest tokens/s, plain tokens/s, log) per round
     with _one_worker(config) as pool:
         prompts = _prompts(config, pool.tokenizer, problems)
-        forest_seconds, _ = asyncio.run(_forest_run(pool, prompts, params, log))
-        plain = ray.get(pool.workers[0].replay.remote(log.requests, log.peak_in_flight))
+        for _ in range(repeats):
+            log = RequestLog()
+            forest_seconds, _ = asyncio.run(_forest_run(pool, prompts, params, log, active=active))
+            plain = ray.get(pool.workers[0].replay.remote(log.requests, log.peak_in_flight))
+            rounds.append((log.generated_tokens / forest_seconds, plain["generated_tokens"] / plain["seconds"], log))
         shipped = ray.get(pool.workers[0].engine_settings.remote())
-    forest_rate = log.generated_tokens / forest_seconds
-    plain_rate = plain["generated_tokens"] / plain["seconds"]
+    forest_rate, plain_rate, log = sorted(rounds, key=lambda r: r[0] / r[1])[len(rounds) // 2]  # the median round
     figures = [Figure("engine", "throughput_ratio", round(forest_rate / plain_rate, 3), {
         "forest_tokens_per_s": round(forest_rate, 1), "plain_vllm_tokens_per_s": round(plain_rate, 1),
-        "requests": len(log.requests), "concurrency": log.peak_in_flight, "trees": len(prompts),
-        "forest_tokens": log.generated_tokens, "plain_tokens": plain["generated_tokens"],
+        "rounds": [round(f / p, 3) for f, p, _ in rounds],
+        "requests": len(log.requests), "concurrency": log.peak_in_flight,
+        "mean_in_flight": round(log.mean_in_flight, 1), "trees": len(prompts), "active_trees": active,
+        "forest_tokens": log.generated_tokens,
         "model": config.engine.model, "dtype": shipped["dtype"], "enforce_eager": shipped["enforce_eager"]})]
     if fastest:
+        forest_median = sorted(f for f, _, _ in rounds)[len(rounds) // 2]
         rates = _plain_rates(config, log.requests, log.peak_in_flight)
         best = max(rates, key=rates.get)
-        figures.append(Figure("engine", "default_vs_fastest_engine", round(forest_rate / rates[best], 3), {
-            "forest_tokens_per_s": round(forest_rate, 1), "fastest_setting": best,
+        figures.append(Figure("engine", "default_vs_fastest_engine", round(forest_median / rates[best], 3), {
+            "forest_tokens_per_s": round(forest_median, 1), "fastest_setting": best,
             "fastest_plain_tokens_per_s": round(rates[best], 1),
             "plain_tokens_per_s": {name: round(rate, 1) for name, rate in rates.items()},
             "shipped": f"{shipped['dtype']}/{'eager' if shipped['enforce_eager'] else 'compiled'}"}))
@@ -366,14 +381,15 @@ def bench_memory(*, active: int, granularity: str) -> list[Figure]:
 
 
 def run_bench(name: str, config: ForestConfig | None, *, problems: int, block_sizes: list[int], trees: int,
-              active: int, granularity: str, managers: list[int], per_token_problems: int = 4) -> list[Figure]:
+              active: int, granularity: str, managers: list[int], per_token_problems: int = 4,
+              repeats: int = 1) -> list[Figure]:
     if name in ("engine", "designs", "cache", "value"):
         from cluster.runtime import connect
         connect()
         if name == "value":
             return bench_value(config, problems=problems)
         if name == "engine":
-            return bench_engine(config, problems=problems)
+            return bench_engine(config, problems=problems, repeats=repeats)
         if name == "designs":
             return bench_designs(config, problems=problems, per_token_problems=per_token_problems)
         return bench_cache(config, problems=problems, block_sizes=block_sizes)

@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 
+from search.confidence import with_confidences
 from search.prompts import OUTPUT_END
 from search.protocol import TOP_K, Chunk, FinishReason, GenerationRequest
 
@@ -27,12 +28,11 @@ class RecordingEngine:
 
     async def generate(self, request: GenerationRequest) -> list[Chunk]:
         self.log.requests.append(request)
-        self.log.in_flight += 1
-        self.log.peak_in_flight = max(self.log.peak_in_flight, self.log.in_flight)
+        self.log.change_in_flight(+1)
         try:
             chunks = await self.engine.generate(request)
         finally:
-            self.log.in_flight -= 1
+            self.log.change_in_flight(-1)
         self.log.generated_tokens += sum(len(c) for c in chunks)
         self.log.prompt_tokens += len(request.prompt_token_ids)
         self.log.cached_prompt_tokens += chunks[0].num_cached_tokens if chunks else 0
@@ -44,6 +44,23 @@ class RequestLog:
         self.requests: list[GenerationRequest] = []
         self.in_flight = self.peak_in_flight = 0
         self.generated_tokens = self.prompt_tokens = self.cached_prompt_tokens = 0
+        self.first = self.last = None  # monotonic times of the first and the latest change in flight
+        self.in_flight_seconds = 0.0  # the integral of requests in flight over time
+
+    def change_in_flight(self, delta: int) -> None:
+        now = time.monotonic()
+        if self.last is not None:
+            self.in_flight_seconds += self.in_flight * (now - self.last)
+        self.first = now if self.first is None else self.first
+        self.last = now
+        self.in_flight += delta
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+
+    @property
+    def mean_in_flight(self) -> float:
+        """Requests in flight on average, from the first request sent to the last one back."""
+        span = (self.last or 0.0) - (self.first or 0.0)
+        return self.in_flight_seconds / span if span > 0 else float(self.in_flight)
 
 
 class LevelSyncEngine:
@@ -172,8 +189,9 @@ class CannedEngine:
         chunks = []
         for i in range(request.n):
             v = (self.calls + i) % len(self.logprobs)
-            chunks.append(Chunk(self.scripts[v, start:end], self.logprobs[v, start:end], self.top_ids[v, start:end],
-                                self.top_logprobs[v, start:end], finish, len(request.prompt_token_ids)))
+            chunks.append(with_confidences(Chunk(  # as a worker does: confidences computed beside the engine
+                self.scripts[v, start:end], self.logprobs[v, start:end], self.top_ids[v, start:end],
+                self.top_logprobs[v, start:end], finish, len(request.prompt_token_ids))))
         self.busy_seconds += time.perf_counter() - started
         await asyncio.sleep(0)
         return chunks

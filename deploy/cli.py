@@ -109,6 +109,8 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--problems", type=int, default=32, help="trees searched by engine, designs and cache")
     bench.add_argument("--per-token-problems", type=int, default=4,
                        help="designs: trees the (slow) one-call-per-token loop searches")
+    bench.add_argument("--repeats", type=int, default=1,
+                       help="engine: rounds of Forest then plain vLLM; the figure is the median round's ratio")
     bench.add_argument("--block-sizes", default="32,128", help="cache: KV block sizes to compare")
     bench.add_argument("--trees", type=int, default=400, help="manager: trees per manager")
     bench.add_argument("--active", type=int, default=1000, help="manager/memory: trees active at once")
@@ -277,10 +279,14 @@ def cmd_bench(args) -> int:
     from cluster.config import load_config
     from bench.benchmarks import run_bench
 
+    if args.repeats < 1:
+        print(f"forest bench: --repeats must be >= 1, got {args.repeats}", file=sys.stderr)
+        return 2
     config = load_config(args.config, **{"engine.model": args.model})
     figures = run_bench(args.bench, config, problems=args.problems, trees=args.trees, active=args.active,
                         block_sizes=[int(b) for b in args.block_sizes.split(",")], granularity=args.granularity,
-                        managers=[int(m) for m in args.managers.split(",")], per_token_problems=args.per_token_problems)
+                        managers=[int(m) for m in args.managers.split(",")], per_token_problems=args.per_token_problems,
+                        repeats=args.repeats)
     for figure in figures:
         print(figure.line(args.json), flush=True)
     return 0

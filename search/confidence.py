@@ -12,6 +12,8 @@ and invariant to adding a constant to all of them.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from search.protocol import Chunk
@@ -35,7 +37,17 @@ def token_confidence(
 
 
 def chunk_token_confidence(chunk: Chunk) -> np.ndarray:
+    """The chunk's token confidences: as its engine computed them, else computed here."""
+    if chunk.confidences is not None:
+        return chunk.confidences
     return token_confidence(chunk.token_ids, chunk.logprobs, chunk.top_ids, chunk.top_logprobs)
+
+
+def with_confidences(chunk: Chunk) -> Chunk:
+    """``chunk`` carrying its token confidences. Engine adapters call this where a chunk is made, so the work runs
+    in the worker, beside the engine, and not on the tree manager's one core."""
+    return dataclasses.replace(
+        chunk, confidences=token_confidence(chunk.token_ids, chunk.logprobs, chunk.top_ids, chunk.top_logprobs))
 
 
 def mean_confidence(confidences: np.ndarray) -> float:

@@ -110,6 +110,16 @@ async def run_mcts(engine: Engine, tokenizer: Tokenizer, prompt_token_ids, param
     return await search.run()
 
 
+def _most_confident(tree: Tree, nodes: list[int]) -> int:
+    """The first of ``nodes`` with the highest confidence (NaN counts as lowest); plain Python over a few nodes."""
+    confidence, best, chosen = tree.nodes["confidence"], -math.inf, nodes[0]
+    for node in nodes:
+        value = float(confidence[node])
+        if value > best:  # False for NaN
+            best, chosen = value, node
+    return chosen
+
+
 class _Search:
     """The state of one run of ``run_mcts`` (created per call, never reused)."""
 
@@ -128,6 +138,7 @@ class _Search:
         self.started = 0  # iterations begun (completed + in flight)
         self.reserved_tokens = 0
         self.token_blocked = False
+        self.longest_line: int | None = None  # tokens on the longest path to a terminal node valued so far
         self.extra_width = 0  # how often the width cap rose because nothing was left to expand (refill_width)
         self.bounds: mcts.Bounds | None = None  # lowest and highest value backed up so far
         self.settles = params.early_stop and params.final is FinalChoice.MOST_VISITS  # may stop SETTLED
@@ -178,9 +189,8 @@ class _Search:
         p, n = self.params, self.tree.nodes
         if n["is_terminal"][node] or n["visits"][node] == 0 or n["depth"][node] + 1 >= p.max_depth:
             return 0
-        width = mcts.allowed_width(self.tree, node, children=p.children, widening=p.widening,
-                                   max_width=p.max_width + self.extra_width)
-        return max(width - mcts.generated_children(self.tree, node), 0)
+        return mcts.widen_room(self.tree, node, children=p.children, widening=p.widening,
+                               max_width=p.max_width + self.extra_width)
 
     def _can_widen(self, node: int) -> bool:
         return self._widen_by(node) > 0
@@ -274,12 +284,9 @@ class _Search:
     def _rollout_need(self, node: int, room: int) -> int:
         """Tokens a rollout from ``node`` must be allowed: what the longest ended line had beyond ``node``'s
         depth in tokens, at most ``room`` (all of it before any line ended)."""
-        n, count = self.tree.nodes, self.tree.num_nodes
-        ended = n["is_terminal"][:count] & (n["visits"][:count] > 0)
-        if not ended.any():
+        if self.longest_line is None:
             return room
-        longest = int(n["path_tokens"][:count][ended].max())
-        return max(1, min(room, longest - self.tree.path_length(node)))
+        return max(1, min(room, self.longest_line - self.tree.path_length(node)))
 
     def _affordable(self, n: int, wanted: int) -> int:
         if self.params.budget.tokens is None:
@@ -331,8 +338,7 @@ class _Search:
             self._abandon(node)  # weights used up the node's width, so this cannot repeat for ever
             mcts.refresh_exhausted(tree, node, self._can_widen)
             return
-        confidences = np.nan_to_num(tree.nodes["confidence"][new].astype(np.float64), nan=-np.inf)
-        child = new[int(np.argmax(confidences))]
+        child = _most_confident(tree, new)
         tree.nodes["virtual_loss"][child] += 1  # the iteration now runs through the child
         if not self._evaluate_new(child):
             mcts.refresh_exhausted(tree, node, self._can_widen)
@@ -436,6 +442,8 @@ class _Search:
 
     def _complete(self, leaf: int, value: float, *, selected: int) -> None:
         mcts.backup(self.tree, leaf, value, selected=selected)
+        if self.tree.nodes["is_terminal"][leaf]:  # a line ended (terminal nodes are only ever backed up as leaves)
+            self.longest_line = max(self.longest_line or 0, self.tree.path_length(leaf))
         low, high = self.bounds or (value, value)
         self.bounds = (min(low, value), max(high, value))
         self.stats.iterations += 1

@@ -44,7 +44,7 @@ def normalize(value: float, bounds: Bounds | None) -> float:
     return (value - low) / (high - low) if high > low else 0.5
 
 
-def uct_scores(tree: Tree, node: int, exploration: float, bounds: Bounds | None = None) -> np.ndarray:
+def _uct_scores(tree: Tree, node: int, exploration: float, bounds: Bounds | None) -> list[float]:
     """UCT score per child of ``node``: Q + c * sqrt(ln N_parent / N_child), Q normalised by ``bounds``.
 
     Virtual loss counts as visits with value 0, so in-flight paths look worse and concurrent selections
@@ -59,18 +59,24 @@ def uct_scores(tree: Tree, node: int, exploration: float, bounds: Bounds | None 
     log_parent = math.log(max(float(visits[node] + virtual[node]), 1.0))
     scores = []
     for kid in tree.children(node).tolist():
-        count = float(visits[kid] + virtual[kid])
+        seen = int(visits[kid])
+        count = float(seen + int(virtual[kid]))
         if exhausted[kid] or (pending[kid] and num_children[kid] == 0):
             scores.append(-math.inf)
         elif count > 0:
             # in-flight iterations count as visits worth nothing (virtual loss); a child whose first iteration is
             # still in flight (its value on its way from a value model) has no mean yet
-            mean = normalize(float(value_sum[kid]) / float(visits[kid]), bounds) if visits[kid] else 0.0
-            q = mean * visits[kid] / count
+            mean = normalize(float(value_sum[kid]) / seen, bounds) if seen else 0.0
+            q = mean * seen / count
             scores.append(q + exploration * math.sqrt(log_parent / count))
         else:
             scores.append(math.inf)
-    return np.array(scores, dtype=np.float64)
+    return scores
+
+
+def uct_scores(tree: Tree, node: int, exploration: float, bounds: Bounds | None = None) -> np.ndarray:
+    """``_uct_scores`` as an array."""
+    return np.array(_uct_scores(tree, node, exploration, bounds), dtype=np.float64)
 
 
 def add_virtual_loss(tree: Tree, node: int, amount: int) -> None:
@@ -93,11 +99,11 @@ def select(tree: Tree, exploration: float, *, bounds: Bounds | None = None,
     while n["num_children"][node] > 0:
         if can_widen is not None and not n["pending"][node] and can_widen(node):
             break
-        scores = uct_scores(tree, node, exploration, bounds)
-        best = int(np.argmax(scores))
-        if scores[best] == -np.inf:
+        scores = _uct_scores(tree, node, exploration, bounds)
+        top = max(scores)  # the first child with the top score, as np.argmax picks
+        if top == -math.inf:
             return None
-        node = int(tree.children(node)[best])
+        node = int(tree.children(node)[scores.index(top)])
     add_virtual_loss(tree, node, 1)
     return node
 
@@ -115,21 +121,44 @@ def backup(tree: Tree, leaf: int, value: float, *, selected: int | None = None) 
     n["virtual_loss"][on_selected] -= 1
 
 
+def _children_state(tree: Tree, node: int) -> tuple[int, bool]:
+    """(``generated_children``, whether ``node`` has children and every one is exhausted), in one pass."""
+    n = tree.nodes
+    kind, weight, exhausted = n["kind"], n["weight"], n["exhausted"]  # Python over the few children: no numpy
+    generated, kids, all_exhausted = 0, tree.children(node).tolist(), True
+    for kid in kids:
+        if kind[kid] != _REFLECTION:
+            generated += int(weight[kid])
+        all_exhausted = all_exhausted and bool(exhausted[kid])
+    return generated, bool(kids) and all_exhausted
+
+
 def generated_children(tree: Tree, node: int) -> int:
     """Samples the model generated below ``node``, merged ones included (their weights): a sample that repeated
     a sibling still used up a try. A reflection child is forced, so not counted against the width."""
-    kind, weight = tree.nodes["kind"], tree.nodes["weight"]  # Python over the few children: no numpy overhead
-    return sum(int(weight[kid]) for kid in tree.children(node).tolist() if kind[kid] != _REFLECTION)
+    return _children_state(tree, node)[0]
 
 
 def allowed_width(tree: Tree, node: int, *, children: int, widening: float, max_width: int) -> int:
     """How many generated children ``node`` may have now: ``children`` (k), plus progressive widening's
     floor(widening * sqrt(visits)), plus one more when every child is exhausted (so a step whose children all
     failed can be retried); never more than ``max_width``."""
+    return _allowed_width(tree, node, _children_state(tree, node), children, widening, max_width)
+
+
+def _allowed_width(tree: Tree, node: int, state: tuple[int, bool], children: int, widening: float,
+                   max_width: int) -> int:
+    generated, all_exhausted = state
     width = children + math.floor(widening * math.sqrt(float(tree.nodes["visits"][node])))
-    if widening > 0 and _all_exhausted(tree, node):
-        width = max(width, generated_children(tree, node) + 1)
+    if widening > 0 and all_exhausted:
+        width = max(width, generated + 1)
     return min(width, max_width)
+
+
+def widen_room(tree: Tree, node: int, *, children: int, widening: float, max_width: int) -> int:
+    """How many more samples ``node`` may get now: ``allowed_width`` less ``generated_children`` (at least 0)."""
+    state = _children_state(tree, node)
+    return max(_allowed_width(tree, node, state, children, widening, max_width) - state[0], 0)
 
 
 def _all_exhausted(tree: Tree, node: int) -> bool:
@@ -195,8 +224,9 @@ def split_points(token_ids: np.ndarray, granularity: Granularity,
 
 
 def slice_chunk(chunk: Chunk, start: int, end: int, finish: FinishReason) -> Chunk:
+    confidences = None if chunk.confidences is None else chunk.confidences[start:end]
     return Chunk(chunk.token_ids[start:end], chunk.logprobs[start:end], chunk.top_ids[start:end],
-                 chunk.top_logprobs[start:end], finish, chunk.num_cached_tokens)
+                 chunk.top_logprobs[start:end], finish, chunk.num_cached_tokens, confidences)
 
 
 def chunk_text(tree: Tree, parent: int, chunk_ids: np.ndarray, decode) -> str:

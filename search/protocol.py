@@ -63,6 +63,9 @@ class Chunk:
     top_logprobs: float32 [T, TOP_K], the engine's top alternatives per position (NO_TOKEN / -inf filler).
     Logprobs are the model's raw ones (before temperature), so confidence does not depend on sampling settings.
     num_cached_tokens: prompt tokens the engine served from its prefix cache.
+    confidences: float64 [T], Marco-o1's token confidence per position when the engine adapter computed it
+    (``search.confidence.with_confidences``: a worker does, so the tree manager's core does not); None: the
+    search computes it.
     """
 
     token_ids: np.ndarray
@@ -71,6 +74,7 @@ class Chunk:
     top_logprobs: np.ndarray
     finish_reason: FinishReason
     num_cached_tokens: int = 0
+    confidences: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from search.confidence import with_confidences
 from search.protocol import TOP_K, Chunk, ChunkBuilder, FinishReason, GenerationRequest, ScoreRequest
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "\n\n", "<Thought>", "</Thought>", "<Output>",
@@ -119,7 +120,7 @@ class SimulatedEngine:
             if token in request.stop_token_ids or any(s in tail for s in request.stop):
                 finish = FinishReason.STOP
                 break
-        return builder.build(finish, cached)
+        return with_confidences(builder.build(finish, cached))
 
     def _next_token(self, response: np.ndarray, rng) -> int:
         """The next token of a scripted Marco-o1 response, given the response so far."""

@@ -76,3 +76,27 @@ def test_figure_lines():
     assert json.loads(figure.line(True)) == {"bench": "cache", "figure": "cached_prompt_fraction", "value": 0.9,
                                              "block_size": 32}
     assert "block_size=32" in figure.line(False)
+
+
+def test_request_log_mean_in_flight_is_time_weighted(monkeypatch):
+    times = iter([0.0, 1.0, 3.0, 4.0])  # 1 in flight for 1 s, 2 for 2 s, 1 for 1 s
+    monkeypatch.setattr("bench.engines.time.monotonic", lambda: next(times))
+    log = RequestLog()
+    for delta in (+1, +1, -1, -1):
+        log.change_in_flight(delta)
+    assert log.peak_in_flight == 2 and log.in_flight == 0
+    assert log.mean_in_flight == (1 * 1 + 2 * 2 + 1 * 1) / 4
+
+
+def test_search_all_keeps_at_most_active_trees_in_flight():
+    from bench.benchmarks import _search_all
+
+    log = RequestLog()
+    engine = RecordingEngine(SimulatedEngine(TOK), log)
+    prompts = [TOK.encode(build_prompt(f"q{i}")) for i in range(6)]
+    params = MCTSParams(budget=Budget(iterations=3), parallel=1)
+    _, results = asyncio.run(_search_all(lambda i: engine, TOK, prompts, params, active=2))
+    assert len(results) == 6 and all(r.stats.iterations >= 1 for r in results)
+    assert log.peak_in_flight == 2  # one request per tree, two trees at a time
+    _, _ = asyncio.run(_search_all(lambda i: engine, TOK, prompts, params))
+    assert log.peak_in_flight == 6  # all at once by default

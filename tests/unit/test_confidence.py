@@ -55,3 +55,35 @@ def test_confidence_properties(top, sampled, in_top, rank, shift):
         assert c[0] == pytest_approx(p[rank] / p.sum())
     shifted = token_confidence(token, lp + shift, ids, top_lp + shift)
     assert shifted[0] == pytest_approx(c[0])
+
+
+def test_an_engine_that_attaches_confidences_gives_the_same_tree_as_one_that_does_not():
+    """The worker computes confidences beside the engine (``with_confidences``); the search computes them itself
+    for an engine that does not. Both give the very same tree."""
+    import asyncio
+    import dataclasses
+
+    from search import Budget, MCTSParams, build_prompt, run_mcts
+    from search.confidence import with_confidences
+    from search.protocol import GenerationRequest
+    from search.simulated import SimulatedEngine, SimulatedTokenizer
+
+    class Bare(SimulatedEngine):  # the chunks without their confidences
+        async def generate(self, request):
+            return [dataclasses.replace(c, confidences=None) for c in await super().generate(request)]
+
+    tok = SimulatedTokenizer()
+    prompt = tok.encode(build_prompt("same tree"))
+    params = MCTSParams(budget=Budget(iterations=12), seed=3)
+    trees = []
+    for engine in (SimulatedEngine(tok, seed=1), Bare(tok, seed=1)):
+        tree = asyncio.run(run_mcts(engine, tok, prompt, params)).tree
+        trees.append({name: column.copy() for name, column in tree.columns().items()})
+    assert trees[0].keys() == trees[1].keys()
+    for name in trees[0]:
+        np.testing.assert_array_equal(trees[0][name], trees[1][name], err_msg=name)
+    (sample,) = asyncio.run(SimulatedEngine(tok, seed=1).generate(
+        GenerationRequest(np.asarray(prompt), max_tokens=8, seed=1)))
+    bare = dataclasses.replace(sample, confidences=None)
+    np.testing.assert_array_equal(with_confidences(bare).confidences, sample.confidences)
+    assert bare.confidences is None and len(sample.confidences) == len(sample)
