@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -69,7 +70,9 @@ class TreeManager:
                                value_workers=value_workers or ())
         self.active = asyncio.Semaphore(settings.max_active_trees)
         self.waiting = self.running = self.finished = self.failed = 0
+        self.requests = 0  # engine requests of the finished trees
         self._gauge()  # publish zeros, so dashboards show the manager before its first tree
+        self._cpu_start = time.process_time()  # after start-up: what the manager's own core spends on trees
 
     async def run(self, problem: Problem) -> TreeOutcome:
         self._gauge(waiting=+1)
@@ -108,6 +111,7 @@ class TreeManager:
         pairs = preference_pairs(result, problem, run_id=s.run_id, tree_id=tree_id, decode=decode)
         await self.sink.add_tree.remote(nodes, row, pairs)
         self.finished += 1
+        self.requests += result.stats.requests
         self.metrics.trees.inc(tags={"status": "finished"})
         add(self.metrics.iterations, result.stats.iterations)
         return TreeOutcome(problem.problem_id, True, result.stats.generated_tokens, result.stats.seconds)
@@ -120,6 +124,9 @@ class TreeManager:
         return TreeOutcome(problem.problem_id, False, error=message)
 
     def stats(self) -> dict:
+        """Counts, and ``cpu_seconds``: the CPU time of the manager's process since start-up (all its threads, Ray's
+        included), the figure that says how many workers one manager can feed."""
         return {"waiting": self.waiting, "running": self.running, "finished": self.finished, "failed": self.failed,
                 "in_flight": list(self.pool.in_flight), "alive": list(self.pool.alive),
-                "worker_restarts": self.pool.restarts}
+                "worker_restarts": self.pool.restarts, "requests": self.requests,
+                "cpu_seconds": time.process_time() - self._cpu_start}

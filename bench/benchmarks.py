@@ -134,20 +134,20 @@ def bench_engine(config: ForestConfig, *, problems: int, repeats: int = 1, faste
         for _ in range(repeats):
             log = RequestLog()
             forest_seconds, _ = asyncio.run(_forest_run(pool, prompts, params, log, active=active))
-            plain = ray.get(pool.workers[0].replay.remote(log.requests, log.peak_in_flight))
+            plain = ray.get(pool.workers[0].replay.remote(log.requests, _engine_peak(config, log)))
             rounds.append((log.generated_tokens / forest_seconds, plain["generated_tokens"] / plain["seconds"], log))
         shipped = ray.get(pool.workers[0].engine_settings.remote())
     forest_rate, plain_rate, log = sorted(rounds, key=lambda r: r[0] / r[1])[len(rounds) // 2]  # the median round
     figures = [Figure("engine", "throughput_ratio", round(forest_rate / plain_rate, 3), {
         "forest_tokens_per_s": round(forest_rate, 1), "plain_vllm_tokens_per_s": round(plain_rate, 1),
         "rounds": [round(f / p, 3) for f, p, _ in rounds],
-        "requests": len(log.requests), "concurrency": log.peak_in_flight,
+        "requests": len(log.requests), "concurrency": _engine_peak(config, log),
         "mean_in_flight": round(log.mean_in_flight, 1), "trees": len(prompts), "active_trees": active,
         "forest_tokens": log.generated_tokens,
         "model": config.engine.model, "dtype": shipped["dtype"], "enforce_eager": shipped["enforce_eager"]})]
     if fastest:
         forest_median = sorted(f for f, _, _ in rounds)[len(rounds) // 2]
-        rates = _plain_rates(config, log.requests, log.peak_in_flight)
+        rates = _plain_rates(config, log.requests, _engine_peak(config, log))
         best = max(rates, key=rates.get)
         figures.append(Figure("engine", "default_vs_fastest_engine", round(forest_median / rates[best], 3), {
             "forest_tokens_per_s": round(forest_median, 1), "fastest_setting": best,
@@ -155,6 +155,12 @@ def bench_engine(config: ForestConfig, *, problems: int, repeats: int = 1, faste
             "plain_tokens_per_s": {name: round(rate, 1) for name, rate in rates.items()},
             "shipped": f"{shipped['dtype']}/{'eager' if shipped['enforce_eager'] else 'compiled'}"}))
     return figures
+
+
+def _engine_peak(config: ForestConfig, log) -> int:
+    """The most requests Forest had at its one worker's engine: what the trees asked for at once, less those the
+    pool held back (``max_in_flight_per_worker``). Plain vLLM replays at that concurrency."""
+    return min(log.peak_in_flight, config.max_in_flight_per_worker)
 
 
 def _plain_rates(config: ForestConfig, requests: list, concurrency: int) -> dict[str, float]:

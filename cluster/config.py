@@ -136,7 +136,7 @@ class BuildConfig(_Strict):
     limit: int | None = Field(None, ge=1, description="Build at most this many problems.")
     managers: CountOrAuto = Field(
         1, description="TreeManager actors; problems are partitioned among them. auto: one per "
-                       "cluster.placement.GPUS_PER_MANAGER workers (the manager benchmark's sizing rule).")
+                       "cluster.placement.GPUS_PER_MANAGER workers (the sizing rule in docs/scaling.md).")
     max_active_trees: int = Field(64, ge=1, description="Trees one manager searches at once (bounds memory).")
     flush_trees: int = Field(64, ge=1, description="Commit to Parquet after this many finished trees.")
     flush_seconds: float = Field(10.0, gt=0, description="... or after this many seconds.")

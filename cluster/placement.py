@@ -16,7 +16,7 @@ from pathlib import Path
 from cluster.config import EngineConfig, ForestConfig
 
 CPUS_PER_CPU_WORKER = 1.0
-GPUS_PER_MANAGER = 12  # workers one TreeManager feeds; from `forest bench manager` (see docs/scaling.md)
+GPUS_PER_MANAGER = 1  # workers one TreeManager feeds: a real manager's rate in a build (docs/scaling.md)
 
 
 @dataclass(frozen=True, slots=True)

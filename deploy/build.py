@@ -135,12 +135,12 @@ def run_build(config: ForestConfig) -> BuildSummary:
                         for i in range(min(b.managers, max(len(todo), 1)))]
             built, failed, tokens = _dispatch(todo, managers, sink, window=QUEUED_PER_SLOT * b.max_active_trees,
                                               flush_seconds=b.flush_seconds)
-            restarts = _worker_restarts(managers)
+            restarts, manager_cpu = _manager_stats(managers)
         ray.get(sink.flush.remote())
         seconds = time.monotonic() - start
         manifest["sessions"] = manifest.get("sessions", []) + [{
             "session": session, "built": built, "failed": failed, "tokens": tokens, "seconds": round(seconds, 3),
-            "worker_failures": restarts, "engine": engine}]
+            "worker_failures": restarts, "engine": engine, "managers": manager_cpu}]
         manifest.update(updated=datetime.datetime.now(datetime.timezone.utc).isoformat(), versions=_versions())
         counts = write_exports(b.output, manifest)
     finally:
@@ -205,16 +205,20 @@ def _dispatch(todo, managers, sink, *, window: int, flush_seconds: float) -> tup
     return built, failed, tokens
 
 
-def _worker_restarts(managers) -> int:
+def _manager_stats(managers) -> tuple[int, list[dict]]:
+    """(worker failures the managers survived, each live manager's CPU seconds and engine requests)."""
     import ray
 
-    total = 0
+    total, cpu = 0, []
     for manager in managers:
         try:
-            total += ray.get(manager.stats.remote())["worker_restarts"]
-        except ray.exceptions.RayActorError as exc:  # a manager that died mid-build: its count is lost
+            stats = ray.get(manager.stats.remote())
+        except ray.exceptions.RayActorError as exc:  # a manager that died mid-build: its counts are lost
             log.warning("TreeManager stats unavailable (worker failures it saw are not counted): %s", exc)
-    return total
+            continue
+        total += stats["worker_restarts"]
+        cpu.append({"cpu_seconds": round(stats["cpu_seconds"], 3), "requests": stats["requests"]})
+    return total, cpu
 
 
 def print_summary(summary: BuildSummary, stream=sys.stdout) -> None:

@@ -110,16 +110,6 @@ async def run_mcts(engine: Engine, tokenizer: Tokenizer, prompt_token_ids, param
     return await search.run()
 
 
-def _most_confident(tree: Tree, nodes: list[int]) -> int:
-    """The first of ``nodes`` with the highest confidence (NaN counts as lowest); plain Python over a few nodes."""
-    confidence, best, chosen = tree.nodes["confidence"], -math.inf, nodes[0]
-    for node in nodes:
-        value = float(confidence[node])
-        if value > best:  # False for NaN
-            best, chosen = value, node
-    return chosen
-
-
 class _Search:
     """The state of one run of ``run_mcts`` (created per call, never reused)."""
 
@@ -338,7 +328,7 @@ class _Search:
             self._abandon(node)  # weights used up the node's width, so this cannot repeat for ever
             mcts.refresh_exhausted(tree, node, self._can_widen)
             return
-        child = _most_confident(tree, new)
+        child = mcts.most_confident(tree, new)
         tree.nodes["virtual_loss"][child] += 1  # the iteration now runs through the child
         if not self._evaluate_new(child):
             mcts.refresh_exhausted(tree, node, self._can_widen)

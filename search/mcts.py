@@ -269,6 +269,16 @@ def has_reflection_child(tree: Tree, node: int) -> bool:
     return bool((tree.nodes["kind"][tree.children(node)] == _REFLECTION).any())
 
 
+def most_confident(tree: Tree, nodes: list[int]) -> int:
+    """The first of ``nodes`` with the highest confidence (NaN counts as lowest); plain Python over a few nodes."""
+    confidence, best, chosen = tree.nodes["confidence"], -math.inf, nodes[0]
+    for node in nodes:
+        value = float(confidence[node])
+        if value > best:  # False for NaN
+            best, chosen = value, node
+    return chosen
+
+
 def best_child(tree: Tree, node: int) -> int:
     """The most-visited child (ties: the higher mean value)."""
     kids = tree.children(node)

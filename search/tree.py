@@ -153,11 +153,13 @@ class Tree:
         if confidences is None:
             confidences = chunk_token_confidence(chunk)
         n = self.nodes
-        valid = confidences[~np.isnan(confidences)]
-        total = valid.sum()
-        n["confidence"][node] = total / valid.size if valid.size else np.nan  # mean_confidence, summed once
+        total, count = confidences.sum(), confidences.size
+        if total != total:  # NaN: some tokens carry none (forced ones); sum the others
+            valid = confidences[~np.isnan(confidences)]
+            total, count = valid.sum(), valid.size
+        n["confidence"][node] = total / count if count else np.nan  # mean_confidence, summed once
         n["path_confidence_sum"][node] += total
-        n["path_generated"][node] += valid.size
+        n["path_generated"][node] += count
         n["finish_reason"][node] = chunk.finish_reason
         return node
 
