@@ -120,8 +120,8 @@ def bench_engine(config: ForestConfig, *, problems: int, repeats: int = 1, faste
 
     Forest searches ``build.max_active_trees`` problems at a time, as a build does, so with ``problems`` several
     times that the ramp-up and the last trees' tail weigh as little as in a build. Each of ``repeats`` rounds runs
-    Forest, then replays its requests at once; the figure is the median of the rounds' ratios (a rate on this VM
-    moves by 10-15% from one minute to the next)."""
+    Forest, then plain vLLM on its requests at Forest's peak concurrency at the engine; the figure is the median of
+    the rounds' ratios (a rate on this VM moves by 10-15% from one minute to the next)."""
     import ray
 
     from bench.engines import RequestLog

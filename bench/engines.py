@@ -58,7 +58,8 @@ class RequestLog:
 
     @property
     def mean_in_flight(self) -> float:
-        """Requests in flight on average, from the first request sent to the last one back."""
+        """Requests in flight on average (those waiting in the pool for a slot included), from the first request
+        sent to the last one back."""
         span = (self.last or 0.0) - (self.first or 0.0)
         return self.in_flight_seconds / span if span > 0 else float(self.in_flight)
 

@@ -75,6 +75,12 @@ def resolve_auto(config: ForestConfig, shape: ClusterShape | None = None) -> For
         "build": build.model_copy(update={"managers": managers})})
 
 
+def manager_placement() -> dict:
+    """TreeManagers reserve no CPU and spread over the nodes: a manager needs about a core per GPU it feeds
+    (docs/scaling.md), which GPU nodes' spare cores have and a small head node does not."""
+    return {"num_cpus": 0, "scheduling_strategy": "SPREAD"}
+
+
 def sink_placement(output: str) -> dict:
     """Ray options for the ParquetSink: a local path is only reachable on the driver's node, so pin the sink
     there; a filesystem URI (s3://, gs://, ...) is reachable from any node."""

@@ -82,7 +82,7 @@ def run_build(config: ForestConfig) -> BuildSummary:
     from actors.pool import open_pool
     from actors.sink import start_sink
     from actors.tree_manager import MAX_CONCURRENCY, ManagerSettings, TreeManager
-    from cluster.placement import resolve_auto
+    from cluster.placement import manager_placement, resolve_auto
     from cluster.runtime import connect
     from dataset.exports import write_exports
     from dataset.problems import read_problems
@@ -129,18 +129,18 @@ def run_build(config: ForestConfig) -> BuildSummary:
                 system_prompt=config.search.system_prompt, max_model_len=config.engine.max_model_len,
                 run_id=run_id, config_hash=digest, max_active_trees=b.max_active_trees,
                 max_in_flight_per_worker=config.max_in_flight_per_worker)
-            managers = [ray.remote(TreeManager).options(num_cpus=0, max_concurrency=MAX_CONCURRENCY,
+            managers = [ray.remote(TreeManager).options(**manager_placement(), max_concurrency=MAX_CONCURRENCY,
                                                         name=f"forest-build-{session}-manager-{i}")
                         .remote(pool.workers, sink, settings, pool.value_workers)
                         for i in range(min(b.managers, max(len(todo), 1)))]
             built, failed, tokens = _dispatch(todo, managers, sink, window=QUEUED_PER_SLOT * b.max_active_trees,
                                               flush_seconds=b.flush_seconds)
-            restarts, manager_cpu = _manager_stats(managers)
+            restarts, manager_stats = _manager_stats(managers)
         ray.get(sink.flush.remote())
         seconds = time.monotonic() - start
         manifest["sessions"] = manifest.get("sessions", []) + [{
             "session": session, "built": built, "failed": failed, "tokens": tokens, "seconds": round(seconds, 3),
-            "worker_failures": restarts, "engine": engine, "managers": manager_cpu}]
+            "worker_failures": restarts, "engine": engine, "managers": manager_stats}]
         manifest.update(updated=datetime.datetime.now(datetime.timezone.utc).isoformat(), versions=_versions())
         counts = write_exports(b.output, manifest)
     finally:
@@ -209,7 +209,7 @@ def _manager_stats(managers) -> tuple[int, list[dict]]:
     """(worker failures the managers survived, each live manager's CPU seconds and engine requests)."""
     import ray
 
-    total, cpu = 0, []
+    total, per_manager = 0, []
     for manager in managers:
         try:
             stats = ray.get(manager.stats.remote())
@@ -217,8 +217,8 @@ def _manager_stats(managers) -> tuple[int, list[dict]]:
             log.warning("TreeManager stats unavailable (worker failures it saw are not counted): %s", exc)
             continue
         total += stats["worker_restarts"]
-        cpu.append({"cpu_seconds": round(stats["cpu_seconds"], 3), "requests": stats["requests"]})
-    return total, cpu
+        per_manager.append({"cpu_seconds": round(stats["cpu_seconds"], 3), "requests": stats["requests"]})
+    return total, per_manager
 
 
 def print_summary(summary: BuildSummary, stream=sys.stdout) -> None:

@@ -73,7 +73,6 @@ def check_output(out: Path, good_ids: list[str]) -> None:
     assert all(e["dtype"] == "float32" and e["vllm_version"] and e["block_size"] > 0 for e in engines)
     managers = [m for session in manifest["sessions"] if session["built"] for m in session["managers"]]
     assert any(m["cpu_seconds"] > 0 and m["requests"] > 0 for m in managers), "managers record their CPU time"
-    assert sum(m["requests"] for m in managers) <= trees.requests.sum()  # a killed manager's count is lost
     pq.read_table(out / "pairs.parquet")
     for line in (out / "sft.jsonl").read_text().splitlines():
         assert set(json.loads(line)) == {"instruction", "response"}

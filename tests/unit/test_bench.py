@@ -100,3 +100,10 @@ def test_search_all_keeps_at_most_active_trees_in_flight():
     assert log.peak_in_flight == 2  # one request per tree, two trees at a time
     _, _ = asyncio.run(_search_all(lambda i: engine, TOK, prompts, params))
     assert log.peak_in_flight == 6  # all at once by default
+
+
+def test_engine_bench_refuses_zero_repeats(capsys):
+    from deploy.cli import main
+
+    assert main(["bench", "engine", "--repeats", "0"]) == 2
+    assert "--repeats must be >= 1" in capsys.readouterr().err

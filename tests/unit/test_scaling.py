@@ -116,3 +116,9 @@ def test_placement_per_device():
     assert EngineConfig(device="auto").resolved_device(cluster_gpus=0) == "cpu"
     assert EngineConfig(device="auto", tensor_parallel_size=2).resolved_device(cluster_gpus=1) == "cpu"
     assert EngineConfig(device="auto", tensor_parallel_size=2).resolved_device(cluster_gpus=8) == "cuda"
+
+
+def test_managers_spread_over_the_nodes_without_reserving_cpus():
+    from cluster.placement import manager_placement
+
+    assert manager_placement() == {"num_cpus": 0, "scheduling_strategy": "SPREAD"}
