@@ -122,7 +122,9 @@ def backup(tree: Tree, leaf: int, value: float, *, selected: int | None = None) 
 
 
 def _children_state(tree: Tree, node: int) -> tuple[int, bool]:
-    """(``generated_children``, whether ``node`` has children and every one is exhausted), in one pass."""
+    """(samples the model generated below ``node``, whether it has children and every one is exhausted), in one
+    pass. Merged samples count (their weights): a sample that repeated a sibling still used up a try. A reflection
+    child is forced, so not counted against the width."""
     n = tree.nodes
     kind, weight, exhausted = n["kind"], n["weight"], n["exhausted"]  # Python over the few children: no numpy
     generated, kids, all_exhausted = 0, tree.children(node).tolist(), True
@@ -131,12 +133,6 @@ def _children_state(tree: Tree, node: int) -> tuple[int, bool]:
             generated += int(weight[kid])
         all_exhausted = all_exhausted and bool(exhausted[kid])
     return generated, bool(kids) and all_exhausted
-
-
-def generated_children(tree: Tree, node: int) -> int:
-    """Samples the model generated below ``node``, merged ones included (their weights): a sample that repeated
-    a sibling still used up a try. A reflection child is forced, so not counted against the width."""
-    return _children_state(tree, node)[0]
 
 
 def allowed_width(tree: Tree, node: int, *, children: int, widening: float, max_width: int) -> int:
@@ -156,7 +152,7 @@ def _allowed_width(tree: Tree, node: int, state: tuple[int, bool], children: int
 
 
 def widen_room(tree: Tree, node: int, *, children: int, widening: float, max_width: int) -> int:
-    """How many more samples ``node`` may get now: ``allowed_width`` less ``generated_children`` (at least 0)."""
+    """How many more samples ``node`` may get now: ``allowed_width`` less the samples it has (at least 0)."""
     state = _children_state(tree, node)
     return max(_allowed_width(tree, node, state, children, widening, max_width) - state[0], 0)
 

@@ -170,6 +170,16 @@ def test_widening_allows_more_children_with_visits_and_after_every_child_failed(
     assert mcts.allowed_width(few, ROOT, children=2, widening=0.0, max_width=4) == 2
 
 
+def test_widen_room_counts_merged_samples_and_not_a_reflection_child():
+    tree = tree_with_children([4, 5], [1.0, 1.0], root_visits=16)
+    assert mcts.widen_room(tree, ROOT, children=2, widening=0.5, max_width=4) == 2  # width 4, two samples
+    assert mcts.widen_room(tree, ROOT, children=2, widening=0.0, max_width=4) == 0
+    tree.nodes["weight"][1] = 2  # a repeated sample merged into child 1 used up a try
+    assert mcts.widen_room(tree, ROOT, children=2, widening=0.5, max_width=4) == 1
+    tree.nodes["kind"][2] = NodeKind.REFLECTION  # forced text: not a sample
+    assert mcts.widen_room(tree, ROOT, children=2, widening=0.5, max_width=4) == 2
+
+
 def test_identical_samples_are_found_among_siblings():
     tree = tree_with_children([1, 1], [0.5, 0.5])
     assert mcts.find_sibling(tree, ROOT, np.array([11], dtype=np.int32)) == 2
