@@ -76,6 +76,8 @@ async def _sample(engine: Engine, prompt_token_ids, params: MCTSParams, *, tempe
     return tree, stats
 
 
+def _most_confident_sample(tree: Tree) -> int:
+    return most_confident(tree, tree.children(ROOT).tolist())
 
 
 def _result(tree: Tree, node: int, stats: SearchStats, tokenizer: Tokenizer) -> SearchResult:
@@ -100,7 +102,7 @@ async def best_of_n(engine: Engine, tokenizer: Tokenizer, prompt_token_ids, para
     tree, stats = await _sample(engine, prompt_token_ids, params, temperature=params.temperature, top_p=params.top_p,
                                 seed=params.seed, request_id=f"{request_prefix}best_of_n", on_progress=on_progress,
                                 spend_budget=True)
-    return _result(tree, most_confident(tree, tree.children(ROOT).tolist()), stats, tokenizer)
+    return _result(tree, _most_confident_sample(tree), stats, tokenizer)
 
 
 async def self_consistency(engine: Engine, tokenizer: Tokenizer, prompt_token_ids, params: MCTSParams, *,
@@ -115,7 +117,7 @@ async def self_consistency(engine: Engine, tokenizer: Tokenizer, prompt_token_id
         if answer is not None:
             votes[normalize_answer(answer)].append(int(node))
     if not votes:  # nobody answered: fall back to the most confident sample
-        return _result(tree, most_confident(tree, tree.children(ROOT).tolist()), stats, tokenizer)
+        return _result(tree, _most_confident_sample(tree), stats, tokenizer)
     conf = tree.nodes["confidence"]
     winner = max(votes.values(), key=lambda nodes: (len(nodes), float(np.nansum(conf[nodes]))))
     return _result(tree, max(winner, key=lambda node: conf[node]), stats, tokenizer)
@@ -136,7 +138,7 @@ async def best_of_n_prm(engine: Engine, tokenizer: Tokenizer, prompt_token_ids, 
     answers = [extract_answer(tokenizer.decode(tree.node_token_ids(k).tolist())) for k in kids]
     answered = [(k, a) for k, a in zip(kids, answers, strict=True) if a is not None]
     if not answered:
-        return _result(tree, most_confident(tree, tree.children(ROOT).tolist()), stats, tokenizer)
+        return _result(tree, _most_confident_sample(tree), stats, tokenizer)
     requests = [ScoreRequest(ids := tree.prompt_for(k), (len(ids) - 1,), request_id=f"{request_prefix}v{i}")
                 for i, (k, _) in enumerate(answered)]
     scores = [float(np.asarray(s)[-1]) for s in await asyncio.gather(*(engine.score(r) for r in requests))]

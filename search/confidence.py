@@ -46,8 +46,7 @@ def chunk_token_confidence(chunk: Chunk) -> np.ndarray:
 def with_confidences(chunk: Chunk) -> Chunk:
     """``chunk`` carrying its token confidences. Engine adapters call this where a chunk is made, so the work runs
     in the worker, beside the engine, and not on the tree manager's one core."""
-    return dataclasses.replace(
-        chunk, confidences=token_confidence(chunk.token_ids, chunk.logprobs, chunk.top_ids, chunk.top_logprobs))
+    return dataclasses.replace(chunk, confidences=chunk_token_confidence(chunk))
 
 
 def mean_confidence(confidences: np.ndarray) -> float:

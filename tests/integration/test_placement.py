@@ -2,7 +2,7 @@
 and ``auto`` counts derived from the cluster. Probe actors stand where GeneratorWorkers would (no GPU exists)."""
 
 from cluster.config import EngineConfig, load_config
-from cluster.placement import GPUS_PER_MANAGER, ClusterShape, resolve_auto, worker_placement
+from cluster.placement import ClusterShape, resolve_auto, worker_placement
 
 
 class Probe:
@@ -61,7 +61,7 @@ def test_auto_counts_come_from_the_cluster(ray_cluster):
     gpu = load_config(None, workers="auto", **{"engine.device": "cuda", "build.managers": "auto"})
     resolved = resolve_auto(gpu)
     assert (resolved.workers, resolved.engine.tensor_parallel_size) == (4, 1)
-    assert resolved.build.managers == 4 == 4 // GPUS_PER_MANAGER  # one manager per worker
+    assert resolved.build.managers == 4  # GPUS_PER_MANAGER = 1: one manager per worker
     tp2 = resolve_auto(load_config(None, workers="auto", **{"engine.device": "cuda",
                                                              "engine.tensor_parallel_size": 2}))
     assert tp2.workers == 2
