@@ -9,7 +9,9 @@ raises ``EngineDeadError`` so the caller can re-send the work to another worker.
 
 from __future__ import annotations
 
+import inspect
 import json
+import logging
 import os
 import time
 import uuid
@@ -22,8 +24,11 @@ from cluster.config import EngineConfig
 from search.confidence import with_confidences
 from search.protocol import TOP_K, Chunk, EngineDeadError, EngineError, FinishReason, GenerationRequest, ScoreRequest
 
+CPU_EXECUTOR = "uni"  # a CPU engine runs its model in the engine-core process (see _engine_args)
 CPU_MIN_BATCHED_TOKENS = 8192  # tokens one CPU engine step may take (whole prefills need at least max_model_len)
 FAST_BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})  # /proc/cpuinfo flags of CPUs with bfloat16 units
+
+log = logging.getLogger(__name__)
 
 _FINISH = {"length": FinishReason.LENGTH, "stop": FinishReason.STOP, "abort": FinishReason.ABORTED}
 """vLLM's finish reasons; any other (``error``, or none for an unfinished output) fails the request."""
@@ -88,6 +93,7 @@ def _engine_args(config: EngineConfig, *, seed: int, device: str, pooling: bool 
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     cpu_only = {}
+    backend = None
     if device == "cpu":  # else the CPU build claims most of the RAM for its KV cache
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(config.cpu_kvcache_gib)
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # several workers may share the cores
@@ -95,8 +101,14 @@ def _engine_args(config: EngineConfig, *, seed: int, device: str, pooling: bool 
         # request's torch.Generator by an offset, which CPU generators do not have. Whole prefills avoid that.
         cpu_only = {"enable_chunked_prefill": False,
                     "max_num_batched_tokens": max(config.max_model_len, CPU_MIN_BATCHED_TOKENS)}
-    # Tensor parallelism on GPUs: vLLM starts its shard workers in the actor's placement group.
-    backend = "ray" if device == "cuda" and config.tensor_parallel_size > 1 else None
+        if config.tensor_parallel_size == 1:
+            # The model runs inside vLLM's engine-core process. vLLM's CPU platform turns "uni" into its multiprocess
+            # executor unless this is "0"; that one puts the model in a third process, and the engine core waits for
+            # each step in a sched_yield loop that takes up to a whole core (of two, on a small machine).
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+            backend = CPU_EXECUTOR
+    elif config.tensor_parallel_size > 1:  # GPUs: vLLM starts its shard workers in the actor's placement group
+        backend = "ray"
     runner = {"runner": "pooling", "enable_prefix_caching": False} if pooling else {
         "max_logprobs": TOP_K, "enable_prefix_caching": config.enable_prefix_caching}
     return AsyncEngineArgs(
@@ -147,6 +159,38 @@ def _chunk(completion, token_ids, logprobs, top_ids, top_lps, eos_token_id: int,
     return with_confidences(Chunk(token_ids, logprobs, top_ids, top_lps, finish, num_cached_tokens))
 
 
+def skip_logprob_token_text() -> bool:
+    """Stop vLLM's front end from decoding each logprob's token id to text; True when it is (now) skipped.
+
+    vLLM turns every returned logprob (the sampled token and the top 5: six per generated token) into text for
+    ``Logprob.decoded_token``, checking byte-fallback pieces against their context. Forest reads only the ids and
+    logprobs, and that decoding was about a third of a worker process's CPU time (a py-spy profile during
+    ``forest bench engine``), taken from the cores the engine runs on. A logprobs processor without a tokenizer
+    leaves the text out (``decoded_token`` None), as vLLM does with ``detokenize=False``; the output text, and so
+    stop strings, has its own detokenizer and is unaffected. The hook is vLLM's ``LogprobsProcessor``
+    constructor; where a vLLM version has no such hook, the text is decoded as before (said in the log).
+    """
+    try:
+        from vllm.v1.engine.logprobs import LogprobsProcessor
+    except ImportError as exc:
+        log.warning("vLLM decodes logprob token texts (no LogprobsProcessor to skip them: %s)", exc)
+        return False
+    build = LogprobsProcessor.__dict__.get("from_new_request")
+    if getattr(getattr(build, "__func__", None), "forest_skips_text", False):
+        return True
+    if not isinstance(build, classmethod) or "tokenizer" not in inspect.signature(build.__func__).parameters:
+        log.warning("vLLM decodes logprob token texts (LogprobsProcessor.from_new_request takes no tokenizer)")
+        return False
+    original = build.__func__
+
+    def from_new_request(cls, tokenizer, request):
+        return original(cls, tokenizer=None, request=request)
+
+    from_new_request.forest_skips_text = True
+    LogprobsProcessor.from_new_request = classmethod(from_new_request)
+    return True
+
+
 class VLLMEngine:
     """One vLLM engine implementing ``search.protocol.Engine`` (the GPU build or the CPU build)."""
 
@@ -154,6 +198,7 @@ class VLLMEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self.config, self.seed, self.device = config, seed, device
+        skip_logprob_token_text()
         self.engine = AsyncLLM.from_engine_args(_engine_args(config, seed=seed, device=device))
         self.eos_token_id = self.engine.tokenizer.eos_token_id if hasattr(self.engine, "tokenizer") else None
         if self.eos_token_id is None:
@@ -269,6 +314,7 @@ def engine_settings(engine, config: EngineConfig, device: str) -> dict:
             "max_model_len": int(model.max_model_len), "block_size": vllm_config.cache_config.block_size,
             "prefix_caching": bool(vllm_config.cache_config.enable_prefix_caching),
             "tensor_parallel_size": vllm_config.parallel_config.tensor_parallel_size,
+            "executor": str(vllm_config.parallel_config.distributed_executor_backend),
             "runner": str(model.runner_type), "vllm_version": vllm.__version__}
 
 

@@ -71,6 +71,7 @@ def check_output(out: Path, good_ids: list[str]) -> None:
     engines = [session["engine"] for session in manifest["sessions"] if session["engine"]]
     assert engines, "a session that started workers records the engine settings vLLM ran with"
     assert all(e["dtype"] == "float32" and e["vllm_version"] and e["block_size"] > 0 for e in engines)
+    assert all(e["executor"] == "uni" for e in engines), "CPU engines run the model in the engine-core process"
     managers = [m for session in manifest["sessions"] if session["built"] for m in session["managers"]]
     assert any(m["cpu_seconds"] > 0 and m["requests"] > 0 for m in managers), "managers record their CPU time"
     pq.read_table(out / "pairs.parquet")

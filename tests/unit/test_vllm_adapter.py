@@ -1,11 +1,20 @@
 """The vLLM adapter's conversions, on vLLM-shaped outputs (no engine)."""
 
 import json
+import os
 from types import SimpleNamespace as Output
 
 import pytest
 
-from actors.vllm_engine import chunk_from_output, cpu_has_fast_bf16, resolve_dtype
+from actors.vllm_engine import (
+    CPU_EXECUTOR,
+    _engine_args,
+    chunk_from_output,
+    cpu_has_fast_bf16,
+    resolve_dtype,
+    skip_logprob_token_text,
+)
+from cluster.config import EngineConfig
 from search.protocol import EngineError, FinishReason
 
 def test_vllm_flat_logprobs_become_fixed_shape_chunks():
@@ -53,3 +62,30 @@ def test_cpu_bf16_support_is_read_from_the_cpu_flags(tmp_path):
     info.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_tile\n")
     assert cpu_has_fast_bf16(str(info))
     assert not cpu_has_fast_bf16(str(tmp_path / "missing"))
+
+
+def test_logprobs_are_returned_without_their_token_texts():
+    """vLLM's logprobs processor gets no tokenizer, so it decodes no token texts (Forest reads ids and logprobs);
+    the hook is installed once however often engines start."""
+    from vllm.v1.engine.logprobs import LogprobsProcessor
+
+    assert skip_logprob_token_text()
+    hook = LogprobsProcessor.__dict__["from_new_request"].__func__
+    assert skip_logprob_token_text() and LogprobsProcessor.__dict__["from_new_request"].__func__ is hook
+    request = Output(sampling_params=Output(num_logprobs=5, prompt_logprobs=None, flat_logprobs=True))
+    processor = LogprobsProcessor.from_new_request(tokenizer=object(), request=request)
+    assert processor.tokenizer is None and processor.num_logprobs == 5 and processor.logprobs is not None
+
+
+@pytest.mark.parametrize(("device", "tensor_parallel_size", "backend"), [
+    ("cpu", 1, CPU_EXECUTOR),  # the model in the engine-core process: no third process waiting in a spin loop
+    ("cuda", 1, None),  # vLLM's default
+    ("cuda", 2, "ray"),  # shards in the worker's placement group
+])
+def test_the_executor_suits_the_device(monkeypatch, device, tensor_parallel_size, backend):
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    for name in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND"):
+        monkeypatch.delenv(name, raising=False)
+    args = _engine_args(EngineConfig(tensor_parallel_size=tensor_parallel_size), seed=0, device=device)
+    assert args.distributed_executor_backend == backend
+    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == ("0" if backend == CPU_EXECUTOR else "1")
