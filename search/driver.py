@@ -136,6 +136,7 @@ class _Search:
         self.reflection_ids = tokenizer.encode(REFLECTION_PHRASE + params.granularity.delimiter)
         self._token_text: dict[int, str] = {}  # one token's text, for splitting rollouts into steps
         self._answers: dict[int, str | None] = {}  # final.line_answer of each terminal node valued so far
+        self._answer_tags: set[int] = set()  # generated nodes whose text (with its overlap) holds an answer tag
 
     async def run(self) -> SearchResult:
         start = self.clock()
@@ -337,17 +338,20 @@ class _Search:
                    confidences: np.ndarray | None = None) -> tuple[int, bool]:
         """Add a generated child and mark it terminal; returns (child, whether it ends the thought)."""
         tree, p = self.tree, self.params
-        finished, thought_ends = self._chunk_ends(parent, chunk)
+        finished, thought_ends, tagged = self._chunk_ends(parent, chunk)
         child = tree.add_chunk(parent, chunk, kind=kind, confidences=confidences)
+        if tagged:
+            self._answer_tags.add(child)
         tree.nodes["is_terminal"][child] = (finished or tree.nodes["depth"][child] >= p.max_depth
                                             or tree.path_length(child) >= p.max_path_tokens)
         return child, thought_ends
 
-    def _chunk_ends(self, parent: int, chunk: Chunk) -> tuple[bool, bool]:
-        """(whether the model finished its answer in ``chunk``, whether the chunk ends the thought)."""
+    def _chunk_ends(self, parent: int, chunk: Chunk) -> tuple[bool, bool, bool]:
+        """(whether the model finished its answer in ``chunk``, whether the chunk ends the thought, whether its
+        text holds an answer tag)."""
         text = mcts.chunk_text(self.tree, parent, chunk.token_ids, self.tokenizer.decode)
         finished = mcts.ends_by_model(chunk, text, self.tokenizer.eos_token_id)
-        return finished, mcts.ends_thought(text, finished)
+        return finished, mcts.ends_thought(text, finished), mcts.holds_answer_tag(text)
 
     def _apply_rollout(self, node: int, chunk: Chunk) -> None:
         """The rollout's steps become a chain of children below ``node``, down to a terminal leaf; the line is
@@ -421,10 +425,21 @@ class _Search:
         """(answer, mean token confidence) of the line ending at ``end``; None when the model did not finish it
         with an answer."""
         if end not in self._answers:
-            response = self.tokenizer.decode(self.tree.path_token_ids(end).tolist())
-            self._answers[end] = final.line_answer(self.tree, end, response)
+            self._answers[end] = final.line_answer(self.tree, end, self._answer_text(end))
         answer = self._answers[end]
         return None if answer is None else (answer, self._path_confidence(end))
+
+    def _answer_text(self, end: int) -> str:
+        """What ``final.line_answer`` reads of the line ending at ``end``: its text from a few tokens before the
+        first node that holds an answer tag (every tag of the line lies after that point), so a long line is not
+        decoded whole; empty when no node holds one (then the line has no answer)."""
+        tree, path = self.tree, self.tree.path(end)
+        first = next((i for i, node in enumerate(path) if node in self._answer_tags), None)
+        if first is None:
+            return ""
+        parts = [tree.path_tail_ids(path[first - 1], mcts.TEXT_OVERLAP_TOKENS)]  # path[0] is the root: no tags
+        parts += [tree.node_token_ids(node) for node in path[first:]]
+        return self.tokenizer.decode(np.concatenate(parts).tolist())
 
     def _path_confidence(self, end: int) -> float:
         """Mean token confidence along the path, root to ``end`` (forced reflection tokens carry none)."""

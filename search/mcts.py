@@ -238,6 +238,11 @@ def ends_by_model(chunk: Chunk, text: str, eos_token_id: int) -> bool:
     return int(chunk.token_ids[-1]) == eos_token_id or OUTPUT_END in text
 
 
+def holds_answer_tag(text: str) -> bool:
+    """The text opens or closes an ``<Output>`` block (what a line's answer is read from)."""
+    return OUTPUT_START in text or OUTPUT_END in text
+
+
 def ends_thought(text: str, finished: bool) -> bool:
     """Where a reflection may go instead: the thought closes in this chunk, or the answer ends."""
     return finished or THOUGHT_END in text or OUTPUT_START in text

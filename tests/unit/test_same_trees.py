@@ -55,5 +55,41 @@ def test_the_same_seeds_give_the_same_trees(name):
     assert fingerprint(name) == EXPECTED[name]
 
 
+@pytest.mark.parametrize("granularity", ["step", "mini_step:16", "mini_step:4"])
+def test_answers_read_from_the_line_tail_equal_those_of_the_whole_line(granularity):
+    """The search reads a line's answer from the text after its first answer tag; it finds what decoding the
+    whole line finds, for every valued line."""
+    from search import final
+    from search.driver import _Search
+
+    for seed in range(3):
+        params = MCTSParams(budget=Budget(iterations=24), seed=seed, granularity=Granularity.parse(granularity),
+                            max_depth=64, max_path_tokens=1000)
+        search = _Search(SimulatedEngine(TOK, seed=seed, steps=4), TOK, TOK.encode(build_prompt(f"tail {seed}")),
+                         params, None, "", lambda: 0.0)
+        asyncio.run(search.run())
+        answered = {leaf: answer for leaf, answer in search._answers.items() if answer is not None}
+        assert answered, "some lines must end with an answer"
+        for leaf, answer in search._answers.items():
+            whole = TOK.decode(search.tree.path_token_ids(leaf).tolist())
+            assert answer == final.line_answer(search.tree, leaf, whole)
+
+
+def test_an_answer_tag_split_across_chunks_is_still_read():
+    """One character per token, chunks cut inside both tags: the overlap with the parent's tokens keeps them."""
+    from search.driver import _Search
+    from search.protocol import TOP_K, Chunk, FinishReason
+
+    search = _Search(SimulatedEngine(TOK), TOK, TOK.encode(build_prompt("split")), MCTSParams(max_depth=16), None,
+                     "", lambda: 0.0)
+    node = 0
+    for piece in ["Ann has 42.\n<Out", "put>4", "2</Out", "put>"]:
+        ids = np.array([TOK.ids[c] for c in piece], dtype=np.int32)
+        zeros = np.zeros((len(ids), TOP_K), dtype=np.float32)
+        chunk = Chunk(ids, np.zeros(len(ids), dtype=np.float32), zeros.astype(np.int32), zeros, FinishReason.STOP, 0)
+        node, _ = search._add_child(node, chunk)
+    assert search._finished_line(node)[0] == "42"
+
+
 if __name__ == "__main__":
     print({name: fingerprint(name) for name in sorted(CASES)})
