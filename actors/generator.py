@@ -17,6 +17,8 @@ log = logging.getLogger(__name__)
 
 EXIT_DELAY_SECONDS = 0.2
 """After its engine dies the worker exits this long after answering, so the caller hears why first."""
+WATCH_SECONDS = 2.0
+"""How often a worker asks its vLLM engine whether it died (see ``watch_engine``)."""
 
 
 def exit_for_restart(engine: str) -> None:
@@ -26,11 +28,25 @@ def exit_for_restart(engine: str) -> None:
     asyncio.get_running_loop().call_later(EXIT_DELAY_SECONDS, os._exit, 1)
 
 
+def watch_engine(engine, name: str) -> asyncio.Task:
+    """Exit for a restart once the vLLM ``engine`` (an ``AsyncLLM``) reports itself dead, even if no request
+    noticed: a request that reached the engine just as its core process died can wait for ever (seen on the pooling
+    runner), and the actor's exit fails it, so the caller re-sends it to a restarted worker."""
+
+    async def watch() -> None:
+        while not engine.errored:
+            await asyncio.sleep(WATCH_SECONDS)
+        exit_for_restart(name)
+
+    return asyncio.ensure_future(watch())
+
+
 class GeneratorWorker:
     """One vLLM engine as a Ray actor; a dead engine makes the actor exit, and Ray restarts it (``max_restarts``)."""
 
     def __init__(self, config: EngineConfig, seed: int, device: str):
         self.engine = VLLMEngine(config, seed=seed, device=device)
+        self._watch: asyncio.Task | None = None  # watch_engine, from the first check_health
 
     async def generate(self, request: GenerationRequest) -> list[Chunk]:
         try:
@@ -46,6 +62,8 @@ class GeneratorWorker:
         return self.engine.settings()
 
     async def check_health(self) -> bool:
+        """The engine answers; the first call (every pool makes it before sending work) starts the watch."""
+        self._watch = self._watch or watch_engine(self.engine.engine, "engine")
         await self.engine.check_health()
         return True
 

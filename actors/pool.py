@@ -245,21 +245,26 @@ class WorkerPool:
             return chunks
 
     async def score(self, request: ScoreRequest):
-        """A value-model score from the ValueWorkers, in turn; a dead one is skipped while Ray restarts it."""
+        """A value-model score from the ValueWorkers, in turn; a dead one is skipped, and while none answers the
+        request waits for Ray to restart one (as generations wait for a GeneratorWorker), up to
+        ``REVIVE_TIMEOUT_SECONDS``."""
         if not self.value_workers:
             raise EngineError("no value model is configured (value_model in the config)")
-        last = None
-        for _ in range(2 * len(self.value_workers) + 2):
+        deadline, warned = time.monotonic() + REVIVE_TIMEOUT_SECONDS, False
+        while True:
             index = self._next_value % len(self.value_workers)
             self._next_value += 1
             try:
                 async with self.value_slots[index]:
                     return await self.engine_for(self.value_workers[index]).score(request)
             except EngineDeadError as exc:
-                last = exc
-                log.warning("ValueWorker %d is down (%s); trying another", index, exc)
+                if time.monotonic() > deadline:
+                    raise EngineDeadError(f"no ValueWorker could score the request within "
+                                          f"{REVIVE_TIMEOUT_SECONDS:.0f} s: {exc}") from exc
+                if not warned:  # once per request: many wait through the same restart
+                    log.warning("ValueWorker %d is down (%s); retrying until one answers", index, exc)
+                    warned = True
                 await asyncio.sleep(PROBE_SECONDS)
-        raise EngineDeadError(f"no ValueWorker could score the request: {last}")
 
     async def search(self, strategy: Strategy, tokenizer, prompt_token_ids: Sequence[int], params: MCTSParams,
                      **kwargs) -> SearchResult:

@@ -6,10 +6,12 @@ Started, placed and restarted like a GeneratorWorker (``actors.pool``); searches
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 
-from actors.generator import exit_for_restart
-from actors.vllm_engine import VLLMScorer
+from actors.generator import exit_for_restart, watch_engine
+from actors.vllm_engine import VLLMScorer, process_ids
 from cluster.config import EngineConfig
 from search.protocol import EngineDeadError, ScoreRequest
 
@@ -19,6 +21,7 @@ class ValueWorker:
 
     def __init__(self, config: EngineConfig, seed: int, device: str):
         self.scorer = VLLMScorer(config, seed=seed, device=device)
+        self._watch: asyncio.Task | None = None  # watch_engine, from the first check_health
 
     async def score(self, request: ScoreRequest) -> np.ndarray:
         try:
@@ -30,7 +33,13 @@ class ValueWorker:
     def engine_settings(self) -> dict:
         return self.scorer.settings()
 
+    def process_ids(self) -> tuple[int, tuple[int, ...]]:
+        """(the worker's pid, its engine processes' pids)."""
+        return process_ids()
+
     async def check_health(self) -> bool:
+        """The engine answers; the first call (every pool makes it before sending work) starts the watch."""
+        self._watch = self._watch or watch_engine(self.scorer.engine, "value engine")
         await self.scorer.check_health()
         return True
 

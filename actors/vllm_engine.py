@@ -48,6 +48,12 @@ class WorkerStats:
     engine_pids: tuple[int, ...]  # its child processes (vLLM's engine core), for operators and fault injection
 
 
+def process_ids() -> tuple[int, tuple[int, ...]]:
+    """This process's id and its children's (vLLM's engine core), for operators and fault injection."""
+    process = psutil.Process()
+    return process.pid, tuple(p.pid for p in process.children(recursive=True))
+
+
 def model_dtype(model: str) -> str | None:
     """The dtype a model's ``config.json`` declares (``torch_dtype``, or ``dtype`` in newer files), if any."""
     try:
@@ -284,10 +290,8 @@ class VLLMEngine:
 
     def stats(self) -> WorkerStats:
         busy = self._busy_total + (time.monotonic() - self._busy_since if self._busy_since else 0.0)
-        process = psutil.Process()
         return WorkerStats(self.seed, self.in_flight, self.done, self.failed, self.prompt_tokens,
-                           self.cached_prompt_tokens, self.generated_tokens, busy, process.pid,
-                           tuple(p.pid for p in process.children(recursive=True)))
+                           self.cached_prompt_tokens, self.generated_tokens, busy, *process_ids())
 
     def settings(self) -> dict:
         """The engine settings vLLM actually runs with (the resolved dtype, not ``auto``), for manifests."""

@@ -83,3 +83,22 @@ def test_a_search_values_its_nodes_with_the_value_worker(workers, value_worker, 
     assert result.stats.value_requests >= len(scored) > 0
     for node, check in zip(scored, checks, strict=True):
         assert result.tree.mean_value(node) == pytest.approx(float(check[0]), abs=1e-5)
+
+
+def test_a_killed_value_engine_restarts_and_the_request_waits_for_it(workers, value_worker, ray_cluster):
+    """Kill the ValueWorker's engine: Ray restarts the worker with a fresh engine, and a score request sent through
+    the pool meanwhile is answered once it is back (as generations wait for a GeneratorWorker)."""
+    import os
+    import signal
+
+    pid, engine_pids = ray_cluster.get(value_worker.process_ids.remote())
+    assert engine_pids and pid not in engine_pids
+    for engine_pid in engine_pids:
+        os.kill(engine_pid, signal.SIGKILL)
+    request = ScoreRequest(np.asarray([5, 6, 7], dtype=np.int32), (1, 2))
+
+    async def through_the_pool():
+        return await WorkerPool(workers[:1], max_in_flight=4, value_workers=[value_worker]).score(request)
+
+    assert asyncio.run(through_the_pool()).shape == (2,)
+    assert ray_cluster.get(value_worker.process_ids.remote())[0] != pid, "the worker was restarted"

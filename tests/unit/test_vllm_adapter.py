@@ -89,3 +89,25 @@ def test_the_executor_suits_the_device(monkeypatch, device, tensor_parallel_size
     args = _engine_args(EngineConfig(tensor_parallel_size=tensor_parallel_size), seed=0, device=device)
     assert args.distributed_executor_backend == backend
     assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == ("0" if backend == CPU_EXECUTOR else "1")
+
+
+def test_a_worker_exits_once_its_engine_reports_itself_dead(monkeypatch):
+    """The watch needs no request to notice: it exits (for Ray's restart) when the engine says it errored."""
+    import asyncio
+
+    from actors import generator
+
+    exits = []
+    monkeypatch.setattr(generator, "WATCH_SECONDS", 0.01)
+    monkeypatch.setattr(generator, "exit_for_restart", exits.append)
+    engine = Output(errored=False)
+
+    async def scenario():
+        watch = generator.watch_engine(engine, "engine")
+        await asyncio.sleep(0.05)
+        assert not exits and not watch.done()
+        engine.errored = True
+        await asyncio.wait_for(watch, timeout=1.0)
+
+    asyncio.run(scenario())
+    assert exits == ["engine"]
