@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from bench.benchmarks import RAW_TOKEN_BYTES, Figure, bench_manager, bench_memory
+from bench.benchmarks import RAW_TOKEN_BYTES, Figure, bench_manager, bench_memory, fastest_setting
 from bench.engines import CannedEngine, LevelSyncEngine, RecordingEngine, RequestLog
 from search import Budget, MCTSParams, build_prompt, run_mcts
 from search.simulated import SimulatedEngine, SimulatedTokenizer
@@ -107,3 +107,9 @@ def test_engine_bench_refuses_zero_repeats(capsys):
 
     assert main(["bench", "engine", "--repeats", "0"]) == 2
     assert "--repeats must be >= 1" in capsys.readouterr().err
+
+
+def test_the_fastest_setting_is_the_best_median_not_the_best_single_rate():
+    rates = {"float32/eager": [2900.0, 3000.0, 3100.0], "float32/compiled": [2500.0, 3600.0, 2600.0]}
+    assert fastest_setting(rates) == ("float32/eager", 3000.0)  # compiled's one fast round is not its rate
+    assert fastest_setting({"a": [1.0], "b": [2.0]}) == ("b", 2.0)
