@@ -135,6 +135,7 @@ class _Search:
         self.on_progress: ProgressCallback | None = None
         self.reflection_ids = tokenizer.encode(REFLECTION_PHRASE + params.granularity.delimiter)
         self._token_text: dict[int, str] = {}  # one token's text, for splitting rollouts into steps
+        self._tags = mcts.TagTokens(tokenizer.decode)  # chunks whose text need not be decoded to look for tags
         self._answers: dict[int, str | None] = {}  # final.line_answer of each terminal node valued so far
         self._answer_tags: set[int] = set()  # generated nodes whose text (with its overlap) holds an answer tag
 
@@ -349,7 +350,7 @@ class _Search:
     def _chunk_ends(self, parent: int, chunk: Chunk) -> tuple[bool, bool, bool]:
         """(whether the model finished its answer in ``chunk``, whether the chunk ends the thought, whether its
         text holds an answer tag)."""
-        text = mcts.chunk_text(self.tree, parent, chunk.token_ids, self.tokenizer.decode)
+        text = mcts.chunk_text(self.tree, parent, chunk.token_ids, self.tokenizer.decode, self._tags)
         finished = mcts.ends_by_model(chunk, text, self.tokenizer.eos_token_id)
         return finished, mcts.ends_thought(text, finished), mcts.holds_answer_tag(text)
 

@@ -225,10 +225,37 @@ def slice_chunk(chunk: Chunk, start: int, end: int, finish: FinishReason) -> Chu
                  chunk.top_logprobs[start:end], finish, chunk.num_cached_tokens, confidences)
 
 
-def chunk_text(tree: Tree, parent: int, chunk_ids: np.ndarray, decode) -> str:
-    """The chunk decoded with a few tokens of its parent's path in front (to see tags split across chunks)."""
-    tail = tree.path_tail_ids(parent, TEXT_OVERLAP_TOKENS)
-    return decode(np.concatenate([tail, chunk_ids]).tolist())
+TAG_OPENER = "<"
+"""Every tag the search reads (``<Output>``, ``</Output>``, ``</Thought>``) starts with it, so text without it
+holds none."""
+
+
+class TagTokens:
+    """Which token ids decode to text holding ``TAG_OPENER``, learnt one id at a time, so that a chunk none of whose
+    tokens does is known to hold no tag without decoding it. Sound for any tokenizer whose text is its tokens' texts
+    joined, byte pieces included: an ASCII character is never part of a multi-byte one."""
+
+    def __init__(self, decode: Callable[[list[int]], str]):
+        self.decode = decode
+        self.known: set[int] = set()
+        self.opens: set[int] = set()  # of those, the ids whose text holds TAG_OPENER
+
+    def may_hold_tag(self, token_ids: list[int]) -> bool:
+        if not self.known.issuperset(token_ids):  # set operations: no Python loop over a chunk's tokens
+            for token in set(token_ids).difference(self.known):
+                if TAG_OPENER in self.decode([token]):
+                    self.opens.add(token)
+                self.known.add(token)
+        return not self.opens.isdisjoint(token_ids)
+
+
+def chunk_text(tree: Tree, parent: int, chunk_ids: np.ndarray, decode, tags: TagTokens | None = None) -> str:
+    """The chunk decoded with a few tokens of its parent's path in front (to see tags split across chunks); with
+    ``tags``, empty when none of those tokens can start a tag (the only thing the text is read for)."""
+    ids = np.concatenate([tree.path_tail_ids(parent, TEXT_OVERLAP_TOKENS), chunk_ids]).tolist()
+    if tags is not None and not tags.may_hold_tag(ids):
+        return ""
+    return decode(ids)
 
 
 def ends_by_model(chunk: Chunk, text: str, eos_token_id: int) -> bool:

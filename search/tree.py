@@ -65,13 +65,15 @@ def _allocate(columns: dict, capacity: int, extra: dict[str, tuple] | None = Non
 
 
 GROWTH = 1.125  # capacity grows by 1/8: amortised O(1) appends, at most ~12.5% unused (`forest bench memory`)
+MIN_NODE_GROWTH = 64  # ... and by at least this many rows, so a small tree is not copied at every few appends
+MIN_TOKEN_GROWTH = 512  # (24 KiB of token columns: under 6% of a tree of 8,000 tokens)
 
 
-def _grow(arrays: dict[str, np.ndarray], needed: int) -> None:
+def _grow(arrays: dict[str, np.ndarray], needed: int, min_growth: int) -> None:
     capacity = len(next(iter(arrays.values())))
     if needed <= capacity:
         return
-    new_capacity = max(needed, int(capacity * GROWTH) + 16)
+    new_capacity = max(needed, int(capacity * GROWTH), capacity + min_growth)
     for name, old in arrays.items():  # new rows are initialised by whoever claims them
         grown = np.zeros((new_capacity, *old.shape[1:]), dtype=old.dtype)
         grown[:capacity] = old
@@ -104,7 +106,7 @@ class Tree:
         """A new node; its depth is its distance from the root (a rollout too, though it is not a child)."""
         node = self.num_nodes
         if node >= len(self.nodes["parent"]):
-            _grow(self.nodes, node + 1)
+            _grow(self.nodes, node + 1, MIN_NODE_GROWTH)
         self.nodes["children"][node] = NO_CHILD
         self.num_nodes += 1
         n = self.nodes
@@ -133,7 +135,7 @@ class Tree:
         count = len(token_ids)
         start = self.num_tokens
         if start + count > len(self.tokens["token_ids"]):
-            _grow(self.tokens, start + count)
+            _grow(self.tokens, start + count, MIN_TOKEN_GROWTH)
         t = self.tokens
         t["token_ids"][start:start + count] = token_ids
         forced = logprobs is None
@@ -199,6 +201,9 @@ class Tree:
     def path_tail_ids(self, node: int, count: int) -> np.ndarray:
         """The last ``count`` generated token ids on the path root..``node`` (fewer when the path is shorter)."""
         n, parts, have = self.nodes, [], 0
+        if node != NO_PARENT and n["token_end"][node] - n["token_start"][node] >= count:  # its own tokens suffice
+            end = n["token_end"][node]
+            return self.tokens["token_ids"][end - count:end]
         while node != NO_PARENT and have < count:
             ids = self.node_token_ids(node)
             parts.append(ids)

@@ -250,3 +250,41 @@ def test_split_points_agrees_with_the_token_by_token_reference(max_step_tokens):
         texts = lambda tokens: [tok.vocab[t] for t in tokens]  # noqa: E731
         assert mcts.split_points(ids, granularity, texts) == _split_points_token_by_token(
             ids, granularity, tok.vocab.__getitem__)
+
+
+def test_path_tail_ids_from_one_node_equals_the_walk_over_the_path():
+    tree = Tree([1, 2, 3], max_children=2)
+    a = tree.add_chunk(ROOT, chunk([10, 11, 12]))
+    b = tree.add_chunk(a, chunk([20, 21, 22, 23, 24, 25, 26, 27, 28, 29]))
+    c = tree.add_chunk(b, chunk([30, 31]))
+    assert tree.path_tail_ids(b, 8).tolist() == [22, 23, 24, 25, 26, 27, 28, 29]  # b's own tokens suffice
+    assert tree.path_tail_ids(c, 8).tolist() == [24, 25, 26, 27, 28, 29, 30, 31]  # across b and c
+    assert tree.path_tail_ids(a, 8).tolist() == [10, 11, 12]  # the path is shorter
+    assert tree.path_tail_ids(ROOT, 8).tolist() == [] and tree.path_tail_ids(b, 0).tolist() == []
+
+
+class CountingTokenizer:
+    """Two-character tokens: id i is the i-th entry of ``vocab``; counts decode calls of more than one token."""
+
+    vocab = ["ab", "cd", "<O", "ut", "pu", "t>", "ef"]
+
+    def __init__(self):
+        self.long_decodes = 0
+
+    def decode(self, ids):
+        self.long_decodes += len(ids) > 1
+        return "".join(self.vocab[i] for i in ids)
+
+
+def test_a_chunk_without_a_tag_opener_is_not_decoded_and_one_split_across_chunks_is_still_read():
+    tokenizer = CountingTokenizer()
+    tags = mcts.TagTokens(tokenizer.decode)
+    tree = Tree([1], max_children=2)
+    plain = tree.add_chunk(ROOT, chunk([0, 1, 6, 0]))
+    assert mcts.chunk_text(tree, plain, np.array([1, 6], np.int32), tokenizer.decode, tags) == ""
+    assert tokenizer.long_decodes == 0  # only single tokens were decoded, once each
+    opened = tree.add_chunk(plain, chunk([0, 2]))  # "<O" closes this chunk; "utput>" comes in the next
+    text = mcts.chunk_text(tree, opened, np.array([3, 4, 5], np.int32), tokenizer.decode, tags)
+    assert "<Output>" in text and mcts.holds_answer_tag(text) and tokenizer.long_decodes == 1
+    without = mcts.chunk_text(tree, opened, np.array([3, 4, 5], np.int32), tokenizer.decode)
+    assert without == text  # the filter never changes a text it lets through
