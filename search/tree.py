@@ -66,7 +66,7 @@ def _allocate(columns: dict, capacity: int, extra: dict[str, tuple] | None = Non
 
 GROWTH = 1.125  # capacity grows by 1/8: amortised O(1) appends, at most ~12.5% unused (`forest bench memory`)
 MIN_NODE_GROWTH = 64  # ... and by at least this many rows, so a small tree is not copied at every few appends
-MIN_TOKEN_GROWTH = 512  # (24 KiB of token columns: under 6% of a tree of 8,000 tokens)
+MIN_TOKEN_GROWTH = 512  # (24 KiB of token columns, 6% of a tree of 8,000 tokens)
 
 
 def _grow(arrays: dict[str, np.ndarray], needed: int, min_growth: int) -> None:
