@@ -172,23 +172,28 @@ def _setting_rates(config: ForestConfig, settings: list[tuple[str, bool]], reque
     a GPU engine takes most of its GPU's memory, so there they run one after another."""
     import ray
 
-    together = config.engine.resolved_device(ray.cluster_resources().get("GPU", 0)) == "cpu"
     rates: dict[str, list[float]] = {_setting_name(*s): [] for s in settings}
-    with contextlib.ExitStack() as stack:
-        pools = {}
+    if config.engine.resolved_device(ray.cluster_resources().get("GPU", 0)) != "cpu":
         for dtype, eager in settings:
-            if not together:
-                stack.close()
-            pools[_setting_name(dtype, eager)] = pool = stack.enter_context(
-                _one_worker(config, dtype=dtype, enforce_eager=eager))
-            asyncio.run(_warm_up(pool.workers[0], warm_up_prompt))
-            if not together:
+            with _warm_worker(config, dtype, eager, warm_up_prompt) as pool:
                 rates[_setting_name(dtype, eager)] = [_replay_rate(pool, requests, concurrency)
                                                       for _ in range(repeats)]
-        for _ in range(repeats if together else 0):
+        return rates
+    with contextlib.ExitStack() as stack:
+        pools = {_setting_name(dtype, eager): stack.enter_context(_warm_worker(config, dtype, eager, warm_up_prompt))
+                 for dtype, eager in settings}
+        for _ in range(repeats):
             for name, pool in pools.items():
                 rates[name].append(_replay_rate(pool, requests, concurrency))
     return rates
+
+
+@contextlib.contextmanager
+def _warm_worker(config: ForestConfig, dtype: str, enforce_eager: bool, warm_up_prompt):
+    """``_one_worker`` with these engine settings, warmed up."""
+    with _one_worker(config, dtype=dtype, enforce_eager=enforce_eager) as pool:
+        asyncio.run(_warm_up(pool.workers[0], warm_up_prompt))
+        yield pool
 
 
 def _engine_bench_cpus() -> int:

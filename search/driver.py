@@ -134,8 +134,8 @@ class _Search:
         self.settles = params.early_stop and params.final is FinalChoice.MOST_VISITS  # may stop SETTLED
         self.on_progress: ProgressCallback | None = None
         self.reflection_ids = tokenizer.encode(REFLECTION_PHRASE + params.granularity.delimiter)
-        self._token_text: dict[int, str] = {}  # one token's text, for splitting rollouts into steps
-        self._tags = mcts.TagTokens(tokenizer.decode)  # chunks whose text need not be decoded to look for tags
+        self._token_text: dict[int, str] = {}  # one token's text: splitting rollouts, and TagTokens
+        self._tags = mcts.TagTokens(self._token_texts)  # chunks whose text need not be decoded for tags
         self._answers: dict[int, str | None] = {}  # final.line_answer of each terminal node valued so far
         self._answer_tags: set[int] = set()  # generated nodes whose text (with its overlap) holds an answer tag
 

@@ -233,19 +233,19 @@ holds none."""
 class TagTokens:
     """Which token ids decode to text holding ``TAG_OPENER``, learnt one id at a time, so that a chunk none of whose
     tokens does is known to hold no tag without decoding it. Sound for any tokenizer whose text is its tokens' texts
-    joined, byte pieces included: an ASCII character is never part of a multi-byte one."""
+    joined, byte pieces included: an ASCII character is never part of a multi-byte one. ``token_texts`` gives each
+    token's own text (the search's per-token cache, which splitting rollouts into steps uses too)."""
 
-    def __init__(self, decode: Callable[[list[int]], str]):
-        self.decode = decode
+    def __init__(self, token_texts: Callable[[list[int]], list[str]]):
+        self.token_texts = token_texts
         self.known: set[int] = set()
         self.opens: set[int] = set()  # of those, the ids whose text holds TAG_OPENER
 
     def may_hold_tag(self, token_ids: list[int]) -> bool:
         if not self.known.issuperset(token_ids):  # set operations: no Python loop over a chunk's tokens
-            for token in set(token_ids).difference(self.known):
-                if TAG_OPENER in self.decode([token]):
-                    self.opens.add(token)
-                self.known.add(token)
+            new = list(set(token_ids).difference(self.known))
+            self.opens.update(t for t, text in zip(new, self.token_texts(new), strict=True) if TAG_OPENER in text)
+            self.known.update(new)
         return not self.opens.isdisjoint(token_ids)
 
 

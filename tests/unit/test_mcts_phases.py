@@ -278,7 +278,7 @@ class CountingTokenizer:
 
 def test_a_chunk_without_a_tag_opener_is_not_decoded_and_one_split_across_chunks_is_still_read():
     tokenizer = CountingTokenizer()
-    tags = mcts.TagTokens(tokenizer.decode)
+    tags = mcts.TagTokens(lambda ids: [tokenizer.decode([i]) for i in ids])
     tree = Tree([1], max_children=2)
     plain = tree.add_chunk(ROOT, chunk([0, 1, 6, 0]))
     assert mcts.chunk_text(tree, plain, np.array([1, 6], np.int32), tokenizer.decode, tags) == ""
