@@ -42,9 +42,7 @@ def parser() -> argparse.ArgumentParser:
     mp.add_argument("--seed", type=int, required=True,
                     help="stream seed; held-out sets use seeds >= 1000000, which training never uses")
     mp.add_argument("--output", required=True, metavar="FILE", help="JSONL file of id, question, answer")
-    mp.add_argument("--distribution", nargs="+", default=[], metavar="KEY=VALUE",
-                    help="other ranges than the bundled model's, e.g. max_bags=49 max_piles=25 start=10-999 "
-                         "(docs/model.md lists the keys)")
+    add_distribution_flag(mp)
 
     tp = sub.add_parser("train-policy", help="fine-tune the policy on the right lines a build found (supervised), "
                                              "then optionally a DPO pass on its preference pairs")
@@ -99,6 +97,7 @@ def parser() -> argparse.ArgumentParser:
     mr.add_argument("--seed", type=int, default=HELD_OUT_SEED_START,
                     help="problem stream seed (default: the first held-out seed)")
     mr.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help="samples per problem (the k of pass@k)")
+    add_distribution_flag(mr)
     mr.add_argument("--plot", metavar="PREFIX", help="also draw accuracy by steps to PREFIX.png and PREFIX.svg")
     mr.add_argument("--json", action="store_true", help="print the report as one JSON line")
     bench = sub.add_parser("bench", help="performance benchmarks, printed as ratios measured in one run")
@@ -133,15 +132,30 @@ def cmd_make_model(args) -> int:
     return 0
 
 
+def add_distribution_flag(parser) -> None:
+    parser.add_argument("--distribution", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="other ranges than the bundled model's, e.g. max_bags=49 max_piles=25 start=10-999 "
+                             "(docs/model.md lists the keys)")
+
+
+def parse_distribution(args, command: str):
+    """The problem ranges of ``--distribution``, or None after printing what is wrong with them."""
+    from modelkit.arithmetic import Distribution
+
+    try:
+        return Distribution.parse(args.distribution)
+    except ValueError as e:
+        print(f"forest {command}: --distribution: {e}", file=sys.stderr)
+        return None
+
+
 def cmd_make_problems(args) -> int:
-    from modelkit.arithmetic import Distribution, write_problems
+    from modelkit.arithmetic import write_problems
     if args.n < 1:
         print(f"forest make-problems: --n must be >= 1, got {args.n}", file=sys.stderr)
         return EXIT_USAGE
-    try:
-        dist = Distribution.parse(args.distribution)
-    except ValueError as e:
-        print(f"forest make-problems: --distribution: {e}", file=sys.stderr)
+    dist = parse_distribution(args, "make-problems")
+    if dist is None:
         return EXIT_USAGE
     print(write_problems(args.output, args.n, args.seed, dist))
     return 0
@@ -265,8 +279,11 @@ def cmd_model_report(args) -> int:
         print(f"forest model-report: --n and --samples must be >= 1, got {args.n} and {args.samples}",
               file=sys.stderr)
         return EXIT_USAGE
+    dist = parse_distribution(args, "model-report")
+    if dist is None:
+        return EXIT_USAGE
     config = load(args)
-    report = run_model_report(config, make_problems(args.n, args.seed), samples=args.samples)
+    report = run_model_report(config, make_problems(args.n, args.seed, dist), samples=args.samples)
     print(report_json(report) if args.json else
           f"model {config.engine.model} ({config.engine.dtype}), problems from seed {args.seed}\n"
           + format_report(report))

@@ -71,20 +71,31 @@ def _rows(tokenizer, examples: list[tuple[str, TrainingExample]]) -> tuple[list[
     return rows, labels
 
 
-def _tensors(rows: list[list[int]], labels: list[list[int]], pad: int, device):
-    """Right-padded input ids, attention mask and labels."""
+def _arrays(rows: list[list[int]], labels: list[list[int]], pad: int):
+    """Right-padded input ids, attention mask and labels as numpy arrays (filled row by row: converting a nested
+    list is several times slower)."""
+    import numpy as np
+
+    lengths = np.array([len(row) for row in rows])
+    width = int(lengths.max())
+    ids = np.full((len(rows), width), pad, dtype=np.int64)
+    target = np.full((len(rows), width), IGNORE, dtype=np.int64)
+    for i, (row, label) in enumerate(zip(rows, labels, strict=True)):
+        ids[i, :len(row)] = row
+        target[i, :len(label)] = label
+    mask = (np.arange(width) < lengths[:, None]).astype(np.int64)
+    return ids, mask, target
+
+
+def _tensors(arrays, device):
     import torch
 
-    width = max(map(len, rows))
-    ids = torch.tensor([row + [pad] * (width - len(row)) for row in rows], dtype=torch.long)
-    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows], dtype=torch.long)
-    target = torch.tensor([label + [IGNORE] * (width - len(label)) for label in labels], dtype=torch.long)
-    return ids.to(device), mask.to(device), target.to(device)
+    return tuple(torch.from_numpy(a).to(device) for a in arrays)
 
 
 def _batch(tokenizer, examples: list[tuple[str, TrainingExample]], device):
     """The model's inputs for ``examples``: ids, attention mask and labels (see ``_rows``)."""
-    return _tensors(*_rows(tokenizer, examples), tokenizer.pad_token_id, device)
+    return _tensors(_arrays(*_rows(tokenizer, examples), tokenizer.pad_token_id), device)
 
 
 def _draw_batch(seed: int, step: int, batch_size: int, reflection_rate: float, dist: Distribution
@@ -106,23 +117,23 @@ def _load_worker_tokenizer(path: str) -> None:
     _worker_tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
 
 
-def _worker_rows(args: tuple) -> tuple[list[list[int]], list[list[int]]]:
-    return _rows(_worker_tokenizer, _draw_batch(*args))
+def _worker_arrays(args: tuple):
+    return _arrays(*_rows(_worker_tokenizer, _draw_batch(*args)), _worker_tokenizer.pad_token_id)
 
 
 def _batches(tokenizer, tokenizer_dir: Path, steps: range, workers: int, seed: int, draw: tuple):
-    """Each step's (rows, labels), ``_draw_batch(seed, step, *draw)`` tokenized: in this process, or drawn ahead by
+    """Each step's arrays (``_arrays``) of ``_draw_batch(seed, step, *draw)``: made in this process, or ahead by
     ``workers`` processes (in step order either way: the same batches)."""
     if not workers:
         for step in steps:
-            yield _rows(tokenizer, _draw_batch(seed, step, *draw))
+            yield _arrays(*_rows(tokenizer, _draw_batch(seed, step, *draw)), tokenizer.pad_token_id)
         return
     import multiprocessing
 
     with multiprocessing.get_context("spawn").Pool(workers, _load_worker_tokenizer, (str(tokenizer_dir),)) as pool:
         ahead: deque = deque()
         for step in steps:  # keep PREFETCH_PER_WORKER batches per worker in flight
-            ahead.append(pool.apply_async(_worker_rows, ((seed, step, *draw),)))
+            ahead.append(pool.apply_async(_worker_arrays, ((seed, step, *draw),)))
             if len(ahead) >= PREFETCH_PER_WORKER * workers:
                 yield ahead.popleft().get()
         while ahead:
@@ -222,6 +233,8 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
 
     if threads:
         torch.set_num_threads(threads)
+    if device.startswith("cuda"):
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls: the GPU's steps are compute-bound at large batches
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer(out, _tokenizer_corpus(seed, dist), vocab_size=vocab_size, split_digits=True)
@@ -254,8 +267,8 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
         best = plateau_mark = previous["dev_loss"]
         started -= previous.get("seconds", report["history"][-1]["seconds"])
     batches = _batches(tokenizer, out, range(first, max_steps + 1), workers, seed, (batch_size, reflection_rate, dist))
-    for step, (rows, labels) in zip(range(first, max_steps + 1), batches, strict=False):
-        ids, mask, target = _tensors(rows, labels, tokenizer.pad_token_id, device)
+    for step, arrays in zip(range(first, max_steps + 1), batches, strict=False):
+        ids, mask, target = _tensors(arrays, device)
         for group in optimizer.param_groups:
             group["lr"] = rate * min(1.0, (step - first + 1) / WARMUP_STEPS)
         loss = model(input_ids=ids, attention_mask=mask, labels=target).loss

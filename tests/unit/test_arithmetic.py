@@ -162,9 +162,13 @@ def test_data_workers_draw_the_same_batches_in_the_same_order(tmp_path):
 
     tokenizer = train_tokenizer(tmp_path, _tokenizer_corpus(0, HARDER)[:300], vocab_size=300, split_digits=True)
     draw = (3, 0.5, HARDER)
-    here = list(_batches(tokenizer, tmp_path, range(4, 14), 0, 0, draw))
-    assert list(_batches(tokenizer, tmp_path, range(4, 14), 2, 0, draw)) == here
-    assert here[0] != here[1] and list(_batches(tokenizer, tmp_path, range(5, 6), 0, 0, draw)) == here[1:2]
+
+    def lists(batches):  # each step's (ids, mask, labels) arrays as plain lists, comparable with ==
+        return [[a.tolist() for a in arrays] for arrays in batches]
+
+    here = lists(_batches(tokenizer, tmp_path, range(4, 14), 0, 0, draw))
+    assert lists(_batches(tokenizer, tmp_path, range(4, 14), 2, 0, draw)) == here
+    assert here[0] != here[1] and lists(_batches(tokenizer, tmp_path, range(5, 6), 0, 0, draw)) == here[1:2]
 
 
 def test_dev_report_measures_greedy_by_steps_and_sampling(tmp_path):
