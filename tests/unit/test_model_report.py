@@ -41,3 +41,6 @@ def test_model_report_cli_rejects_bad_counts_before_starting_anything(capsys):
     assert main(["model-report", "--n", "0"]) == 2
     assert "--n and --samples must be >= 1" in capsys.readouterr().err
     assert main(["model-report", "--samples", "0"]) == 2
+    capsys.readouterr()
+    assert main(["model-report", "--distribution", "max_piles=1"]) == 2
+    assert "forest model-report: --distribution: max_piles" in capsys.readouterr().err
