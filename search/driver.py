@@ -147,6 +147,7 @@ class _Search:
         finally:
             await self._cancel_all()
         self.stats.seconds = self.clock() - start
+        self.tree.shrink_to_fit()
         return self._result(reason)
 
     async def _loop(self, deadline: float) -> StopReason:

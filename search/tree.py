@@ -59,8 +59,7 @@ _TOKEN_COLUMNS = {
 }
 
 
-def _allocate(columns: dict, capacity: int, extra: dict[str, tuple] | None = None) -> dict[str, np.ndarray]:
-    specs = dict(columns, **(extra or {}))
+def _allocate(specs: dict, capacity: int) -> dict[str, np.ndarray]:
     return {name: np.full((capacity, *shape), fill, dtype=dtype) for name, (dtype, fill, shape) in specs.items()}
 
 
@@ -69,14 +68,17 @@ MIN_NODE_GROWTH = 64  # ... and by at least this many rows, so a small tree is n
 MIN_TOKEN_GROWTH = 512  # (24 KiB of token columns, 6% of a tree of 8,000 tokens)
 
 
-def _grow(arrays: dict[str, np.ndarray], needed: int, min_growth: int) -> None:
+def _grow(arrays: dict[str, np.ndarray], specs: dict, needed: int, min_growth: int) -> None:
+    """Room for ``needed`` rows; new rows hold their column's fill value, so a new node or token writes only what
+    differs from it."""
     capacity = len(next(iter(arrays.values())))
     if needed <= capacity:
         return
     new_capacity = max(needed, int(capacity * GROWTH), capacity + min_growth)
-    for name, old in arrays.items():  # new rows are initialised by whoever claims them
-        grown = np.zeros((new_capacity, *old.shape[1:]), dtype=old.dtype)
+    for name, old in arrays.items():
+        grown = np.empty((new_capacity, *old.shape[1:]), dtype=old.dtype)
         grown[:capacity] = old
+        grown[capacity:] = specs[name][1]
         arrays[name] = grown
 
 
@@ -86,11 +88,10 @@ class Tree:
     def __init__(self, prompt_token_ids: Sequence[int], *, max_children: int, capacity: int = 32,
                  token_capacity: int = 256):
         self.prompt_token_ids = np.asarray(prompt_token_ids, dtype=np.int32)
-        self.max_children = max_children
         self.num_nodes = 0
         self.num_tokens = 0
-        self.nodes = _allocate(_NODE_COLUMNS, capacity)
-        self.nodes["children"] = np.full((capacity, max_children), NO_CHILD, dtype=np.int32)
+        self._set_width(max_children)
+        self.nodes = _allocate(self._node_specs, capacity)
         self.tokens = _allocate(_TOKEN_COLUMNS, token_capacity)
         self._add(NO_PARENT, NodeKind.ROOT)
 
@@ -100,48 +101,47 @@ class Tree:
         if max_children > self.max_children:
             extra = max_children - self.max_children
             self.nodes["children"] = np.pad(self.nodes["children"], ((0, 0), (0, extra)), constant_values=NO_CHILD)
-            self.max_children = max_children
+            self._set_width(max_children)
+
+    def _set_width(self, max_children: int) -> None:
+        self.max_children = max_children
+        self._node_specs = dict(_NODE_COLUMNS, children=(np.int32, NO_CHILD, (max_children,)))
 
     def _add(self, parent: int, kind: NodeKind) -> int:
-        """A new node; its depth is its distance from the root (a rollout too, though it is not a child)."""
+        """A new node; its depth is its distance from the root (a rollout too, though it is not a child). Its row
+        holds the columns' fill values already (``_allocate``, ``_grow``): only what differs is written."""
         node = self.num_nodes
-        if node >= len(self.nodes["parent"]):
-            _grow(self.nodes, node + 1, MIN_NODE_GROWTH)
-        self.nodes["children"][node] = NO_CHILD
-        self.num_nodes += 1
         n = self.nodes
-        depth = 0 if parent == NO_PARENT else n["depth"][parent] + 1
-        n["parent"][node], n["kind"][node], n["depth"][node] = parent, kind, depth
-        n["num_children"][node] = n["visits"][node] = n["virtual_loss"][node] = 0
-        n["value_sum"][node], n["is_terminal"][node], n["pending"][node] = 0.0, False, False
-        n["weight"][node], n["exhausted"][node] = 1, False
-        n["finish_reason"][node] = -1
+        if node >= len(n["parent"]):
+            _grow(n, self._node_specs, node + 1, MIN_NODE_GROWTH)
+        self.num_nodes += 1
+        n["kind"][node] = kind
         n["token_start"][node] = n["token_end"][node] = self.num_tokens
         if parent == NO_PARENT:
-            n["path_tokens"][node] = n["path_generated"][node] = 0
-            n["path_confidence_sum"][node] = 0.0
-        else:
-            n["path_tokens"][node], n["path_generated"][node] = n["path_tokens"][parent], n["path_generated"][parent]
-            n["path_confidence_sum"][node] = n["path_confidence_sum"][parent]
-        if parent != NO_PARENT:
-            slot = n["num_children"][parent]
-            if slot >= self.max_children:
-                raise ValueError(f"node {parent} already has max_children={self.max_children} children")
-            n["children"][parent, slot] = node
-            n["num_children"][parent] = slot + 1
+            return node
+        slot = n["num_children"][parent]
+        if slot >= self.max_children:
+            self.num_nodes -= 1
+            raise ValueError(f"node {parent} already has max_children={self.max_children} children")
+        n["parent"][node] = parent
+        n["depth"][node] = n["depth"][parent] + 1
+        n["path_tokens"][node], n["path_generated"][node] = n["path_tokens"][parent], n["path_generated"][parent]
+        n["path_confidence_sum"][node] = n["path_confidence_sum"][parent]
+        n["children"][parent, slot] = node
+        n["num_children"][parent] = slot + 1
         return node
 
     def _append_tokens(self, node: int, token_ids, logprobs=None, top_ids=None, top_logprobs=None) -> None:
         count = len(token_ids)
         start = self.num_tokens
-        if start + count > len(self.tokens["token_ids"]):
-            _grow(self.tokens, start + count, MIN_TOKEN_GROWTH)
         t = self.tokens
+        if start + count > len(t["token_ids"]):
+            _grow(t, _TOKEN_COLUMNS, start + count, MIN_TOKEN_GROWTH)
         t["token_ids"][start:start + count] = token_ids
-        forced = logprobs is None
-        t["logprobs"][start:start + count] = np.nan if forced else logprobs
-        t["top_ids"][start:start + count] = NO_TOKEN if forced else top_ids
-        t["top_logprobs"][start:start + count] = np.nan if forced else top_logprobs
+        if logprobs is not None:  # forced tokens keep the fill values: no logprobs
+            t["logprobs"][start:start + count] = logprobs
+            t["top_ids"][start:start + count] = top_ids
+            t["top_logprobs"][start:start + count] = top_logprobs
         self.num_tokens += count
         self.nodes["token_start"][node], self.nodes["token_end"][node] = start, start + count
         self.nodes["path_tokens"][node] += count
@@ -171,6 +171,13 @@ class Tree:
         self._append_tokens(node, np.asarray(token_ids, dtype=np.int32))
         self.nodes["confidence"][node] = np.nan
         return node
+
+    def shrink_to_fit(self) -> None:
+        """Drop the spare rows growth left (a finished tree grows no more, and may be held for a while)."""
+        for arrays, used in ((self.nodes, self.num_nodes), (self.tokens, self.num_tokens)):
+            for name, column in arrays.items():
+                if len(column) > used:
+                    arrays[name] = column[:used].copy()
 
     # -- reading ----------------------------------------------------------------------------------
     def children(self, node: int) -> np.ndarray:

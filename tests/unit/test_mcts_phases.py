@@ -99,6 +99,17 @@ def test_tree_storage_is_columnar_and_paths_concatenate():
     assert np.isnan(tree.tokens["logprobs"][tree.nodes["token_start"][b]])
 
 
+def test_a_shrunk_tree_holds_no_spare_rows_and_can_still_grow():
+    tree = Tree([1, 2], max_children=2)
+    a = tree.add_chunk(ROOT, chunk([5, 6]))
+    before = {name: column[:tree.num_tokens].copy() for name, column in tree.tokens.items()}
+    tree.shrink_to_fit()
+    assert {len(c) for c in tree.nodes.values()} == {2} and {len(c) for c in tree.tokens.values()} == {2}
+    assert all(np.array_equal(tree.tokens[k], v, equal_nan=True) for k, v in before.items())
+    b = tree.add_chunk(a, chunk([7]))
+    assert tree.prompt_for(b).tolist() == [1, 2, 5, 6, 7] and tree.path(b) == [ROOT, a, b]
+
+
 @pytest.mark.parametrize("policy, confidence, answer, reference, expected", [
     ("off", 0.1, "3", "4", False),
     ("always", 0.9, "4", "4", True),

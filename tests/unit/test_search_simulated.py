@@ -33,6 +33,11 @@ def search(engine=None, **overrides):
     return asyncio.run(run_mcts(engine or SimulatedEngine(TOK, seed=3), TOK, PROMPT, params))
 
 
+def test_a_finished_search_holds_its_tree_without_spare_rows():
+    tree = search(seed=2).tree
+    assert len(tree.nodes["parent"]) == tree.num_nodes and len(tree.tokens["token_ids"]) == tree.num_tokens
+
+
 def test_search_is_deterministic_for_a_seed():
     a = search(SimulatedEngine(TOK, seed=5), seed=11)
     b = search(SimulatedEngine(TOK, seed=5), seed=11)
