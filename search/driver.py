@@ -133,7 +133,8 @@ class _Search:
         self.bounds: mcts.Bounds | None = None  # lowest and highest value backed up so far
         self.settles = params.early_stop and params.final is FinalChoice.MOST_VISITS  # may stop SETTLED
         self.on_progress: ProgressCallback | None = None
-        self.reflection_ids = tokenizer.encode(REFLECTION_PHRASE + params.granularity.delimiter)
+        self.reflection_ids = (None if params.reflection.mode is ReflectionMode.OFF
+                               else tokenizer.encode(REFLECTION_PHRASE + params.granularity.delimiter))
         self._token_text: dict[int, str] = {}  # one token's text: splitting rollouts, and TagTokens
         self._tags = mcts.TagTokens(self._token_texts)  # chunks whose text need not be decoded for tags
         self._answers: dict[int, str | None] = {}  # final.line_answer of each terminal node valued so far

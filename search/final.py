@@ -56,7 +56,9 @@ def finished_lines(tree: Tree, decode: Callable[[Sequence[int]], str],
 
 
 def _best(lines: list[Line]) -> Line:
-    return max(lines, key=lambda line: (np.nan_to_num(line.value, nan=-np.inf), -line.leaf))
+    """The highest-valued line (one nobody valued ranks last), the earliest on a tie."""
+    return max(lines, key=lambda line: (True, line.value, -line.leaf) if line.value == line.value
+               else (False, 0.0, -line.leaf))
 
 
 def choose(tree: Tree, lines: list[Line], rule: FinalChoice) -> Line | None:
