@@ -29,6 +29,7 @@ from search.metrics import auroc
 from search.params import Budget, FinalChoice, MCTSParams
 from search.prompts import answers_match, prompt_token_ids
 from search.strategies import STRATEGIES, Strategy, needs_value_model
+from search.tree import NodeKind
 
 if TYPE_CHECKING:
     from actors.pool import WorkerPool
@@ -85,6 +86,8 @@ class StrategyReport:
     rule_accuracy: dict[str, float] | None = None  # MCTS: the accuracy each final-answer rule would have had
     line_auroc: float | None = None  # every finished line's value against its correctness, over all problems
     stop_reasons: dict[str, int] | None = None  # how many searches each stop reason ended (why tokens were left)
+    reflections: float = 0.0  # forced reflection nodes per tree
+    reflected_answers: float = 0.0  # share of problems whose chosen line passes through a reflection
 
     def row(self) -> dict:
         return dataclasses.asdict(self)
@@ -132,7 +135,13 @@ async def evaluate_strategy(name: str, problems: list[Problem], pool: WorkerPool
                           auroc([line.value for ls in lines for line in ls],
                                 [answers_match(line.answer, p.answer) for ls, p in zip(lines, problems, strict=True)
                                  for line in ls]),
-                          dict(sorted(Counter(r.stop_reason.value for r in results).items())))
+                          dict(sorted(Counter(r.stop_reason.value for r in results).items())),
+                          float(np.mean([_reflections(r.tree.nodes["kind"][:r.tree.num_nodes]) for r in results])),
+                          float(np.mean([_reflections(r.tree.nodes["kind"][r.path]) > 0 for r in results])))
+
+
+def _reflections(kinds: np.ndarray) -> int:
+    return int((kinds == NodeKind.REFLECTION).sum())
 
 
 def _answer(tree, lines, rule: FinalChoice) -> str | None:
