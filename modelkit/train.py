@@ -216,7 +216,8 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
           reflection_rate: float = REFLECTION_RATE, eval_every: int = EVAL_EVERY, patience: int = PATIENCE,
           max_decays: int = MAX_DECAYS, dev_problems: int = 256, dist: Distribution = DEFAULT_DISTRIBUTION,
           max_seconds: float | None = None, report_problems: int = 0, workers: int = 0,
-          threads: int | None = None, device: str = "cpu", resume: bool = False) -> dict:
+          threads: int | None = None, device: str = "cpu", resume: bool = False, bf16: bool = False,
+          compile_model: bool = False) -> dict:
     """Train until the dev loss stops improving; returns the report written to ``training.json``.
 
     ``resume`` continues a run in ``output`` from its kept weights and their step, with the batches that follow
@@ -227,7 +228,11 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
     The learning rate is constant after warm-up and halves whenever ``patience`` evaluations in a row fail to
     lower the best dev loss; after ``max_decays`` halvings, one more such plateau ends training (or ``max_steps``
     does, or ``max_seconds`` of training). The weights with the best dev loss are the ones kept; with
-    ``report_problems``, ``dev_report`` then measures them on that many dev problems."""
+    ``report_problems``, ``dev_report`` then measures them on that many dev problems.
+
+    ``bf16`` runs the training forward pass under bfloat16 autocast (the weights, the dev loss and the saved model
+    stay float32); ``compile_model`` trains through ``torch.compile`` (dynamic shapes: every batch has its own
+    length). Both only change speed and rounding; they are recorded in ``training.json``."""
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
@@ -249,6 +254,7 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
     previous = json.loads((out / "training.json").read_text()) if resume else None
     if previous:
         model = Qwen2ForCausalLM.from_pretrained(out, torch_dtype=torch.float32).to(device)
+    forward = torch.compile(model, dynamic=True) if compile_model else model  # shares the weights
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     dev = make_problems(max(dev_problems, report_problems), DEV_SEED, dist)
     dev_batches = [_batch(tokenizer, [(p.question, TrainingExample(p.solution)) for p in dev[i:i + batch_size]],
@@ -256,7 +262,7 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
     report = {"seed": seed, "batch_size": batch_size, "lr": lr, "warmup": WARMUP_STEPS, "hidden_size": hidden_size,
               "layers": layers, "parameters": model.num_parameters(), "reflection_rate": reflection_rate,
               "distribution": asdict(dist), "dev_seed": DEV_SEED, "dev_problems": dev_problems, "device": device,
-              "threads": torch.get_num_threads(), "history": []}
+              "threads": torch.get_num_threads(), "bf16": bf16, "compiled": compile_model, "history": []}
     best, stale, decays, rate, first = float("inf"), 0, 0, lr, 1
     plateau_mark = best  # the dev loss that the next one must beat by MIN_IMPROVEMENT to count as progress
     train_losses, started = [], time.monotonic()
@@ -271,7 +277,8 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
         ids, mask, target = _tensors(arrays, device)
         for group in optimizer.param_groups:
             group["lr"] = rate * min(1.0, (step - first + 1) / WARMUP_STEPS)
-        loss = model(input_ids=ids, attention_mask=mask, labels=target).loss
+        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+            loss = forward(input_ids=ids, attention_mask=mask, labels=target).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -371,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--resume", action="store_true", help="continue the run in --output from its kept weights")
+    p.add_argument("--bf16", action="store_true", help="train under bfloat16 autocast (weights stay float32)")
+    p.add_argument("--compile", action="store_true", help="train through torch.compile")
     p.add_argument("--plot", metavar="PREFIX", help="also draw the training curves to PREFIX.png and PREFIX.svg")
     args = p.parse_args(argv)
     try:
@@ -382,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
                    hidden_size=args.hidden_size, layers=args.layers, reflection_rate=args.reflection_rate,
                    eval_every=args.eval_every, patience=args.patience, max_decays=args.max_decays,
                    dist=dist, max_seconds=args.max_seconds, report_problems=args.report_problems, workers=args.workers,
-                   threads=args.threads, device=args.device, resume=args.resume)
+                   threads=args.threads, device=args.device, resume=args.resume, bf16=args.bf16,
+                   compile_model=args.compile)
     if args.plot:
         print(*plot_history(report, args.plot))
     print(json.dumps(report["history"][-1]))

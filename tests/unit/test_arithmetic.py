@@ -155,6 +155,20 @@ def test_training_keeps_the_best_weights_and_resumes(tmp_path):
     assert [h["step"] for h in again["history"]][-1] == 3
 
 
+def test_bf16_autocast_and_compiled_training_learn_like_the_plain_run(tmp_path):
+    """The speed settings of a GPU run, on CPU: same batches and starting weights, so the same dev losses up to
+    rounding, and recorded in training.json."""
+    from modelkit.train import train
+
+    settings = dict(hidden_size=64, layers=1, batch_size=4, eval_every=1, dev_problems=4, threads=1, max_steps=2)
+    plain = train(tmp_path / "plain", **settings)
+    fast = train(tmp_path / "fast", bf16=True, compile_model=True, **settings)
+    assert (fast["bf16"], fast["compiled"], plain["bf16"], plain["compiled"]) == (True, True, False, False)
+    assert [h["dev_loss"] for h in fast["history"]] == pytest.approx([h["dev_loss"] for h in plain["history"]],
+                                                                      rel=1e-2)
+    assert json.loads((tmp_path / "fast" / "training.json").read_text())["compiled"] is True
+
+
 def test_data_workers_draw_the_same_batches_in_the_same_order(tmp_path):
     """Each step's batch comes from its own stream, so worker processes change nothing but the speed."""
     from modelkit.make_model import train_tokenizer
