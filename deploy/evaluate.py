@@ -88,6 +88,7 @@ class StrategyReport:
     stop_reasons: dict[str, int] | None = None  # how many searches each stop reason ended (why tokens were left)
     reflections: float = 0.0  # forced reflection nodes per tree
     reflected_answers: float = 0.0  # share of problems whose chosen line passes through a reflection
+    reflection: str = "off"  # the search's reflection policy (search.reflection)
 
     def row(self) -> dict:
         return dataclasses.asdict(self)
@@ -137,7 +138,8 @@ async def evaluate_strategy(name: str, problems: list[Problem], pool: WorkerPool
                                  for line in ls]),
                           dict(sorted(Counter(r.stop_reason.value for r in results).items())),
                           float(np.mean([_reflections(r.tree.nodes["kind"][:r.tree.num_nodes]) for r in results])),
-                          float(np.mean([_reflections(r.tree.nodes["kind"][r.path]) > 0 for r in results])))
+                          float(np.mean([_reflections(r.tree.nodes["kind"][r.path]) > 0 for r in results])),
+                          config.search.reflection)
 
 
 def _reflections(kinds: np.ndarray) -> int:

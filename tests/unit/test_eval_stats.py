@@ -109,4 +109,4 @@ def test_eval_counts_the_reflections_of_each_tree_and_of_the_chosen_lines(policy
         assert report.reflections == 0 and report.reflected_answers == 0
     else:
         assert report.reflections >= 1 and report.reflected_answers > 0, report
-    assert "reflections" in report.row()
+    assert report.row()["reflection"] == policy
