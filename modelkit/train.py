@@ -87,6 +87,16 @@ def _arrays(rows: list[list[int]], labels: list[list[int]], pad: int):
     return ids, mask, target
 
 
+def _pieces(rows: list[list[int]], labels: list[list[int]], pad: int, parts: int) -> list[tuple]:
+    """The batch as ``parts`` arrays of rows of similar length (sorted by length, then split), each padded only to
+    its own longest row: the padding a batch of mixed lengths would compute on is mostly left out."""
+    import numpy as np
+
+    order = np.argsort([len(row) for row in rows], kind="stable")
+    return [_arrays([rows[i] for i in part], [labels[i] for i in part], pad)
+            for part in np.array_split(order, min(parts, len(rows)))]
+
+
 def _tensors(arrays, device):
     import torch
 
@@ -117,23 +127,24 @@ def _load_worker_tokenizer(path: str) -> None:
     _worker_tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
 
 
-def _worker_arrays(args: tuple):
-    return _arrays(*_rows(_worker_tokenizer, _draw_batch(*args)), _worker_tokenizer.pad_token_id)
+def _worker_pieces(args: tuple):
+    *draw, parts = args
+    return _pieces(*_rows(_worker_tokenizer, _draw_batch(*draw)), _worker_tokenizer.pad_token_id, parts)
 
 
-def _batches(tokenizer, tokenizer_dir: Path, steps: range, workers: int, seed: int, draw: tuple):
-    """Each step's arrays (``_arrays``) of ``_draw_batch(seed, step, *draw)``: made in this process, or ahead by
+def _batches(tokenizer, tokenizer_dir: Path, steps: range, workers: int, seed: int, draw: tuple, parts: int = 1):
+    """Each step's pieces (``_pieces``) of ``_draw_batch(seed, step, *draw)``: made in this process, or ahead by
     ``workers`` processes (in step order either way: the same batches)."""
     if not workers:
         for step in steps:
-            yield _arrays(*_rows(tokenizer, _draw_batch(seed, step, *draw)), tokenizer.pad_token_id)
+            yield _pieces(*_rows(tokenizer, _draw_batch(seed, step, *draw)), tokenizer.pad_token_id, parts)
         return
     import multiprocessing
 
     with multiprocessing.get_context("spawn").Pool(workers, _load_worker_tokenizer, (str(tokenizer_dir),)) as pool:
         ahead: deque = deque()
         for step in steps:  # keep PREFETCH_PER_WORKER batches per worker in flight
-            ahead.append(pool.apply_async(_worker_arrays, ((seed, step, *draw),)))
+            ahead.append(pool.apply_async(_worker_pieces, ((seed, step, *draw, parts),)))
             if len(ahead) >= PREFETCH_PER_WORKER * workers:
                 yield ahead.popleft().get()
         while ahead:
@@ -217,7 +228,7 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
           max_decays: int = MAX_DECAYS, dev_problems: int = 256, dist: Distribution = DEFAULT_DISTRIBUTION,
           max_seconds: float | None = None, report_problems: int = 0, workers: int = 0,
           threads: int | None = None, device: str = "cpu", resume: bool = False, bf16: bool = False,
-          compile_model: bool = False) -> dict:
+          compile_model: bool = False, micro_batches: int = 1) -> dict:
     """Train until the dev loss stops improving; returns the report written to ``training.json``.
 
     ``resume`` continues a run in ``output`` from its kept weights and their step, with the batches that follow
@@ -232,7 +243,9 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
 
     ``bf16`` runs the training forward pass under bfloat16 autocast (the weights, the dev loss and the saved model
     stay float32); ``compile_model`` trains through ``torch.compile`` (dynamic shapes: every batch has its own
-    length). Both only change speed and rounding; they are recorded in ``training.json``."""
+    length). ``micro_batches`` splits each batch into that many pieces of similar length, accumulating their
+    token-weighted gradients: the gradient of the whole batch, with less padding computed. All three only change
+    speed and rounding; they are recorded in ``training.json``."""
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
@@ -262,7 +275,8 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
     report = {"seed": seed, "batch_size": batch_size, "lr": lr, "warmup": WARMUP_STEPS, "hidden_size": hidden_size,
               "layers": layers, "parameters": model.num_parameters(), "reflection_rate": reflection_rate,
               "distribution": asdict(dist), "dev_seed": DEV_SEED, "dev_problems": dev_problems, "device": device,
-              "threads": torch.get_num_threads(), "bf16": bf16, "compiled": compile_model, "history": []}
+              "threads": torch.get_num_threads(), "bf16": bf16, "compiled": compile_model,
+              "micro_batches": micro_batches, "history": []}
     best, stale, decays, rate, first = float("inf"), 0, 0, lr, 1
     plateau_mark = best  # the dev loss that the next one must beat by MIN_IMPROVEMENT to count as progress
     train_losses, started = [], time.monotonic()
@@ -272,18 +286,25 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
         report["resumed"] = [*previous.get("resumed", []), previous["steps"]]
         best = plateau_mark = previous["dev_loss"]
         started -= previous.get("seconds", report["history"][-1]["seconds"])
-    batches = _batches(tokenizer, out, range(first, max_steps + 1), workers, seed, (batch_size, reflection_rate, dist))
-    for step, arrays in zip(range(first, max_steps + 1), batches, strict=False):
-        ids, mask, target = _tensors(arrays, device)
+    batches = _batches(tokenizer, out, range(first, max_steps + 1), workers, seed, (batch_size, reflection_rate, dist),
+                       micro_batches)
+    for step, pieces in zip(range(first, max_steps + 1), batches, strict=False):
         for group in optimizer.param_groups:
             group["lr"] = rate * min(1.0, (step - first + 1) / WARMUP_STEPS)
-        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
-            loss = forward(input_ids=ids, attention_mask=mask, labels=target).loss
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scored = [int((target[:, 1:] != IGNORE).sum()) for _, _, target in pieces]  # the tokens each loss averages
+        step_loss = 0.0
+        for arrays, count in zip(pieces, scored, strict=True):
+            if not count:  # nothing scored in this piece: its mean loss would be 0/0
+                continue
+            ids, mask, target = _tensors(arrays, device)
+            with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+                loss = forward(input_ids=ids, attention_mask=mask, labels=target).loss * (count / sum(scored))
+            loss.backward()
+            step_loss = step_loss + loss.detach()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        train_losses.append(loss.item())
+        train_losses.append(float(step_loss))
         out_of_time = max_seconds is not None and time.monotonic() - started >= max_seconds
         if step % eval_every and step != max_steps and not out_of_time:
             continue
@@ -380,8 +401,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true", help="continue the run in --output from its kept weights")
     p.add_argument("--bf16", action="store_true", help="train under bfloat16 autocast (weights stay float32)")
     p.add_argument("--compile", action="store_true", help="train through torch.compile")
+    p.add_argument("--micro-batches", type=int, default=1, help="split each batch into this many pieces of similar "
+                   "length (less padding, the same gradient)")
     p.add_argument("--plot", metavar="PREFIX", help="also draw the training curves to PREFIX.png and PREFIX.svg")
     args = p.parse_args(argv)
+    if args.micro_batches < 1:
+        p.error(f"--micro-batches must be >= 1, got {args.micro_batches}")
     try:
         dist = Distribution.parse(args.distribution)
     except ValueError as e:
@@ -392,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
                    eval_every=args.eval_every, patience=args.patience, max_decays=args.max_decays,
                    dist=dist, max_seconds=args.max_seconds, report_problems=args.report_problems, workers=args.workers,
                    threads=args.threads, device=args.device, resume=args.resume, bf16=args.bf16,
-                   compile_model=args.compile)
+                   compile_model=args.compile, micro_batches=args.micro_batches)
     if args.plot:
         print(*plot_history(report, args.plot))
     print(json.dumps(report["history"][-1]))

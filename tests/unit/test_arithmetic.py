@@ -169,6 +169,27 @@ def test_bf16_autocast_and_compiled_training_learn_like_the_plain_run(tmp_path):
     assert json.loads((tmp_path / "fast" / "training.json").read_text())["compiled"] is True
 
 
+def test_micro_batches_give_the_gradient_of_the_whole_batch_with_less_padding(tmp_path):
+    from modelkit.make_model import train_tokenizer
+    from modelkit.train import _batches, _tokenizer_corpus, train
+
+    tokenizer = train_tokenizer(tmp_path, _tokenizer_corpus(0, HARDER)[:300], vocab_size=300, split_digits=True)
+    (whole,), = _batches(tokenizer, tmp_path, range(1, 2), 0, 0, (16, 0.5, HARDER))
+    pieces, = _batches(tokenizer, tmp_path, range(1, 2), 0, 0, (16, 0.5, HARDER), 4)
+    assert len(pieces) == 4 and sum(len(ids) for ids, _, _ in pieces) == len(whole[0])
+    assert sorted(int(row.sum()) for _, mask, _ in pieces for row in mask) == sorted(int(r.sum()) for r in whole[1])
+    assert sum(ids.size for ids, _, _ in pieces) < whole[0].size  # less padding
+    settings = dict(hidden_size=64, layers=1, batch_size=8, eval_every=1, dev_problems=4, threads=1, max_steps=3,
+                    lr=1.0)  # 0.01-0.03 in the warm-up: steps large enough for a wrong gradient to show
+    one, four = train(tmp_path / "one", **settings), train(tmp_path / "four", micro_batches=4, **settings)
+    assert one["history"][-1]["dev_loss"] < 0.9 * one["history"][0]["dev_loss"]
+    assert [h["dev_loss"] for h in four["history"]] == pytest.approx([h["dev_loss"] for h in one["history"]],
+                                                                      rel=1e-3)
+    assert [h["train_loss"] for h in four["history"]] == pytest.approx([h["train_loss"] for h in one["history"]],
+                                                                        rel=1e-3)
+    assert four["micro_batches"] == 4
+
+
 def test_data_workers_draw_the_same_batches_in_the_same_order(tmp_path):
     """Each step's batch comes from its own stream, so worker processes change nothing but the speed."""
     from modelkit.make_model import train_tokenizer
@@ -177,8 +198,8 @@ def test_data_workers_draw_the_same_batches_in_the_same_order(tmp_path):
     tokenizer = train_tokenizer(tmp_path, _tokenizer_corpus(0, HARDER)[:300], vocab_size=300, split_digits=True)
     draw = (3, 0.5, HARDER)
 
-    def lists(batches):  # each step's (ids, mask, labels) arrays as plain lists, comparable with ==
-        return [[a.tolist() for a in arrays] for arrays in batches]
+    def lists(batches):  # each step's pieces of (ids, mask, labels) arrays as plain lists, comparable with ==
+        return [[[a.tolist() for a in arrays] for arrays in pieces] for pieces in batches]
 
     here = lists(_batches(tokenizer, tmp_path, range(4, 14), 0, 0, draw))
     assert lists(_batches(tokenizer, tmp_path, range(4, 14), 2, 0, draw)) == here
