@@ -68,9 +68,9 @@ MIN_NODE_GROWTH = 64  # ... and by at least this many rows, so a small tree is n
 MIN_TOKEN_GROWTH = 512  # (24 KiB of token columns, 6% of a tree of 8,000 tokens)
 
 
-def _grow(arrays: dict[str, np.ndarray], specs: dict, needed: int, min_growth: int) -> None:
-    """Room for ``needed`` rows; new rows hold their column's fill value, so a new node or token writes only what
-    differs from it."""
+def _grow(arrays: dict[str, np.ndarray], specs: dict | None, needed: int, min_growth: int) -> None:
+    """Room for ``needed`` rows. With ``specs``, new rows hold their column's fill value, so a new node writes only
+    what differs from it; without, they are left unset (every token row is written when claimed)."""
     capacity = len(next(iter(arrays.values())))
     if needed <= capacity:
         return
@@ -78,7 +78,8 @@ def _grow(arrays: dict[str, np.ndarray], specs: dict, needed: int, min_growth: i
     for name, old in arrays.items():
         grown = np.empty((new_capacity, *old.shape[1:]), dtype=old.dtype)
         grown[:capacity] = old
-        grown[capacity:] = specs[name][1]
+        if specs is not None:
+            grown[capacity:] = specs[name][1]
         arrays[name] = grown
 
 
@@ -136,12 +137,12 @@ class Tree:
         start = self.num_tokens
         t = self.tokens
         if start + count > len(t["token_ids"]):
-            _grow(t, _TOKEN_COLUMNS, start + count, MIN_TOKEN_GROWTH)
+            _grow(t, None, start + count, MIN_TOKEN_GROWTH)
         t["token_ids"][start:start + count] = token_ids
-        if logprobs is not None:  # forced tokens keep the fill values: no logprobs
-            t["logprobs"][start:start + count] = logprobs
-            t["top_ids"][start:start + count] = top_ids
-            t["top_logprobs"][start:start + count] = top_logprobs
+        forced = logprobs is None
+        t["logprobs"][start:start + count] = np.nan if forced else logprobs
+        t["top_ids"][start:start + count] = NO_TOKEN if forced else top_ids
+        t["top_logprobs"][start:start + count] = np.nan if forced else top_logprobs
         self.num_tokens += count
         self.nodes["token_start"][node], self.nodes["token_end"][node] = start, start + count
         self.nodes["path_tokens"][node] += count
