@@ -186,10 +186,10 @@ class Tree:
 
     def path(self, node: int) -> list[int]:
         """Node ids from the root to ``node``."""
-        out = []
+        out, parent = [], self.nodes["parent"]
         while node != NO_PARENT:
             out.append(int(node))
-            node = self.nodes["parent"][node]
+            node = parent[node]
         return out[::-1]
 
     def node_token_ids(self, node: int) -> np.ndarray:
