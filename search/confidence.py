@@ -49,10 +49,16 @@ def with_confidences(chunk: Chunk) -> Chunk:
     return dataclasses.replace(chunk, confidences=chunk_token_confidence(chunk))
 
 
-def mean_confidence(confidences: np.ndarray) -> float:
-    """Mean over the tokens that were generated (forced tokens carry NaN); NaN when there are none."""
+def generated_sum(confidences: np.ndarray) -> tuple[float, int]:
+    """(sum, count) of the confidences of the tokens that were generated (forced tokens carry NaN)."""
     total = confidences.sum()
     if total == total:  # no NaN: every token counts (the common case, without a mask)
-        return float(total / confidences.size) if confidences.size else float("nan")
+        return total, confidences.size
     valid = confidences[~np.isnan(confidences)]
-    return float(valid.sum() / valid.size) if valid.size else float("nan")  # what .mean() computes, less overhead
+    return valid.sum(), valid.size
+
+
+def mean_confidence(confidences: np.ndarray) -> float:
+    """Mean over the tokens that were generated; NaN when there are none."""
+    total, count = generated_sum(confidences)
+    return float(total / count) if count else float("nan")  # what .mean() computes, less overhead

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from search.confidence import chunk_token_confidence, token_confidence
+from search.confidence import chunk_token_confidence, generated_sum, token_confidence
 from search.protocol import NO_TOKEN, TOP_K, Chunk, FinishReason
 
 ROOT = 0
@@ -111,19 +111,17 @@ class Tree:
     def _add(self, parent: int, kind: NodeKind) -> int:
         """A new node; its depth is its distance from the root (a rollout too, though it is not a child). Its row
         holds the columns' fill values already (``_allocate``, ``_grow``): only what differs is written."""
-        node = self.num_nodes
-        n = self.nodes
+        node, n = self.num_nodes, self.nodes
+        slot = None if parent == NO_PARENT else n["num_children"][parent]
+        if slot is not None and slot >= self.max_children:
+            raise ValueError(f"node {parent} already has max_children={self.max_children} children")
         if node >= len(n["parent"]):
             _grow(n, self._node_specs, node + 1, MIN_NODE_GROWTH)
         self.num_nodes += 1
         n["kind"][node] = kind
         n["token_start"][node] = n["token_end"][node] = self.num_tokens
-        if parent == NO_PARENT:
+        if slot is None:
             return node
-        slot = n["num_children"][parent]
-        if slot >= self.max_children:
-            self.num_nodes -= 1
-            raise ValueError(f"node {parent} already has max_children={self.max_children} children")
         n["parent"][node] = parent
         n["depth"][node] = n["depth"][parent] + 1
         n["path_tokens"][node], n["path_generated"][node] = n["path_tokens"][parent], n["path_generated"][parent]
@@ -156,10 +154,7 @@ class Tree:
         if confidences is None:
             confidences = chunk_token_confidence(chunk)
         n = self.nodes
-        total, count = confidences.sum(), confidences.size
-        if total != total:  # NaN: some tokens carry none (forced ones); sum the others
-            valid = confidences[~np.isnan(confidences)]
-            total, count = valid.sum(), valid.size
+        total, count = generated_sum(confidences)
         n["confidence"][node] = total / count if count else np.nan  # mean_confidence, summed once
         n["path_confidence_sum"][node] += total
         n["path_generated"][node] += count
