@@ -268,6 +268,7 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
     if previous:
         model = Qwen2ForCausalLM.from_pretrained(out, torch_dtype=torch.float32).to(device)
     forward = torch.compile(model, dynamic=True) if compile_model else model  # shares the weights
+    device_type = torch.device(device).type  # autocast's name for the device
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     dev = make_problems(max(dev_problems, report_problems), DEV_SEED, dist)
     dev_batches = [_batch(tokenizer, [(p.question, TrainingExample(p.solution)) for p in dev[i:i + batch_size]],
@@ -293,13 +294,13 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
             group["lr"] = rate * min(1.0, (step - first + 1) / WARMUP_STEPS)
         optimizer.zero_grad(set_to_none=True)
         scored = [int((target[:, 1:] != IGNORE).sum()) for _, _, target in pieces]  # the tokens each loss averages
-        step_loss = 0.0
+        total, step_loss = sum(scored), 0.0
         for arrays, count in zip(pieces, scored, strict=True):
             if not count:  # nothing scored in this piece: its mean loss would be 0/0
                 continue
             ids, mask, target = _tensors(arrays, device)
-            with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
-                loss = forward(input_ids=ids, attention_mask=mask, labels=target).loss * (count / sum(scored))
+            with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=bf16):
+                loss = forward(input_ids=ids, attention_mask=mask, labels=target).loss * (count / total)
             loss.backward()
             step_loss = step_loss + loss.detach()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
