@@ -63,6 +63,19 @@ def test_eval_compares_every_strategy_at_one_budget(arith_worker, arith_config):
     assert greedy.mean_tokens <= arith_config.search.max_path_tokens
     assert "mcts-mini32" in format_table(reports)
     assert all(r.line_auroc is None or 0 <= r.line_auroc <= 1 for r in reports)
+    assert all(r.reflection == "off" and r.reflections == 0 == r.reflected_answers for r in reports)
+
+
+def test_eval_counts_forced_reflections(arith_worker, arith_config):
+    """With ``reflection: always`` the trees hold forced reflections, and the rows say so."""
+    from dataset.problems import Problem
+    from deploy.evaluate import run_eval
+    from modelkit.arithmetic import HELD_OUT_SEED_START, make_problems
+
+    config = arith_config.model_copy(update={"search": arith_config.search.model_copy(update={"reflection": "always"})})
+    problems = [Problem(p.id, p.question, p.answer) for p in make_problems(6, HELD_OUT_SEED_START + 17)]
+    (report,) = run_eval(config, problems, ["mcts-step"], budgets=[512], concurrency=6)
+    assert report.reflection == "always" and report.reflections > 0 and 0 <= report.reflected_answers <= 1
 
 
 def test_eval_searches_with_the_bundled_value_model(arith_worker, arith_config):

@@ -85,28 +85,3 @@ def test_eval_refuses_value_model_strategies_without_a_value_model():
     with pytest.raises(EvalError, match="mcts-prm, best_of_n-prm need a value model"):
         run_eval(config, [Problem("p", "q", "1")], ["greedy", "mcts-prm", "best_of_n-prm"],
                  budgets=[config.search.max_path_tokens])
-
-
-@pytest.mark.parametrize("policy", ["off", "always"])
-def test_eval_counts_the_reflections_of_each_tree_and_of_the_chosen_lines(policy):
-    """Over a pool around a SIMULATED engine: forced reflections are counted per tree, and a chosen line through one
-    is counted as a reflected answer."""
-    import asyncio
-
-    from actors.pool import WorkerPool
-    from cluster.config import load_config
-    from dataset.problems import Problem
-    from deploy.evaluate import evaluate_strategy
-    from search.simulated import SimulatedEngine, SimulatedTokenizer
-
-    tokenizer = SimulatedTokenizer()
-    pool = WorkerPool([SimulatedEngine(tokenizer, seed=4, steps=1)], max_in_flight=8, engine_for=lambda engine: engine)
-    config = load_config(**{"search.reflection": policy})
-    problems = [Problem(f"p{i}", f"Simulated question {i:04d}.", "42") for i in range(4)]
-    report = asyncio.run(evaluate_strategy("mcts-step", problems, pool, tokenizer, config, budget_tokens=2048,
-                                           concurrency=4))
-    if policy == "off":
-        assert report.reflections == 0 and report.reflected_answers == 0
-    else:
-        assert report.reflections >= 1 and report.reflected_answers > 0, report
-    assert report.row()["reflection"] == policy
