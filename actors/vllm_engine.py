@@ -65,16 +65,24 @@ def model_dtype(model: str) -> str | None:
     return str(dtype).removeprefix("torch.") if dtype else None
 
 
-def cpu_has_fast_bf16(cpuinfo_path: str = "/proc/cpuinfo") -> bool:
-    """Whether this CPU computes in bfloat16 natively (AVX512-BF16 or AMX); False when it cannot be told."""
+def cpuinfo_field(key: str, cpuinfo_path: str = "/proc/cpuinfo") -> str | None:
+    """The value of the first ``key`` line of ``/proc/cpuinfo`` (e.g. ``flags``, ``model name``); None when there is
+    none or the file cannot be read (not Linux)."""
     try:
         with open(cpuinfo_path, encoding="utf-8") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return not FAST_BF16_CPU_FLAGS.isdisjoint(line.split(":", 1)[1].split())
+                name, _, value = line.partition(":")
+                if name.strip() == key:
+                    return value.strip()
     except OSError:
         pass
-    return False
+    return None
+
+
+def cpu_has_fast_bf16(cpuinfo_path: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU computes in bfloat16 natively (AVX512-BF16 or AMX); False when it cannot be told."""
+    flags = cpuinfo_field("flags", cpuinfo_path)
+    return flags is not None and not FAST_BF16_CPU_FLAGS.isdisjoint(flags.split())
 
 
 def resolve_dtype(dtype: str, model: str, device: str, *, fast_bf16: bool | None = None) -> str:

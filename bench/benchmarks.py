@@ -23,6 +23,7 @@ import json
 import math
 import multiprocessing
 import os
+import platform
 import resource
 import time
 
@@ -54,6 +55,14 @@ class Figure:
             return json.dumps({"bench": self.bench, "figure": self.figure, "value": self.value, **self.context})
         details = ", ".join(f"{k}={v}" for k, v in self.context.items())
         return f"{self.bench:<8} {self.figure:<26} {self.value:>10.3f}   {details}"
+
+
+def machine() -> dict:
+    """Where a figure was measured: rates per CPU-second differ from one CPU model to the next, so every figure
+    names its machine's."""
+    from actors.vllm_engine import cpuinfo_field
+
+    return {"cpu": cpuinfo_field("model name") or platform.processor() or "unknown", "cores": os.cpu_count()}
 
 
 def _prompts(config: ForestConfig, tokenizer, problems: int) -> list[list[int]]:
@@ -447,16 +456,23 @@ def bench_memory(*, active: int, granularity: str) -> list[Figure]:
 def run_bench(name: str, config: ForestConfig | None, *, problems: int, block_sizes: list[int], trees: int,
               active: int, granularity: str, managers: list[int], per_token_problems: int = 4,
               repeats: int = 1) -> list[Figure]:
+    """The figures of bench ``name``, each with this machine's CPU model and core count in its context."""
     if name in ("engine", "designs", "cache", "value"):
         from cluster.runtime import connect
         connect(num_cpus=_engine_bench_cpus() if name == "engine" else None)
-        if name == "value":
-            return bench_value(config, problems=problems)
-        if name == "engine":
-            return bench_engine(config, problems=problems, repeats=repeats)
-        if name == "designs":
-            return bench_designs(config, problems=problems, per_token_problems=per_token_problems)
-        return bench_cache(config, problems=problems, block_sizes=block_sizes)
-    if name == "manager":
-        return bench_manager(trees=trees, active=active, granularity=granularity, managers=managers)
-    return bench_memory(active=active, granularity=granularity)
+    if name == "value":
+        figures = bench_value(config, problems=problems)
+    elif name == "engine":
+        figures = bench_engine(config, problems=problems, repeats=repeats)
+    elif name == "designs":
+        figures = bench_designs(config, problems=problems, per_token_problems=per_token_problems)
+    elif name == "cache":
+        figures = bench_cache(config, problems=problems, block_sizes=block_sizes)
+    elif name == "manager":
+        figures = bench_manager(trees=trees, active=active, granularity=granularity, managers=managers)
+    else:
+        figures = bench_memory(active=active, granularity=granularity)
+    where = machine()
+    for figure in figures:
+        figure.context.update(where)
+    return figures

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from bench.benchmarks import RAW_TOKEN_BYTES, Figure, bench_manager, bench_memory, fastest_setting
+from bench.benchmarks import RAW_TOKEN_BYTES, Figure, bench_memory, fastest_setting, run_bench
 from bench.engines import CannedEngine, LevelSyncEngine, RecordingEngine, RequestLog
 from search import Budget, MCTSParams, build_prompt, run_mcts
 from search.simulated import SimulatedEngine, SimulatedTokenizer
@@ -61,8 +61,10 @@ def test_level_sync_engine_releases_a_level_only_when_every_tree_has_asked():
 
 
 def test_manager_and_memory_figures(capsys):
-    (one,) = bench_manager(trees=12, active=12, granularity="mini_step:64", managers=[1])
+    (one,) = run_bench("manager", None, problems=0, block_sizes=[], trees=12, active=12, granularity="mini_step:64",
+                       managers=[1])
     assert one.figure == "expansions_per_s" and one.value > 0 and one.context["managers"] == 1
+    assert one.context["cpu"] and one.context["cpu"] != "unknown" and one.context["cores"] >= 1  # rates per CPU
     per_token, rss = bench_memory(active=20, granularity="mini_step:64")
     assert per_token.figure == "bytes_per_token_ratio" and per_token.context["raw_bytes_per_token"] == 48
     assert RAW_TOKEN_BYTES == 48 and 1.0 <= per_token.value < 1.25  # capacity grows by 1/8, never doubles

@@ -11,6 +11,7 @@ from actors.vllm_engine import (
     _engine_args,
     chunk_from_output,
     cpu_has_fast_bf16,
+    cpuinfo_field,
     resolve_dtype,
     skip_logprob_token_text,
 )
@@ -62,6 +63,15 @@ def test_cpu_bf16_support_is_read_from_the_cpu_flags(tmp_path):
     info.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_tile\n")
     assert cpu_has_fast_bf16(str(info))
     assert not cpu_has_fast_bf16(str(tmp_path / "missing"))
+
+
+def test_cpuinfo_fields_are_read_by_name(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Some CPU @ 2.0GHz\nflags\t\t: fpu\n\nprocessor\t: 1\n"
+                    "model name\t: Other\n")
+    assert cpuinfo_field("model name", str(info)) == "Some CPU @ 2.0GHz"  # the first CPU's
+    assert cpuinfo_field("flags", str(info)) == "fpu"
+    assert cpuinfo_field("bogomips", str(info)) is None and cpuinfo_field("flags", str(tmp_path / "no")) is None
 
 
 def test_logprobs_are_returned_without_their_token_texts():
