@@ -62,6 +62,9 @@ def parser() -> argparse.ArgumentParser:
                     help="build outputs whose problems had reference answers (training seeds only)")
     tv.add_argument("--output", required=True, metavar="DIR", help="value model directory to write")
     tv.add_argument("--base", default=DEFAULT_MODEL_DIR, help="policy whose weights start the value model")
+    tv.add_argument("--pairwise-weight", type=float, default=value_recipe.PAIRWISE_WEIGHT,
+                    help="weight of a ranking loss over each problem's (right, wrong) line pairs, added to the "
+                         "step labels' loss (0: the labels alone)")
     _add_training_flags(tv, value_recipe)
 
     build = sub.add_parser("build", help="build a dataset of search trees from a problems file (resumable)")
@@ -180,12 +183,13 @@ def cmd_train_value(args) -> int:
           f"{sum(e.correct for e in examples)} right", flush=True)
     try:
         report = train_value(examples, base=args.base, output=args.output, seed=args.seed, epochs=args.epochs,
-                             batch_size=args.batch_size, lr=args.lr, threads=args.threads, device=args.device)
+                             batch_size=args.batch_size, lr=args.lr, pairwise_weight=args.pairwise_weight,
+                             threads=args.threads, device=args.device)
     except (ValueError, FileNotFoundError) as exc:
         print(f"forest train-value: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    print(json.dumps({k: report[k] for k in ("kept_step", "dev_loss", "line_auroc", "step_auroc", "train_lines",
-                                             "dev_lines", "seconds")}))
+    print(json.dumps({k: report[k] for k in ("kept_step", "dev_loss", "line_auroc", "step_auroc", "tree_pick",
+                                             "dev_tree_pick_bounds", "train_lines", "dev_lines", "seconds")}))
     return 0
 
 
@@ -223,7 +227,8 @@ def cmd_train_policy(args) -> int:
                 examples = line_examples(lines, tokenizer)
             print(f"{len(examples)} right lines of {len({e.problem_id for e in examples})} problems", flush=True)
             report = train_policy(examples, base=args.base, output=args.output, seed=args.seed, epochs=args.epochs,
-                                  batch_size=args.batch_size, lr=args.lr, threads=args.threads, device=args.device)
+                                  batch_size=args.batch_size, lr=args.lr, pairwise_weight=args.pairwise_weight,
+                             threads=args.threads, device=args.device)
             print(json.dumps({k: report[k] for k in ("kept_step", "base_dev_loss", "dev_loss", "train_lines",
                                                      "dev_lines", "seconds")}), flush=True)
             start = args.output
