@@ -227,8 +227,7 @@ def cmd_train_policy(args) -> int:
                 examples = line_examples(lines, tokenizer)
             print(f"{len(examples)} right lines of {len({e.problem_id for e in examples})} problems", flush=True)
             report = train_policy(examples, base=args.base, output=args.output, seed=args.seed, epochs=args.epochs,
-                                  batch_size=args.batch_size, lr=args.lr, pairwise_weight=args.pairwise_weight,
-                             threads=args.threads, device=args.device)
+                                  batch_size=args.batch_size, lr=args.lr, threads=args.threads, device=args.device)
             print(json.dumps({k: report[k] for k in ("kept_step", "base_dev_loss", "dev_loss", "train_lines",
                                                      "dev_lines", "seconds")}), flush=True)
             start = args.output
