@@ -11,6 +11,7 @@ import os
 
 from actors.vllm_engine import VLLMEngine, WorkerStats
 from cluster.config import EngineConfig
+from cluster.cpus import pin_engine
 from search.protocol import Chunk, EngineDeadError, GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -44,8 +45,11 @@ def watch_engine(engine, name: str) -> asyncio.Task:
 class GeneratorWorker:
     """One vLLM engine as a Ray actor; a dead engine makes the actor exit, and Ray restarts it (``max_restarts``)."""
 
-    def __init__(self, config: EngineConfig, seed: int, device: str):
+    def __init__(self, config: EngineConfig, seed: int, device: str, cpu_slot: tuple[int, int] | None = None):
+        """``cpu_slot``: (this engine's start order on its node, CPU engines there) to pin it by
+        (``cluster.cpus``); None: not pinned."""
         self.engine = VLLMEngine(config, seed=seed, device=device)
+        self.cpu_core = None if cpu_slot is None else pin_engine(*cpu_slot)
         self._watch: asyncio.Task | None = None  # watch_engine, from the first check_health
 
     async def generate(self, request: GenerationRequest) -> list[Chunk]:
@@ -59,7 +63,7 @@ class GeneratorWorker:
         return self.engine.stats()
 
     def engine_settings(self) -> dict:
-        return self.engine.settings()
+        return {**self.engine.settings(), "cpu_core": self.cpu_core}
 
     async def check_health(self) -> bool:
         """The engine answers; the first call (every pool makes it before sending work) starts the watch."""

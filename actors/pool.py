@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -25,6 +26,7 @@ from typing import Iterator, Sequence
 from actors.generator import GeneratorWorker
 from actors.value_worker import ValueWorker
 from cluster.config import ForestConfig
+from cluster.cpus import allowed_cores, keep_off_engine_cores, pin
 from cluster.metrics import add
 from search.driver import SearchResult
 from search.params import MCTSParams
@@ -79,11 +81,12 @@ class RemoteEngine:
 
 
 def start_generator_workers(config, count: int, *, name_prefix: str | None = None,
-                            actor_class: type = GeneratorWorker) -> list:
+                            actor_class: type = GeneratorWorker, cpu_slots: tuple[int, int] | None = None) -> list:
     """Start ``count`` workers (``config`` is an ``EngineConfig``) with distinct seeds, placed by
     ``cluster.placement``. Named ``{name_prefix}-worker-{i}`` when a prefix is given (so operators and other runs
     can find them). ``actor_class`` may be a subclass of ``GeneratorWorker`` (the benchmarks add a replay), or
-    ``ValueWorker``."""
+    ``ValueWorker``. ``cpu_slots``: (the first worker's slot, CPU engines on the node) to pin CPU engines by
+    (``cluster.cpus``); None: none is pinned."""
     import ray
 
     from cluster.placement import worker_placement
@@ -96,8 +99,21 @@ def start_generator_workers(config, count: int, *, name_prefix: str | None = Non
         name = f"{name_prefix}-worker-{index}" if name_prefix else None
         actor = remote_class.options(max_restarts=WORKER_MAX_RESTARTS, max_task_retries=0,
                                      max_concurrency=WORKER_MAX_CONCURRENCY, name=name, **options)
-        workers.append(actor.remote(config, config.seed + index, device))
+        slot = None if cpu_slots is None else (cpu_slots[0] + index, cpu_slots[1])
+        workers.append(actor.remote(config, config.seed + index, device, cpu_slot=slot))
     return workers
+
+
+def _pinned_engines(config: ForestConfig, generators: int, values: int) -> int:
+    """How many of the engines about to start are CPU engines to pin (``engine.pin_cpus``): the generators first,
+    then the value models. On one node, as CPU builds run; 0 when any engine is on a GPU."""
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0.0)
+    engines = [(config.engine, generators)] + ([(config.value_model, values)] if values else [])
+    if any(e.resolved_device(gpus) != "cpu" or not e.pin_cpus for e, count in engines if count):
+        return 0
+    return generators + values
 
 
 @dataclass
@@ -107,6 +123,8 @@ class Pool:
     config: ForestConfig
     workers: list
     value_workers: list = field(default_factory=list)
+    cpu_engines: int = 0  # CPU engines pinned to cores of their own (cluster.cpus); this process searches off them
+    _cores: list[int] | None = field(default=None, repr=False)  # this process's cores before worker_pool pinned it
 
     @functools.cached_property
     def tokenizer(self):
@@ -114,9 +132,19 @@ class Pool:
         return HFTokenizer(self.config.engine.model)
 
     def worker_pool(self, metrics=None) -> "WorkerPool":
-        """A ``WorkerPool`` over the workers for this process's event loop."""
+        """A ``WorkerPool`` over the workers for this process's event loop (which searches, so it moves off the
+        engines' cores until the pool closes)."""
+        if self.cpu_engines and self._cores is None:
+            self._cores = allowed_cores()
+            keep_off_engine_cores(self.cpu_engines)
         return WorkerPool(self.workers, max_in_flight=self.config.max_in_flight_per_worker, metrics=metrics,
                           value_workers=self.value_workers)
+
+    def unpin(self) -> None:
+        """This process back on the cores it had before ``worker_pool``."""
+        if self._cores:
+            pin(os.getpid(), self._cores)
+            self._cores = None
 
 
 @contextlib.contextmanager
@@ -134,19 +162,23 @@ def open_pool(config: ForestConfig, *, name_prefix: str | None = None, actor_cla
 
     connect()
     config = resolve_auto(config)
-    owned = []
+    owned, pool = [], None
     try:
         workers, value_workers = [], []
+        generators = config.workers if start and not config.attach_workers else 0
+        values = config.value_workers if start and value and config.value_model is not None else 0
+        engines = _pinned_engines(config, generators, values)
         if start and config.attach_workers:
             workers = [ray.get_actor(name) for name in config.attach_workers]
         elif start:
             workers = start_generator_workers(config.engine, config.workers, name_prefix=name_prefix,
-                                              actor_class=actor_class)
+                                              actor_class=actor_class, cpu_slots=(0, engines) if engines else None)
             owned += workers
-        if start and value and config.value_model is not None:
+        if values:
             value_workers = start_generator_workers(
                 config.value_model, config.value_workers, actor_class=ValueWorker,
-                name_prefix=f"{name_prefix}-value" if name_prefix else None)
+                name_prefix=f"{name_prefix}-value" if name_prefix else None,
+                cpu_slots=(generators, engines) if engines else None)
             owned += value_workers
         if owned:  # engine start-up is its own phase, so the first throughput figures of a run exclude it
             log.info("starting %d engine(s) (%s) ...", len(owned),
@@ -155,10 +187,13 @@ def open_pool(config: ForestConfig, *, name_prefix: str | None = None, actor_cla
         ray.get([w.check_health.remote() for w in workers + value_workers], timeout=START_TIMEOUT_SECONDS)
         if owned:
             log.info("%d engine(s) ready in %.1f s", len(owned), time.monotonic() - started)
-        yield Pool(config, workers, value_workers)
+        pool = Pool(config, workers, value_workers, cpu_engines=engines)
+        yield pool
     finally:
         for worker in owned:
             ray.kill(worker)
+        if pool is not None:
+            pool.unpin()
 
 
 class WorkerPool:

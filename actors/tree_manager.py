@@ -15,6 +15,7 @@ import uuid
 from dataclasses import dataclass
 
 from actors.pool import WorkerPool
+from cluster.cpus import keep_off_engine_cores
 from cluster.metrics import add
 from dataset.problems import Problem
 from dataset.records import error_row, node_table, preference_pairs, tree_row
@@ -51,6 +52,7 @@ class ManagerSettings:
     max_active_trees: int
     max_in_flight_per_worker: int
     strategy: str = "mcts"  # a name in search.strategies.STRATEGIES
+    cpu_engines: int = 0  # CPU engines pinned on the workers' node (cluster.cpus): the manager keeps off their cores
 
 
 class TreeManager:
@@ -61,6 +63,7 @@ class TreeManager:
         from actors.tokenizer import HFTokenizer
         from cluster.metrics import ForestMetrics
 
+        keep_off_engine_cores(settings.cpu_engines)
         self.settings, self.sink = settings, sink
         self.strategy = get_strategy(settings.strategy)
         self.tokenizer = HFTokenizer(settings.model_dir)

@@ -13,14 +13,16 @@ import numpy as np
 from actors.generator import exit_for_restart, watch_engine
 from actors.vllm_engine import VLLMScorer, process_ids
 from cluster.config import EngineConfig
+from cluster.cpus import pin_engine
 from search.protocol import EngineDeadError, ScoreRequest
 
 
 class ValueWorker:
     """One value model as a Ray actor; a dead engine makes the actor exit, and Ray restarts it."""
 
-    def __init__(self, config: EngineConfig, seed: int, device: str):
+    def __init__(self, config: EngineConfig, seed: int, device: str, cpu_slot: tuple[int, int] | None = None):
         self.scorer = VLLMScorer(config, seed=seed, device=device)
+        self.cpu_core = None if cpu_slot is None else pin_engine(*cpu_slot)  # as GeneratorWorker
         self._watch: asyncio.Task | None = None  # watch_engine, from the first check_health
 
     async def score(self, request: ScoreRequest) -> np.ndarray:
@@ -31,7 +33,7 @@ class ValueWorker:
             raise
 
     def engine_settings(self) -> dict:
-        return self.scorer.settings()
+        return {**self.scorer.settings(), "cpu_core": self.cpu_core}
 
     def process_ids(self) -> tuple[int, tuple[int, ...]]:
         """(the worker's pid, its engine processes' pids)."""

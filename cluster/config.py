@@ -53,6 +53,9 @@ class EngineConfig(_Strict):
                                    "reuses whole blocks. None: vLLM's default (16 on GPUs, 128 on the CPU build).")
     enable_prefix_caching: bool = Field(True, description="Reuse KV of shared prompt prefixes (tree ancestors).")
     seed: int = Field(0, description="Base seed; worker i uses seed + i, so workers sample differently.")
+    pin_cpus: bool = Field(True, description="CPU build: the engine computes on a core of its own (the node's last "
+                                             "cores, one per engine) and the processes that search stay off it, "
+                                             "when the node has a core to spare (cluster/cpus.py).")
 
     def resolved_device(self, cluster_gpus: float) -> Literal["cuda", "cpu"]:
         if self.device == "auto":

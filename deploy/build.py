@@ -128,7 +128,7 @@ def run_build(config: ForestConfig) -> BuildSummary:
                 model_dir=config.engine.model, params=params, strategy=strategy.name,
                 system_prompt=config.search.system_prompt, max_model_len=config.engine.max_model_len,
                 run_id=run_id, config_hash=digest, max_active_trees=b.max_active_trees,
-                max_in_flight_per_worker=config.max_in_flight_per_worker)
+                max_in_flight_per_worker=config.max_in_flight_per_worker, cpu_engines=pool.cpu_engines)
             managers = [ray.remote(TreeManager).options(**manager_placement(), max_concurrency=MAX_CONCURRENCY,
                                                         name=f"forest-build-{session}-manager-{i}")
                         .remote(pool.workers, sink, settings, pool.value_workers)

@@ -16,6 +16,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from cluster.cpus import allowed_cores
 from search.confidence import token_confidence
 from tests.integration.conftest import write_build_config
 
@@ -72,6 +73,8 @@ def check_output(out: Path, good_ids: list[str]) -> None:
     assert engines, "a session that started workers records the engine settings vLLM ran with"
     assert all(e["dtype"] == "float32" and e["vllm_version"] and e["block_size"] > 0 for e in engines)
     assert all(e["executor"] == "uni" for e in engines), "CPU engines run the model in the engine-core process"
+    cores = allowed_cores()  # one CPU engine: it computes on the last core when another is left for the rest
+    assert all(e["cpu_core"] == (cores[-1] if len(cores) > 1 else None) for e in engines)
     managers = [m for session in manifest["sessions"] if session["built"] for m in session["managers"]]
     assert any(m["cpu_seconds"] > 0 and m["requests"] > 0 for m in managers), "managers record their CPU time"
     pq.read_table(out / "pairs.parquet")
