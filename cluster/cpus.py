@@ -74,11 +74,10 @@ def pin_engine(slot: int, engines: int) -> int | None:
     to spare."""
     import psutil
 
-    cores = allowed_cores()
-    core = engine_core(slot, engines, cores)
+    core = engine_core(slot, engines, allowed_cores())
     if core is None:
         return None
     for child in psutil.Process().children(recursive=True):
         pin(child.pid, [core])
-    pin(os.getpid(), spare_cores(engines, cores))
+    keep_off_engine_cores(engines)
     return core
