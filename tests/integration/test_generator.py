@@ -119,9 +119,11 @@ def test_many_requests_in_flight_and_cancel_aborts(workers, prompt):
 
     async def scenario():
         engine = RemoteEngine(workers[1])
-        tasks = [asyncio.ensure_future(engine.generate(request(prompt, max_tokens=400))) for _ in range(16)]
-        await asyncio.sleep(1.5)
-        peak = (await workers[1].stats.remote()).requests_in_flight
+        tasks = [asyncio.ensure_future(engine.generate(request(prompt, max_tokens=900))) for _ in range(16)]
+        peak, deadline = 0, time.monotonic() + 10
+        while peak < 8 and time.monotonic() < deadline:  # the most in flight at once, read until 8 are seen
+            peak = max(peak, (await workers[1].stats.remote()).requests_in_flight)
+            await asyncio.sleep(0.05)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
