@@ -39,6 +39,15 @@ VALUE_BENCH_BUDGET = 1024  # generated tokens per tree in the value bench (when 
 VALUE_BENCH_ITERATIONS = 1000  # enough that the token budget, not the iteration count, ends each tree
 UNBOUNDED_IN_FLIGHT = 1 << 30  # the simulated engine has no batch limit
 RAW_TOKEN_BYTES = 4 + 4 + TOP_K * (4 + 4)  # token id, sampled logprob, top-5 ids and logprobs
+DEFAULT_BENCH_PROBLEMS = 32  # trees of the designs, cache and value benches
+ENGINE_BENCH_TREES_PER_ACTIVE = 12
+"""The engine bench's default trees, as a multiple of ``build.max_active_trees``. A run ends with a drain: once the
+last tree has started, fewer trees than the limit remain and the engine's batch empties (about 3 s of an 18 s run
+at 3x on 2 CPU cores). A build of thousands of trees drains once; at 12x the drain weighs as little as there
+(docs/benchmarks.md: ``throughput_ratio`` 0.90-0.94 at 3x, 0.99 at 12x)."""
+SETTING_REPLAY_SHARE = 4
+"""The engine settings replay the first 1/this of Forest's recorded requests: each setting's rate needs the same
+requests as the others, not all of them, and float32 replays are slow."""
 ENGINE_CANDIDATES = (("float32", True), ("float32", False), ("bfloat16", True), ("bfloat16", False))
 """(dtype, enforce_eager) settings the engine bench tries with plain vLLM, for ``default_vs_fastest_engine``."""
 
@@ -126,12 +135,14 @@ async def _warm_up(worker, prompt) -> None:
     await worker.reset_prefix_cache.remote()
 
 
-def bench_engine(config: ForestConfig, *, problems: int, repeats: int = 1, fastest: bool = True) -> list[Figure]:
+def bench_engine(config: ForestConfig, *, problems: int | None = None, repeats: int = 1,
+                 fastest: bool = True) -> list[Figure]:
     """Forest's tokens/s over plain vLLM's on the same requests at the same concurrency (one worker); with
     ``fastest``, also over the best plain rate among ``ENGINE_CANDIDATES``.
 
-    Forest searches ``build.max_active_trees`` problems at a time, as a build does, so with ``problems`` several
-    times that the ramp-up and the last trees' tail weigh as little as in a build. Each of ``repeats`` rounds runs
+    Forest searches ``build.max_active_trees`` problems at a time, as a build does, ``problems`` in all
+    (``ENGINE_BENCH_TREES_PER_ACTIVE`` times that by default, so that the ramp-up and the drain weigh as little as in
+    a build). Each of ``repeats`` rounds runs
     Forest, then plain vLLM on its requests at Forest's peak concurrency at the engine; ``throughput_ratio`` is the
     median round's ratio. Rates on this VM drift by 10-15% from one minute to the next, so two rates from different
     minutes are never divided: ``default_vs_fastest_engine`` is that ratio times the shipped setting's plain rate
@@ -142,6 +153,7 @@ def bench_engine(config: ForestConfig, *, problems: int, repeats: int = 1, faste
 
     params = config.search.to_params()
     active = config.build.max_active_trees
+    problems = engine_bench_problems(problems, active)
     rounds = []  # (Forest tokens/s, plain tokens/s, log) per round
     with _one_worker(config) as pool:
         prompts = _prompts(config, pool.tokenizer, problems)
@@ -164,7 +176,8 @@ def bench_engine(config: ForestConfig, *, problems: int, repeats: int = 1, faste
     if fastest:
         settings = [(shipped["dtype"], shipped["enforce_eager"])]
         settings += [s for s in ENGINE_CANDIDATES if _setting_name(*s) != shipped_name]
-        rates = _setting_rates(config, settings, log.requests, _engine_peak(config, log), prompts[0], repeats)
+        rates = _setting_rates(config, settings, setting_replay_requests(log.requests), _engine_peak(config, log),
+                               prompts[0], repeats)
         best, best_rate = fastest_setting(rates)
         shipped_rate = _median(rates[shipped_name])
         figures.append(Figure("engine", "default_vs_fastest_engine", round(ratio * shipped_rate / best_rate, 3), {
@@ -172,6 +185,16 @@ def bench_engine(config: ForestConfig, *, problems: int, repeats: int = 1, faste
             "shipped": shipped_name, "fastest_setting": best, "fastest_plain_tokens_per_s": round(best_rate, 1),
             "plain_tokens_per_s": {name: [round(r, 1) for r in values] for name, values in rates.items()}}))
     return figures
+
+
+def engine_bench_problems(problems: int | None, active: int) -> int:
+    """The engine bench's trees: ``problems``, or ``ENGINE_BENCH_TREES_PER_ACTIVE`` times the active limit."""
+    return problems or ENGINE_BENCH_TREES_PER_ACTIVE * active
+
+
+def setting_replay_requests(requests: list) -> list:
+    """The recorded requests every engine setting replays: the first ``1/SETTING_REPLAY_SHARE`` (at least one)."""
+    return requests[:max(1, len(requests) // SETTING_REPLAY_SHARE)]
 
 
 def _setting_rates(config: ForestConfig, settings: list[tuple[str, bool]], requests: list, concurrency: int,
@@ -453,21 +476,22 @@ def bench_memory(*, active: int, granularity: str) -> list[Figure]:
     ]
 
 
-def run_bench(name: str, config: ForestConfig | None, *, problems: int, block_sizes: list[int], trees: int,
+def run_bench(name: str, config: ForestConfig | None, *, problems: int | None, block_sizes: list[int], trees: int,
               active: int, granularity: str, managers: list[int], per_token_problems: int = 4,
               repeats: int = 1) -> list[Figure]:
     """The figures of bench ``name``, each with this machine's CPU model and core count in its context."""
     if name in ("engine", "designs", "cache", "value"):
         from cluster.runtime import connect
         connect(num_cpus=_engine_bench_cpus() if name == "engine" else None)
-    if name == "value":
-        figures = bench_value(config, problems=problems)
-    elif name == "engine":
+    if name == "engine":
         figures = bench_engine(config, problems=problems, repeats=repeats)
+    elif name == "value":
+        figures = bench_value(config, problems=problems or DEFAULT_BENCH_PROBLEMS)
     elif name == "designs":
-        figures = bench_designs(config, problems=problems, per_token_problems=per_token_problems)
+        figures = bench_designs(config, problems=problems or DEFAULT_BENCH_PROBLEMS,
+                                per_token_problems=per_token_problems)
     elif name == "cache":
-        figures = bench_cache(config, problems=problems, block_sizes=block_sizes)
+        figures = bench_cache(config, problems=problems or DEFAULT_BENCH_PROBLEMS, block_sizes=block_sizes)
     elif name == "manager":
         figures = bench_manager(trees=trees, active=active, granularity=granularity, managers=managers)
     else:

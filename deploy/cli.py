@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from bench.benchmarks import BENCHES
+from bench.benchmarks import BENCHES, DEFAULT_BENCH_PROBLEMS, ENGINE_BENCH_TREES_PER_ACTIVE
 from cluster.config import DEFAULT_MODEL_DIR
 from deploy.flags import DEFAULT_CONFIG, EXIT_USAGE, add_build_flags, add_run_flags, load, run
 from deploy.model_report import DEFAULT_SAMPLES
@@ -108,7 +108,10 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--config", default=DEFAULT_CONFIG,
                        help="engine and search settings (the real-engine benches)")
     bench.add_argument("--model", help="model directory (engine.model)")
-    bench.add_argument("--problems", type=int, default=32, help="trees searched by engine, designs and cache")
+    bench.add_argument("--problems", type=int,
+                       help="trees searched by engine, designs, cache and value (default: engine "
+                            f"{ENGINE_BENCH_TREES_PER_ACTIVE} x build.max_active_trees, the others "
+                            f"{DEFAULT_BENCH_PROBLEMS})")
     bench.add_argument("--per-token-problems", type=int, default=4,
                        help="designs: trees the (slow) one-call-per-token loop searches")
     bench.add_argument("--repeats", type=int, default=1,

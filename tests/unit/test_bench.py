@@ -6,7 +6,16 @@ import json
 
 import numpy as np
 
-from bench.benchmarks import RAW_TOKEN_BYTES, Figure, bench_memory, fastest_setting, run_bench
+from bench.benchmarks import (
+    ENGINE_BENCH_TREES_PER_ACTIVE,
+    RAW_TOKEN_BYTES,
+    Figure,
+    bench_memory,
+    engine_bench_problems,
+    fastest_setting,
+    run_bench,
+    setting_replay_requests,
+)
 from bench.engines import CannedEngine, LevelSyncEngine, RecordingEngine, RequestLog
 from search import Budget, MCTSParams, build_prompt, run_mcts
 from search.simulated import SimulatedEngine, SimulatedTokenizer
@@ -115,3 +124,16 @@ def test_the_fastest_setting_is_the_best_median_not_the_best_single_rate():
     rates = {"float32/eager": [2900.0, 3000.0, 3100.0], "float32/compiled": [2500.0, 3600.0, 2600.0]}
     assert fastest_setting(rates) == ("float32/eager", 3000.0)  # compiled's one fast round is not its rate
     assert fastest_setting({"a": [1.0], "b": [2.0]}) == ("b", 2.0)
+
+
+def test_the_engine_bench_searches_many_times_the_active_trees_unless_told():
+    """The drain at a run's end weighs as in a build only with many more trees than the active limit."""
+    assert engine_bench_problems(None, 64) == ENGINE_BENCH_TREES_PER_ACTIVE * 64 >= 8 * 64
+    assert engine_bench_problems(100, 64) == 100
+
+
+def test_engine_settings_replay_the_first_share_of_the_requests_and_never_none():
+    requests = list(range(103))
+    replayed = setting_replay_requests(requests)
+    assert replayed == requests[:len(replayed)] and 0 < len(replayed) < len(requests)
+    assert setting_replay_requests([7]) == [7]
