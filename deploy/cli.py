@@ -50,8 +50,14 @@ def parser() -> argparse.ArgumentParser:
     data.add_argument("--sft", metavar="FILE", help="a build's sft.jsonl (the chosen line of each right tree)")
     data.add_argument("--input", nargs="+", metavar="OUT", help="build outputs: every distinct finished line whose "
                                                                "answer is right (training seeds only)")
-    tp.add_argument("--pairs", metavar="FILE", help="a build's pairs.parquet: a DPO pass after the supervised one "
-                                                   "(or from --base alone), the starting model as its reference")
+    preference = tp.add_mutually_exclusive_group()
+    preference.add_argument("--pairs", metavar="FILE", help="a build's pairs.parquet: a DPO pass after the supervised "
+                                                           "one (or from --base alone), the starting model as its "
+                                                           "reference")
+    preference.add_argument("--outcome-pairs", action="store_true",
+                            help="with --input: a DPO pass after the supervised one on pairs judged by the answers: "
+                                 "each wrong finished line against the right line of its problem that shares the "
+                                 "longest prefix, cut where they part")
     tp.add_argument("--beta", type=float, default=policy_recipe.DPO_BETA, help="DPO's beta")
     tp.add_argument("--output", required=True, metavar="DIR", help="model directory to write")
     tp.add_argument("--base", default=DEFAULT_MODEL_DIR, help="the policy to fine-tune")
@@ -202,7 +208,8 @@ def cmd_train_policy(args) -> int:
     from dataset.exports import PairsDataError, SftDataError, read_pairs, read_sft
     from dataset.value_labels import ValueDataError, read_value_examples
     from modelkit.arithmetic import held_out_problem
-    from modelkit.policy import PolicyDataError, line_examples, pair_examples, sft_examples, train_dpo, train_policy
+    from modelkit.policy import (PolicyDataError, line_examples, outcome_pairs, pair_examples, sft_examples,
+                                 train_dpo, train_policy)
 
     def training_seeds_only(problem_ids) -> None:
         held_out = sorted({p for p in problem_ids if held_out_problem(p)})
@@ -213,6 +220,10 @@ def cmd_train_policy(args) -> int:
     if not (args.sft or args.input or args.pairs):
         print("forest train-policy: give --sft, --input or --pairs (or --sft/--input with --pairs)", file=sys.stderr)
         return EXIT_USAGE
+    if args.outcome_pairs and not args.input:
+        print("forest train-policy: --outcome-pairs needs --input (the build outputs whose lines it pairs)",
+              file=sys.stderr)
+        return EXIT_USAGE
     start = args.base
     try:
         if not (Path(args.base) / "config.json").is_file():
@@ -220,6 +231,7 @@ def cmd_train_policy(args) -> int:
         pairs = read_pairs(args.pairs) if args.pairs else None  # a bad file fails before any training
         if pairs:
             training_seeds_only(row["problem_id"] for row in pairs)
+        lines = None
         if args.sft or args.input:
             tokenizer = AutoTokenizer.from_pretrained(args.base)
             if args.sft:
@@ -234,8 +246,9 @@ def cmd_train_policy(args) -> int:
             print(json.dumps({k: report[k] for k in ("kept_step", "base_dev_loss", "dev_loss", "train_lines",
                                                      "dev_lines", "seconds")}), flush=True)
             start = args.output
-        if pairs:
-            examples = pair_examples(pairs, AutoTokenizer.from_pretrained(start))
+        if pairs or args.outcome_pairs:
+            tokenizer = AutoTokenizer.from_pretrained(start)
+            examples = outcome_pairs(lines, tokenizer) if args.outcome_pairs else pair_examples(pairs, tokenizer)
             print(f"{len(examples)} preference pairs of {len({e.problem_id for e in examples})} problems", flush=True)
             report = train_dpo(examples, base=start, output=args.output, seed=args.seed, epochs=args.epochs,
                                batch_size=args.batch_size, lr=args.lr, beta=args.beta, threads=args.threads,

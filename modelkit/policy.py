@@ -106,6 +106,44 @@ def pair_examples(rows: Iterable[dict], tokenizer, *, system_prompt: str = DEFAU
     return out
 
 
+def outcome_pairs(lines: Iterable, tokenizer) -> list[PairExample]:
+    """Preference pairs from the outcomes of labelled finished lines (``dataset.value_labels.ValueExample``): each
+    distinct wrong line against the right line of the same problem that shares the longest prefix with it, both
+    cut where they part (the prompt is the shared prefix, the chosen and rejected continuations the rest). The pair
+    is where the wrong line went wrong, as judged by the answers rather than by a value; a problem without both a
+    right and a wrong line gives none."""
+    by_problem: dict[str, list] = {}
+    for line in lines:
+        by_problem.setdefault(line.problem_id, []).append(line)
+    seen, out = set(), []
+    for problem_id, group in by_problem.items():
+        right = [line for line in group if line.correct]
+        for wrong in (line for line in group if not line.correct):
+            best, shared = None, -1
+            for good in right:
+                common = _common_prefix(good.token_ids, wrong.token_ids)
+                if common > shared:
+                    best, shared = good, common
+            if best is None or shared < wrong.prompt_length:
+                continue
+            key = (wrong.token_ids.tobytes(), shared)
+            if key in seen:
+                continue
+            seen.add(key)
+            prompt = wrong.token_ids[:shared].astype(np.int64)
+            out.append(PairExample(problem_id,
+                                   PolicyExample(problem_id, prompt, _with_end(best.token_ids[shared:], tokenizer)),
+                                   PolicyExample(problem_id, prompt, _with_end(wrong.token_ids[shared:], tokenizer))))
+    return out
+
+
+def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    """How many leading tokens ``a`` and ``b`` share."""
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if len(differ) else n
+
+
 def sequence_logprobs(model, examples: Sequence[PolicyExample], pad_id: int, device):
     """Each example's summed log-probability of its response tokens (a tensor, with the model's gradient)."""
     import torch

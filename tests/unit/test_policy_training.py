@@ -10,7 +10,8 @@ from dataset.value_labels import ValueExample
 from deploy.cli import main as forest
 from modelkit.arithmetic import make_problems
 from modelkit.make_model import make_tiny_random
-from modelkit.policy import (DPO_REPORT, REPORT, PolicyDataError, line_examples, pair_examples, response_loss,
+from modelkit.policy import (DPO_REPORT, REPORT, PolicyDataError, line_examples, outcome_pairs, pair_examples,
+                             response_loss,
                              sequence_logprobs, sft_examples, train_dpo, train_policy)
 
 
@@ -61,6 +62,22 @@ def test_right_lines_of_trees_become_distinct_examples(tokenizer):
     examples = line_examples(lines, tokenizer)
     assert [(e.problem_id, e.prompt_ids.tolist(), e.response_ids.tolist()) for e in examples] == [
         ("a", [1, 2, 3], [7, 8, tokenizer.eos_token_id]), ("b", [1, 2, 3], [5, tokenizer.eos_token_id])]
+
+
+def test_outcome_pairs_cut_a_wrong_line_and_its_closest_right_line_where_they_part(tokenizer):
+    def line(problem, tokens, correct):
+        ids = np.asarray([1, 2, 3, *tokens], dtype=np.int32)
+        return ValueExample(problem, ids, np.asarray([len(ids) - 1]), np.asarray([1.0], np.float32), correct, 3)
+
+    end = tokenizer.eos_token_id
+    lines = [line("a", [7, 8, 9], True), line("a", [7, 5, 9], True), line("a", [7, 5, 6, 4], False),
+             line("a", [7, 5, 6, 4], False), line("a", [6], False), line("b", [5], False), line("c", [4], True)]
+    pairs = outcome_pairs(lines, tokenizer)
+    # the repeated wrong line pairs once; "b" has no right line and "c" no wrong one
+    assert [(p.problem_id, p.chosen.prompt_ids.tolist(), p.chosen.response_ids.tolist(),
+             p.rejected.prompt_ids.tolist(), p.rejected.response_ids.tolist()) for p in pairs] == [
+        ("a", [1, 2, 3, 7, 5], [9, end], [1, 2, 3, 7, 5], [6, 4, end]),  # the right line sharing [7, 5]
+        ("a", [1, 2, 3], [7, 8, 9, end], [1, 2, 3], [6, end])]  # parted at the first step: the first right line
 
 
 @pytest.mark.parametrize("text, message", [
@@ -161,5 +178,8 @@ def test_bad_pairs_are_refused_with_a_clear_error(base, tmp_path, capsys):
     assert "held-out seeds" in capsys.readouterr().err
     assert forest(["train-policy", "--base", str(base), "--output", str(tmp_path / "o")]) == 2
     assert "give --sft, --input or --pairs" in capsys.readouterr().err
+    assert forest(["train-policy", "--sft", held_out, "--outcome-pairs", "--base", str(base),
+                   "--output", str(tmp_path / "o")]) == 2
+    assert "--outcome-pairs needs --input" in capsys.readouterr().err
     with pytest.raises(PolicyDataError, match="no preference pairs"):
         train_dpo([], base=base, output=tmp_path / "o")
