@@ -43,8 +43,8 @@ DEFAULT_BENCH_PROBLEMS = 32  # trees of the designs, cache and value benches
 ENGINE_BENCH_TREES_PER_ACTIVE = 12
 """The engine bench's default trees, as a multiple of ``build.max_active_trees``. A run ends with a drain: once the
 last tree has started, fewer trees than the limit remain and the engine's batch empties (about 3 s of an 18 s run
-at 3x on 2 CPU cores). A build of thousands of trees drains once; at 12x the drain weighs as little as there
-(docs/benchmarks.md: ``throughput_ratio`` 0.90-0.94 at 3x, 0.99 at 12x)."""
+at 3x on 2 CPU cores). A build of thousands of trees drains once; at 12x the drain weighs about as little as there
+(docs/benchmarks.md: Forest over plain vLLM 0.90-0.94 at 3x against 0.99 at 12x, measured in one script)."""
 SETTING_REPLAY_SHARE = 4
 """The engine settings replay the first 1/this of Forest's recorded requests: each setting's rate needs the same
 requests as the others, not all of them, and float32 replays are slow."""
@@ -142,11 +142,11 @@ def bench_engine(config: ForestConfig, *, problems: int | None = None, repeats: 
 
     Forest searches ``build.max_active_trees`` problems at a time, as a build does, ``problems`` in all
     (``ENGINE_BENCH_TREES_PER_ACTIVE`` times that by default, so that the ramp-up and the drain weigh as little as in
-    a build). Each of ``repeats`` rounds runs
-    Forest, then plain vLLM on its requests at Forest's peak concurrency at the engine; ``throughput_ratio`` is the
-    median round's ratio. Rates on this VM drift by 10-15% from one minute to the next, so two rates from different
-    minutes are never divided: ``default_vs_fastest_engine`` is that ratio times the shipped setting's plain rate
-    over the fastest setting's, both medians of ``repeats`` replays that take turns (``_setting_rates``)."""
+    a build). Each of ``repeats`` rounds runs Forest, then plain vLLM on its requests at Forest's peak concurrency at
+    the engine; ``throughput_ratio`` is the median round's ratio. Rates on this VM drift by 10-15% from one minute
+    to the next, so two rates from different minutes are never divided: ``default_vs_fastest_engine`` is that ratio
+    times the shipped setting's plain rate over the fastest setting's, both medians of ``repeats`` replays (of
+    ``setting_replay_requests``) that take turns (``_setting_rates``)."""
     import ray
 
     from bench.engines import RequestLog

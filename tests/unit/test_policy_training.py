@@ -11,8 +11,7 @@ from deploy.cli import main as forest
 from modelkit.arithmetic import make_problems
 from modelkit.make_model import make_tiny_random
 from modelkit.policy import (DPO_REPORT, REPORT, PolicyDataError, line_examples, outcome_pairs, pair_examples,
-                             response_loss,
-                             sequence_logprobs, sft_examples, train_dpo, train_policy)
+                             response_loss, sequence_logprobs, sft_examples, train_dpo, train_policy)
 
 
 @pytest.fixture(scope="module")
