@@ -11,7 +11,7 @@ VALUE_DATA := out/value-data
 VALUE_PROBLEMS ?= 2000
 VALUE_SEED := 200000
 LOOP_DATA := out/data-loop
-LOOP_PROBLEMS ?= 800
+LOOP_PROBLEMS ?= 1600
 LOOP_SEED := 300000
 export RAY_AUTH_MODE ?= disabled
 
