@@ -483,15 +483,16 @@ def run_bench(name: str, config: ForestConfig | None, *, problems: int | None, b
     if name in ("engine", "designs", "cache", "value"):
         from cluster.runtime import connect
         connect(num_cpus=_engine_bench_cpus() if name == "engine" else None)
+    if name != "engine":  # the engine bench's default count follows the config's active trees
+        problems = problems or DEFAULT_BENCH_PROBLEMS
     if name == "engine":
         figures = bench_engine(config, problems=problems, repeats=repeats)
     elif name == "value":
-        figures = bench_value(config, problems=problems or DEFAULT_BENCH_PROBLEMS)
+        figures = bench_value(config, problems=problems)
     elif name == "designs":
-        figures = bench_designs(config, problems=problems or DEFAULT_BENCH_PROBLEMS,
-                                per_token_problems=per_token_problems)
+        figures = bench_designs(config, problems=problems, per_token_problems=per_token_problems)
     elif name == "cache":
-        figures = bench_cache(config, problems=problems or DEFAULT_BENCH_PROBLEMS, block_sizes=block_sizes)
+        figures = bench_cache(config, problems=problems, block_sizes=block_sizes)
     elif name == "manager":
         figures = bench_manager(trees=trees, active=active, granularity=granularity, managers=managers)
     else:
