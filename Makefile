@@ -45,7 +45,7 @@ value-model: $(BIN)/.installed
 
 # the data loop (docs/data-loop.md): MCTS and best-of-N builds over $(LOOP_PROBLEMS) problems of training seed
 # $(LOOP_SEED) at the same token budget, the policy fine-tuned on each build's right lines, greedy on 500 held-out
-# problems
+# problems; a second round builds the second half again with the model of the first half's lines
 data-loop: $(BIN)/.installed
 	$(BIN)/forest make-problems --n $(LOOP_PROBLEMS) --seed $(LOOP_SEED) --output $(LOOP_DATA)/problems.jsonl
 	$(BIN)/forest make-problems --n 500 --seed 1000000 --output $(LOOP_DATA)/heldout.jsonl
@@ -55,7 +55,7 @@ data-loop: $(BIN)/.installed
 	    --input $(LOOP_DATA)/problems.jsonl --output $(LOOP_DATA)/best_of_n
 	$(BIN)/python -m deploy.data_loop --config deploy/configs/data-loop.cpu.yaml --problems $(LOOP_DATA)/problems.jsonl \
 	    --build mcts=$(LOOP_DATA)/mcts --build best_of_n=$(LOOP_DATA)/best_of_n --heldout $(LOOP_DATA)/heldout.jsonl \
-	    --work $(LOOP_DATA)/models --plot docs/data-loop
+	    --work $(LOOP_DATA)/models --plot docs/data-loop --second-round
 
 demo: $(BIN)/.installed
 	$(BIN)/forest build --config deploy/configs/build.cpu.yaml --input deploy/demo_problems.jsonl --output out/demo

@@ -58,6 +58,9 @@ def parser() -> argparse.ArgumentParser:
                             help="with --input: a DPO pass after the supervised one on pairs judged by the answers: "
                                  "each wrong finished line against the right line of its problem that shares the "
                                  "longest prefix, cut where they part")
+    tp.add_argument("--keep", choices=policy_recipe.KEEPS, default=policy_recipe.KEEP,
+                    help="the supervised pass keeps the weights after its last epoch, or those with the best dev "
+                         "loss (with an early stop); the DPO pass keeps its best")
     tp.add_argument("--beta", type=float, default=policy_recipe.DPO_BETA, help="DPO's beta")
     tp.add_argument("--output", required=True, metavar="DIR", help="model directory to write")
     tp.add_argument("--base", default=DEFAULT_MODEL_DIR, help="the policy to fine-tune")
@@ -242,7 +245,8 @@ def cmd_train_policy(args) -> int:
                 examples = line_examples(lines, tokenizer)
             print(f"{len(examples)} right lines of {len({e.problem_id for e in examples})} problems", flush=True)
             report = train_policy(examples, base=args.base, output=args.output, seed=args.seed, epochs=args.epochs,
-                                  batch_size=args.batch_size, lr=args.lr, threads=args.threads, device=args.device)
+                                  batch_size=args.batch_size, lr=args.lr, keep=args.keep, threads=args.threads,
+                                  device=args.device)
             print(json.dumps({k: report[k] for k in ("kept_step", "base_dev_loss", "dev_loss", "train_lines",
                                                      "dev_lines", "seconds")}), flush=True)
             start = args.output

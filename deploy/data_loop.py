@@ -6,8 +6,13 @@ trees (what rejection sampling keeps). The policy is fine-tuned on the lines of 
 the problems of each build, and every model's greedy accuracy is measured on held-out problems. Written: one JSON
 line per model (``PREFIX.jsonl``) and accuracy against the build's generated tokens (``PREFIX.png``/``.svg``).
 
+With ``--second-round``, each method also iterates (build -> train -> build, as rStar-Math does): the second half
+of the problems is built again, with the same settings, by the model fine-tuned on the first half's lines, and the
+base is fine-tuned on the first half's lines plus the new ones. That model has spent about the tokens of the
+one-round model on all the problems, so the two answer whether a better policy finds better data.
+
 ``python -m deploy.data_loop --config C --problems P --build mcts=OUT --build best_of_n=OUT --heldout H --work DIR
---plot PREFIX``
+--plot PREFIX [--second-round]``
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from cluster.config import DEFAULT_MODEL_DIR, ForestConfig, load_config
 log = logging.getLogger(__name__)
 
 FRACTIONS = (0.25, 0.5, 1.0)  # shares of the build's problems whose lines a model is fine-tuned on
+FIRST_ROUND = 0.5  # with a second round: the share of the problems the first round's model learns from
 BASE = "base"
 
 
@@ -47,8 +53,27 @@ def build_tokens(output: str, problem_ids: set[str]) -> int:
     return sum(t["tokens_generated"] for t in trees if t["problem_id"] in problem_ids)
 
 
-def run(config: ForestConfig, problem_ids: list[str], builds: dict[str, str], heldout, work: Path, *,
-        base: str = DEFAULT_MODEL_DIR, seed: int = 0) -> list[dict]:
+def second_round_build(config: ForestConfig, first: str, model: str, problems, work: Path) -> str:
+    """Build ``problems`` again as the build ``first`` did (its strategy; ``config``'s search and engine settings),
+    with ``model`` as the policy; returns the output directory (resumed if it exists)."""
+    from dataset.reader import read_manifest
+    from deploy.build import run_build
+
+    name = Path(model).name
+    inputs = work / f"{name}-round2.jsonl"
+    inputs.write_text("".join(json.dumps({"id": p.problem_id, "question": p.question, "answer": p.answer}) + "\n"
+                              for p in problems))
+    output = str(work / f"{name}-round2-build")
+    strategy = read_manifest(first)["config"]["build"]["strategy"]
+    run_build(config.model_copy(update={
+        "engine": config.engine.model_copy(update={"model": model}),
+        "build": config.build.model_copy(update={"input": str(inputs), "output": output, "strategy": strategy,
+                                                 "limit": None})}))
+    return output
+
+
+def run(config: ForestConfig, problems, builds: dict[str, str], heldout, work: Path, *,
+        base: str = DEFAULT_MODEL_DIR, seed: int = 0, second_round: bool = False) -> list[dict]:
     from transformers import AutoTokenizer
 
     from dataset.value_labels import read_value_examples
@@ -62,20 +87,35 @@ def run(config: ForestConfig, problem_ids: list[str], builds: dict[str, str], he
             raise ValueError(f"build {method}: {len(held_out)} problems come from held-out seeds (e.g. "
                              f"{held_out[0]}); the loop fine-tunes on training seeds only")
     tokenizer = AutoTokenizer.from_pretrained(base)
-    rows = [{"method": BASE, "fraction": 0.0, "build_tokens": 0, "lines": 0, **greedy_accuracy(config, base, heldout)}]
+    problem_ids = [p.problem_id for p in problems]
+    work.mkdir(parents=True, exist_ok=True)
+    rows = [{"method": BASE, "fraction": 0.0, "rounds": 0, "build_tokens": 0, "lines": 0,
+             **greedy_accuracy(config, base, heldout)}]
     log.info("base: %s", rows[-1])
+
+    def fine_tune(method: str, fraction: float, rounds: int, lines, tokens: int, model: Path) -> None:
+        examples = line_examples(lines, tokenizer)
+        report = train_policy(examples, base=base, output=model, seed=seed)
+        rows.append({"method": method, "fraction": fraction, "rounds": rounds, "build_tokens": tokens,
+                     "lines": len(examples), "problems_with_lines": len({e.problem_id for e in examples}),
+                     "dev_loss": report["dev_loss"], "base_dev_loss": report["base_dev_loss"],
+                     "train_seconds": report["seconds"], **greedy_accuracy(config, str(model), heldout)})
+        log.info("%s: %s", method, rows[-1])
+
     for method, output in builds.items():
         lines = lines_of[method]
         for fraction in FRACTIONS:
             keep = set(problem_ids[:round(fraction * len(problem_ids))])
-            examples = line_examples([line for line in lines if line.problem_id in keep], tokenizer)
-            model = work / f"{method}-{fraction}"
-            report = train_policy(examples, base=base, output=model, seed=seed)
-            rows.append({"method": method, "fraction": fraction, "build_tokens": build_tokens(output, keep),
-                         "lines": len(examples), "problems_with_lines": len({e.problem_id for e in examples}),
-                         "dev_loss": report["dev_loss"], "base_dev_loss": report["base_dev_loss"],
-                         "train_seconds": report["seconds"], **greedy_accuracy(config, str(model), heldout)})
-            log.info("%s: %s", method, rows[-1])
+            fine_tune(method, fraction, 1, [line for line in lines if line.problem_id in keep],
+                      build_tokens(output, keep), work / f"{method}-{fraction}")
+        if second_round:
+            first = set(problem_ids[:round(FIRST_ROUND * len(problem_ids))])
+            again = [p for p in problems if p.problem_id not in first]
+            rebuilt = second_round_build(config, output, str(work / f"{method}-{FIRST_ROUND}"), again, work)
+            fine_tune(method, 1.0, 2, [line for line in lines if line.problem_id in first]
+                      + read_value_examples([rebuilt]),
+                      build_tokens(output, first) + build_tokens(rebuilt, {p.problem_id for p in again}),
+                      work / f"{method}-round2")
     return rows
 
 
@@ -86,17 +126,26 @@ def plot(rows: list[dict], prefix: str) -> list[str]:
     figure, axes = new_figure(figsize=(6.4, 4.2))
     base = next(r for r in rows if r["method"] == BASE)
     for method in dict.fromkeys(r["method"] for r in rows if r["method"] != BASE):
-        points = [base] + sorted((r for r in rows if r["method"] == method), key=lambda r: r["build_tokens"])
-        x = [r["build_tokens"] / 1e6 for r in points]
-        y = [100 * r["accuracy"] for r in points]
-        errors = [[100 * (r["accuracy"] - r["ci_low"]) for r in points],
-                  [100 * (r["ci_high"] - r["accuracy"]) for r in points]]
-        axes.errorbar(x, y, yerr=errors, marker="o", capsize=3, label=f"fine-tuned on {method} lines")
+        one = sorted((r for r in rows if r["method"] == method and r.get("rounds", 1) == 1),
+                     key=lambda r: r["build_tokens"])
+        line = axes.errorbar(*_series([base, *one]), marker="o", capsize=3, label=f"fine-tuned on {method} lines")
+        two = [r for r in rows if r["method"] == method and r.get("rounds") == 2]
+        if two:  # the iterated loop leaves the one-round line where its second round starts
+            start = [r for r in one if r["fraction"] == FIRST_ROUND]
+            axes.errorbar(*_series([*start, *two]), marker="s", capsize=3, linestyle="--",
+                          color=line.lines[0].get_color(), label=f"{method}, second half built by the round-1 model")
     axes.axhline(100 * base["accuracy"], color="grey", linestyle=":", label="base model")
     axes.set_xlabel("generated tokens of the build (millions)")
     axes.set_ylabel("held-out greedy accuracy (%)")
     axes.legend()
     return save_figure(figure, prefix)
+
+
+def _series(points: list[dict]) -> tuple:
+    """x (millions of build tokens), y and the 95% interval's error bars (percent) of ``points``."""
+    return ([r["build_tokens"] / 1e6 for r in points], [100 * r["accuracy"] for r in points],
+            [[100 * (r["accuracy"] - r["ci_low"]) for r in points],
+             [100 * (r["ci_high"] - r["accuracy"]) for r in points]])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,13 +159,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", required=True, help="folder for the fine-tuned models")
     p.add_argument("--plot", required=True, metavar="PREFIX", help="writes PREFIX.jsonl, PREFIX.png, PREFIX.svg")
     p.add_argument("--base", default=DEFAULT_MODEL_DIR)
+    p.add_argument("--second-round", action="store_true",
+                   help="also build the second half of the problems again with the model of the first half's lines")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     builds = dict(b.split("=", 1) for b in args.build)
     problems, _ = read_problems(args.problems)
     heldout, _ = read_problems(args.heldout)
-    rows = run(load_config(args.config), [q.problem_id for q in problems], builds, heldout, Path(args.work),
-               base=args.base)
+    rows = run(load_config(args.config), problems, builds, heldout, Path(args.work), base=args.base,
+               second_round=args.second_round)
     with open(f"{args.plot}.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     print("\n".join(plot(rows, args.plot)))

@@ -1,6 +1,7 @@
 """The fine-tuning loop the value model and the policy share: seeded epochs, linear warm-up, clipped AdamW steps,
-dev metrics every ``eval_every`` steps, the best weights kept, early stop after ``patience`` evaluations without a
-lower dev loss, a tqdm bar and a JSON report rewritten at every evaluation."""
+dev metrics every ``eval_every`` steps, the best weights kept with an early stop after ``patience`` evaluations
+without a lower dev loss (or the last weights, after every epoch), a tqdm bar and a JSON report rewritten at every
+evaluation."""
 
 from __future__ import annotations
 
@@ -23,11 +24,12 @@ MAX_GRAD_NORM = 1.0
 def fit(model, train: Sequence, *, loss_of: Callable[[Sequence], object], evaluate: Callable[[], dict],
         keep: Callable[[], None], report: dict, report_path: Path, seed: int, epochs: int, batch_size: int,
         lr: float, warmup_steps: int, eval_every: int, patience: int, progress: bool, name: str,
-        best: float = math.inf) -> None:
+        best: float = math.inf, keep_last: bool = False) -> None:
     """Train ``model`` on ``train`` in place. ``loss_of(batch)`` is a batch's loss tensor; ``evaluate()`` returns the
     dev metrics (``dev_loss`` first; ``None`` where undefined); ``keep()`` saves the current weights whenever the dev
-    loss beats ``best``. Fills ``report`` (``history``, ``kept_step`` and the kept metrics, ``stopped``,
-    ``seconds``) and writes it to ``report_path``."""
+    loss beats ``best``, or, with ``keep_last``, once after the last epoch (no early stop: the dev metrics are only
+    reported). Fills ``report`` (``history``, ``kept_step`` and the kept metrics, ``stopped``, ``seconds``) and
+    writes it to ``report_path``."""
     import torch
     from tqdm import tqdm
 
@@ -61,7 +63,11 @@ def fit(model, train: Sequence, *, loss_of: Callable[[Sequence], object], evalua
             bar.set_postfix({k: entry[k] for k in metrics})
             log.info("%s step %d: train loss %.4f, %s", name, step, entry["train_loss"],
                      ", ".join(f"{k} {entry[k]}" for k in metrics))
-            if metrics["dev_loss"] < best:
+            if keep_last:
+                if step == total:
+                    report.update(kept_step=step, **{k: entry[k] for k in metrics})
+                    keep()
+            elif metrics["dev_loss"] < best:
                 best, stale = metrics["dev_loss"], 0
                 report.update(kept_step=step, **{k: entry[k] for k in metrics})
                 keep()

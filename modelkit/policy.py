@@ -3,9 +3,10 @@ and optionally a DPO pass on the build's preference pairs.
 
 Examples come from a build's ``sft.jsonl`` (the chosen line of each tree whose answer was right) or from its trees
 (every distinct finished line whose answer matches the reference: what rejection sampling keeps). The loss is the
-next-token loss on the response and its end token only; a seeded share of the problems is held out as a dev set,
-the dev loss is measured every ``eval_every`` steps, and the weights with the best dev loss are kept. The output
-is a model directory like the base (weights, tokenizer, generation config) that vLLM loads.
+next-token loss on the response and its end token only; a seeded share of the problems is held out as a dev set
+and the dev loss is measured every ``eval_every`` steps. The weights after the last epoch are kept (``keep="last"``)
+or those with the best dev loss, with an early stop (``keep="best"``). The output is a model directory like the
+base (weights, tokenizer, generation config) that vLLM loads.
 
 The DPO pass (``train_dpo``, Rafailov et al. 2023) reads ``pairs.parquet``: at a node of the chosen path, the
 chosen continuation against its lowest-valued visited sibling's. Its loss is ``-log sigmoid(beta * ((log pi(c) -
@@ -35,6 +36,11 @@ REPORT = "policy_training.json"
 IGNORE = -100  # the label transformers' loss skips
 EPOCHS, BATCH_SIZE, LEARNING_RATE, EVAL_EVERY, PATIENCE, DEV_SHARE = 3, 16, 1e-4, 25, 3, 0.1
 WARMUP_STEPS = 10
+# Which weights the supervised pass keeps. "last": on a model's own right lines the dev loss stops falling within the
+# first epoch while greedy accuracy still rises (docs/data-loop.md); "best": the lowest dev loss, with an early stop.
+KEEPS = ("last", "best")
+KEEP = "last"
+REPORT_EVERY = 100  # steps between dev losses when they are only reported (keep="last")
 DPO_REPORT = "dpo_training.json"
 DPO_BETA = 0.1  # the DPO paper's default: how far the policy may move from the reference per unit of margin
 
@@ -284,13 +290,16 @@ def _save(model, tokenizer, out: Path) -> None:
 
 def train_policy(examples: Sequence[PolicyExample], *, base: str | Path, output: str | Path, seed: int = 0,
                  epochs: int = EPOCHS, batch_size: int = BATCH_SIZE, lr: float = LEARNING_RATE,
-                 dev_share: float = DEV_SHARE, eval_every: int = EVAL_EVERY, patience: int = PATIENCE,
-                 threads: int | None = None, device: str = "cpu", progress: bool = True) -> dict:
-    """Fine-tune ``base`` on ``examples``; write the best model (by dev loss) to ``output``; returns the report
-    written to ``policy_training.json``."""
+                 dev_share: float = DEV_SHARE, eval_every: int | None = None, patience: int = PATIENCE,
+                 keep: str = KEEP, threads: int | None = None, device: str = "cpu", progress: bool = True) -> dict:
+    """Fine-tune ``base`` on ``examples``; write the kept model (``keep``: the last weights, or the best by dev
+    loss) to ``output``; returns the report written to ``policy_training.json``. ``eval_every`` defaults to
+    ``EVAL_EVERY`` when the dev loss chooses the weights and to ``REPORT_EVERY`` when it is only reported."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if keep not in KEEPS:
+        raise ValueError(f"keep={keep!r}: one of {', '.join(KEEPS)}")
     if not examples:
         raise PolicyDataError("no right lines to train on")
     if not (Path(base) / "config.json").is_file():
@@ -310,7 +319,7 @@ def train_policy(examples: Sequence[PolicyExample], *, base: str | Path, output:
     report = {"base": str(base), "seed": seed, "epochs": epochs, "batch_size": batch_size, "lr": lr,
               "train_lines": len(train), "dev_lines": len(dev), "train_problems": len({e.problem_id for e in train}),
               "dev_problems": len({e.problem_id for e in dev}), "base_dev_loss": round(base_dev_loss, 4),
-              "device": device, "history": []}
+              "keep": keep, "device": device, "history": []}
 
     def loss_of(lines):
         ids, mask, labels = _batch(lines, pad_id, device)
@@ -319,8 +328,9 @@ def train_policy(examples: Sequence[PolicyExample], *, base: str | Path, output:
     fit(model, train, loss_of=loss_of, evaluate=lambda: {"dev_loss": response_loss(model, dev, pad_id, device,
                                                                                    batch_size)},
         keep=lambda: _save(model, tokenizer, out), report=report, report_path=out / REPORT, seed=seed,
-        epochs=epochs, batch_size=batch_size, lr=lr, warmup_steps=WARMUP_STEPS, eval_every=eval_every,
-        patience=patience, progress=progress, name="policy", best=base_dev_loss)
+        epochs=epochs, batch_size=batch_size, lr=lr, warmup_steps=WARMUP_STEPS,
+        eval_every=eval_every or (REPORT_EVERY if keep == "last" else EVAL_EVERY), patience=patience,
+        progress=progress, name="policy", best=base_dev_loss, keep_last=keep == "last")
     if "kept_step" not in report:  # no step beat the base on the dev set: the base is kept, and said to be
         report.update(kept_step=0, dev_loss=round(base_dev_loss, 4))
         _save(AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float32), tokenizer, out)

@@ -117,15 +117,17 @@ def test_bad_inputs_fail_with_a_clear_error(base, tokenizer, tmp_path, capsys):
 def test_the_data_loop_plot_has_a_line_per_method(tmp_path):
     from deploy.data_loop import BASE, plot
 
-    def row(method, tokens, accuracy):
-        return {"method": method, "build_tokens": tokens, "accuracy": accuracy, "ci_low": accuracy - 0.04,
-                "ci_high": accuracy + 0.04}
+    def row(method, tokens, accuracy, fraction=1.0, rounds=1):
+        return {"method": method, "fraction": fraction, "rounds": rounds, "build_tokens": tokens,
+                "accuracy": accuracy, "ci_low": accuracy - 0.04, "ci_high": accuracy + 0.04}
 
-    rows = [row(BASE, 0, 0.52), row("mcts", 1e5, 0.53), row("mcts", 2e5, 0.55), row("best_of_n", 2e5, 0.54)]
+    rows = [row(BASE, 0, 0.52, 0.0, 0), row("mcts", 1e5, 0.53, 0.5), row("mcts", 2e5, 0.55),
+            row("best_of_n", 2e5, 0.54), row("mcts", 2e5, 0.57, rounds=2)]
     paths = plot(rows, str(tmp_path / "loop"))
     assert [p.rsplit(".", 1)[1] for p in paths] == ["png", "svg"]
     svg = (tmp_path / "loop.svg").read_text()
     assert "fine-tuned on mcts lines" in svg and "fine-tuned on best_of_n lines" in svg and "base model" in svg
+    assert "mcts, second half built by the round-1 model" in svg and "best_of_n, second half" not in svg
 
 
 def pairs_file(path, problems, columns=PAIR_FIELDS) -> str:
@@ -182,3 +184,25 @@ def test_bad_pairs_are_refused_with_a_clear_error(base, tmp_path, capsys):
     assert "--outcome-pairs needs --input" in capsys.readouterr().err
     with pytest.raises(PolicyDataError, match="no preference pairs"):
         train_dpo([], base=base, output=tmp_path / "o")
+
+
+@pytest.mark.parametrize("keep_last", [False, True])
+def test_fit_keeps_the_best_weights_or_the_last(tmp_path, keep_last):
+    """A dev loss that only rises: the best-keeping loop keeps nothing and stops early; the last-keeping one trains
+    every epoch and keeps the final weights once."""
+    import torch
+
+    from modelkit.fit import fit
+
+    model = torch.nn.Linear(2, 1)
+    dev_losses, kept = iter(range(1, 100)), []
+    report = {"history": []}
+    fit(model, list(range(40)), loss_of=lambda batch: model(torch.ones(len(batch), 2)).pow(2).mean(),
+        evaluate=lambda: {"dev_loss": float(next(dev_losses))}, keep=lambda: kept.append(len(report["history"])),
+        report=report, report_path=tmp_path / "report.json", seed=0, epochs=2, batch_size=4, lr=1e-3,
+        warmup_steps=1, eval_every=2, patience=3, progress=False, name="toy", best=0.5, keep_last=keep_last)
+    if keep_last:
+        assert kept == [10] and report["kept_step"] == 20 and report["dev_loss"] == 10 and report["stopped"] == "epochs"
+    else:
+        assert kept == [] and "kept_step" not in report and report["stopped"] == "plateau"
+        assert len(report["history"]) == 3
