@@ -55,18 +55,19 @@ def build_tokens(output: str, problem_ids: set[str]) -> int:
 
 def second_round_build(config: ForestConfig, first: str, model: str, problems, work: Path) -> str:
     """Build ``problems`` again as the build ``first`` did (its strategy; ``config``'s search and engine settings),
-    with ``model`` as the policy; returns the output directory (resumed if it exists)."""
+    with ``model`` as the policy on engines of its own; returns the output directory (resumed if it exists)."""
     from dataset.reader import read_manifest
     from deploy.build import run_build
 
     name = Path(model).name
+    work.mkdir(parents=True, exist_ok=True)
     inputs = work / f"{name}-round2.jsonl"
     inputs.write_text("".join(json.dumps({"id": p.problem_id, "question": p.question, "answer": p.answer}) + "\n"
                               for p in problems))
     output = str(work / f"{name}-round2-build")
     strategy = read_manifest(first)["config"]["build"]["strategy"]
     run_build(config.model_copy(update={
-        "engine": config.engine.model_copy(update={"model": model}),
+        "engine": config.engine.model_copy(update={"model": model}), "attach_workers": [],
         "build": config.build.model_copy(update={"input": str(inputs), "output": output, "strategy": strategy,
                                                  "limit": None})}))
     return output
@@ -88,7 +89,6 @@ def run(config: ForestConfig, problems, builds: dict[str, str], heldout, work: P
                              f"{held_out[0]}); the loop fine-tunes on training seeds only")
     tokenizer = AutoTokenizer.from_pretrained(base)
     problem_ids = [p.problem_id for p in problems]
-    work.mkdir(parents=True, exist_ok=True)
     rows = [{"method": BASE, "fraction": 0.0, "rounds": 0, "build_tokens": 0, "lines": 0,
              **greedy_accuracy(config, base, heldout)}]
     log.info("base: %s", rows[-1])

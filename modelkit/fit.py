@@ -1,6 +1,6 @@
 """The fine-tuning loop the value model and the policy share: seeded epochs, linear warm-up, clipped AdamW steps,
 dev metrics every ``eval_every`` steps, the best weights kept with an early stop after ``patience`` evaluations
-without a lower dev loss (or the last weights, after every epoch), a tqdm bar and a JSON report rewritten at every
+without a lower dev loss (or the weights after the last epoch), a tqdm bar and a JSON report rewritten at every
 evaluation."""
 
 from __future__ import annotations

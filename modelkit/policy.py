@@ -36,8 +36,9 @@ REPORT = "policy_training.json"
 IGNORE = -100  # the label transformers' loss skips
 EPOCHS, BATCH_SIZE, LEARNING_RATE, EVAL_EVERY, PATIENCE, DEV_SHARE = 3, 16, 1e-4, 25, 3, 0.1
 WARMUP_STEPS = 10
-# Which weights the supervised pass keeps. "last": on a model's own right lines the dev loss stops falling within the
-# first epoch while greedy accuracy still rises (docs/data-loop.md); "best": the lowest dev loss, with an early stop.
+# Which weights the supervised pass keeps. "last": on a model's own right lines the dev loss flattens within the first
+# epoch, where the early stop used to end training, while greedy accuracy still rises over three (docs/data-loop.md);
+# "best": the lowest dev loss, with an early stop.
 KEEPS = ("last", "best")
 KEEP = "last"
 REPORT_EVERY = 100  # steps between dev losses when they are only reported (keep="last")
