@@ -59,8 +59,8 @@ def parser() -> argparse.ArgumentParser:
                                  "each wrong finished line against the right line of its problem that shares the "
                                  "longest prefix, cut where they part")
     tp.add_argument("--keep", choices=policy_recipe.KEEPS, default=policy_recipe.KEEP,
-                    help="the supervised pass keeps the weights after its last epoch, or those with the best dev "
-                         "loss (with an early stop); the DPO pass keeps its best")
+                    help="the weights the supervised pass keeps: those with the best dev loss, with an early stop, "
+                         "or those after its last epoch (the DPO pass keeps its best)")
     tp.add_argument("--beta", type=float, default=policy_recipe.DPO_BETA, help="DPO's beta")
     tp.add_argument("--output", required=True, metavar="DIR", help="model directory to write")
     tp.add_argument("--base", default=DEFAULT_MODEL_DIR, help="the policy to fine-tune")

@@ -240,7 +240,7 @@ def test_train_policy_on_a_build_output_with_outcome_pairs(base, tmp_path, capsy
 
     tuned = tmp_path / "tuned"
     assert forest(["train-policy", "--input", str(out), "--outcome-pairs", "--base", str(base), "--output",
-                   str(tuned), "--epochs", "2", "--batch-size", "2"]) == 0
+                   str(tuned), "--epochs", "2", "--batch-size", "2", "--keep", "last"]) == 0
     printed = capsys.readouterr().out
     assert "3 right lines of 3 problems" in printed and "6 preference pairs of 3 problems" in printed
     sft, dpo = json.loads((tuned / REPORT).read_text()), json.loads((tuned / DPO_REPORT).read_text())
