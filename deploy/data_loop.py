@@ -28,7 +28,9 @@ from cluster.config import DEFAULT_MODEL_DIR, ForestConfig, load_config
 log = logging.getLogger(__name__)
 
 FRACTIONS = (0.25, 0.5, 1.0)  # shares of the build's problems whose lines a model is fine-tuned on
-FIRST_ROUND = 0.5  # with a second round: the share of the problems the first round's model learns from
+# with a second round: the share of the problems whose lines teach the model that builds the rest again; one of
+# FRACTIONS, whose model it is
+FIRST_ROUND = 0.5
 BASE = "base"
 
 

@@ -211,35 +211,11 @@ def test_fit_keeps_the_best_weights_or_the_last(tmp_path, keep_last):
 def test_train_policy_on_a_build_output_with_outcome_pairs(base, tmp_path, capsys):
     """``forest train-policy --input OUT --outcome-pairs`` end to end on a hand-made build output: the supervised pass
     on the right lines, then DPO on the pairs judged by the answers, both reports written."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    from tests.unit.handmade_build import write_build
 
-    from dataset.layout import NODES, TREES
-    from dataset.schema import NODE_SCHEMA, TREE_SCHEMA
-
-    def node(node_id, parent_id, tokens, text, terminal=False):
-        return {"node_id": node_id, "parent_id": parent_id, "token_ids": tokens, "text": text, "is_terminal": terminal}
-
-    # each problem: root -> A -> {answers 5 (right), answers 6}; root -> B -> answers 6
-    nodes = [node(0, -1, [], ""), node(1, 0, [10, 11], "<Thought>\nstep A\n\n"),
-             node(2, 1, [12, 13, 14], "</Thought>\n<Output>\n5\n</Output>", terminal=True),
-             node(3, 1, [15, 16], "</Thought>\n<Output>\n6\n</Output>", terminal=True),
-             node(4, 0, [17], "<Thought>\nstep B\n\n"),
-             node(5, 4, [18, 19], "</Thought>\n<Output>\n6\n</Output>", terminal=True)]
-    out = tmp_path / "build"
-    for kind in (TREES, NODES):
-        (out / kind).mkdir(parents=True)
-    problems = ["p1", "p2", "p3"]
-    trees = [{name: None for name in TREE_SCHEMA.names} | {"run_id": "r", "tree_id": f"t-{p}", "problem_id": p,
-                                                            "prompt_token_ids": [7, 8, 20 + i], "reference_answer": "5"}
-             for i, p in enumerate(problems)]
-    rows = [{name: None for name in NODE_SCHEMA.names} | n | {"run_id": "r", "tree_id": f"t-{p}"}
-            for p in problems for n in nodes]
-    pq.write_table(pa.Table.from_pylist(trees, schema=TREE_SCHEMA), out / TREES / "part-0.parquet")
-    pq.write_table(pa.Table.from_pylist(rows, schema=NODE_SCHEMA), out / NODES / "part-0.parquet")
-
+    out = write_build(tmp_path / "build", "5", problems=("p1", "p2", "p3"))  # per problem: 1 right line, 2 wrong
     tuned = tmp_path / "tuned"
-    assert forest(["train-policy", "--input", str(out), "--outcome-pairs", "--base", str(base), "--output",
+    assert forest(["train-policy", "--input", out, "--outcome-pairs", "--base", str(base), "--output",
                    str(tuned), "--epochs", "2", "--batch-size", "2", "--keep", "last"]) == 0
     printed = capsys.readouterr().out
     assert "3 right lines of 3 problems" in printed and "6 preference pairs of 3 problems" in printed

@@ -1,31 +1,10 @@
 """Value labels from a build's trees: Monte-Carlo estimates per step end, outcomes per finished line."""
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
-from dataset.layout import NODES, TREES
-from dataset.schema import NODE_SCHEMA, TREE_SCHEMA
 from dataset.value_labels import ValueDataError, read_value_examples, tree_examples
-
-PROMPT = [7, 8, 9]
-
-
-def node(node_id, parent_id, tokens, text, terminal=False):
-    return {"node_id": node_id, "parent_id": parent_id, "token_ids": tokens, "text": text, "is_terminal": terminal}
-
-
-# root -> A -> {A1: answers 5 (right), A2: answers 6}; root -> B -> B1: answers 6; root -> C: cut, no answer
-NODES_OF_TREE = [
-    node(0, -1, [], ""),
-    node(1, 0, [10, 11], "<Thought>\nstep A\n\n"),
-    node(2, 1, [12, 13, 14], "</Thought>\n<Output>\n5\n</Output>", terminal=True),
-    node(3, 1, [15, 16], "</Thought>\n<Output>\n6\n</Output>", terminal=True),
-    node(4, 0, [17], "<Thought>\nstep B\n\n"),
-    node(5, 4, [18, 19], "</Thought>\n<Output>\n6\n</Output>", terminal=True),
-    node(6, 0, [20, 21, 22], "<Thought>\nstep C that runs out", terminal=True),
-]
+from tests.unit.handmade_build import NODES_OF_TREE, PROMPT, write_build
 
 
 def test_each_finished_line_is_labelled_with_the_share_of_right_lines_below_each_step():
@@ -39,18 +18,8 @@ def test_each_finished_line_is_labelled_with_the_share_of_right_lines_below_each
     assert {e.problem_id for e in examples.values()} == {"p1"}
 
 
-def _write_build(root, reference):
-    for kind in (TREES, NODES):
-        (root / kind).mkdir(parents=True)
-    tree = {name: None for name in TREE_SCHEMA.names} | {
-        "run_id": "r", "tree_id": "t1", "problem_id": "p1", "prompt_token_ids": PROMPT, "reference_answer": reference}
-    pq.write_table(pa.Table.from_pylist([tree], schema=TREE_SCHEMA), root / TREES / "part-0.parquet")
-    rows = [{name: None for name in NODE_SCHEMA.names} | n | {"run_id": "r", "tree_id": "t1"} for n in NODES_OF_TREE]
-    pq.write_table(pa.Table.from_pylist(rows, schema=NODE_SCHEMA), root / NODES / "part-0.parquet")
-
-
 def test_examples_are_read_from_a_build_output(tmp_path):
-    _write_build(tmp_path / "out", "5")
+    write_build(tmp_path / "out", "5")
     examples = read_value_examples([str(tmp_path / "out")])
     assert len(examples) == 3 and sum(e.correct for e in examples) == 1
 
@@ -61,6 +30,6 @@ def test_outputs_without_trees_or_references_are_refused(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueDataError, match="no committed trees"):
         read_value_examples([str(tmp_path / "empty")])
-    _write_build(tmp_path / "unlabelled", None)
+    write_build(tmp_path / "unlabelled", None)
     with pytest.raises(ValueDataError, match="1 of 1 trees have no reference answer"):
         read_value_examples([str(tmp_path / "unlabelled")])
