@@ -28,8 +28,8 @@ from cluster.config import DEFAULT_MODEL_DIR, ForestConfig, load_config
 log = logging.getLogger(__name__)
 
 FRACTIONS = (0.25, 0.5, 1.0)  # shares of the build's problems whose lines a model is fine-tuned on
-# with a second round: the share of the problems whose lines teach the model that builds the rest again; one of
-# FRACTIONS, whose model it is
+# with a second round: the share of the problems whose lines teach the model that builds the rest again (one of
+# FRACTIONS: that fraction's model builds)
 FIRST_ROUND = 0.5
 BASE = "base"
 
@@ -106,18 +106,18 @@ def run(config: ForestConfig, problems, builds: dict[str, str], heldout, work: P
 
     for method, output in builds.items():
         lines = lines_of[method]
+        tuned = {}  # fraction -> (its problems, their build tokens, the model fine-tuned on their lines)
         for fraction in FRACTIONS:
             keep = set(problem_ids[:round(fraction * len(problem_ids))])
-            fine_tune(method, fraction, 1, [line for line in lines if line.problem_id in keep],
-                      build_tokens(output, keep), work / f"{method}-{fraction}")
+            tuned[fraction] = keep, build_tokens(output, keep), work / f"{method}-{fraction}"
+            fine_tune(method, fraction, 1, [line for line in lines if line.problem_id in keep], *tuned[fraction][1:])
         if second_round:
-            first = set(problem_ids[:round(FIRST_ROUND * len(problem_ids))])
+            first, tokens, model = tuned[FIRST_ROUND]
             again = [p for p in problems if p.problem_id not in first]
-            rebuilt = second_round_build(config, output, str(work / f"{method}-{FIRST_ROUND}"), again, work)
+            rebuilt = second_round_build(config, output, str(model), again, work)
             fine_tune(method, 1.0, 2, [line for line in lines if line.problem_id in first]
                       + read_value_examples([rebuilt]),
-                      build_tokens(output, first) + build_tokens(rebuilt, {p.problem_id for p in again}),
-                      work / f"{method}-round2")
+                      tokens + build_tokens(rebuilt, {p.problem_id for p in again}), work / f"{method}-round2")
     return rows
 
 
@@ -128,10 +128,10 @@ def plot(rows: list[dict], prefix: str) -> list[str]:
     figure, axes = new_figure(figsize=(6.4, 4.2))
     base = next(r for r in rows if r["method"] == BASE)
     for method in dict.fromkeys(r["method"] for r in rows if r["method"] != BASE):
-        one = sorted((r for r in rows if r["method"] == method and r.get("rounds", 1) == 1),
+        one = sorted((r for r in rows if r["method"] == method and r["rounds"] == 1),
                      key=lambda r: r["build_tokens"])
         line = axes.errorbar(*_series([base, *one]), marker="o", capsize=3, label=f"fine-tuned on {method} lines")
-        two = [r for r in rows if r["method"] == method and r.get("rounds") == 2]
+        two = [r for r in rows if r["method"] == method and r["rounds"] == 2]
         if two:  # the iterated loop leaves the one-round line where its second round starts
             start = [r for r in one if r["fraction"] == FIRST_ROUND]
             axes.errorbar(*_series([*start, *two]), marker="s", capsize=3, linestyle="--",
