@@ -58,6 +58,9 @@ def parser() -> argparse.ArgumentParser:
                             help="with --input: a DPO pass after the supervised one on pairs judged by the answers: "
                                  "each wrong finished line against the right line of its problem that shares the "
                                  "longest prefix, cut where they part")
+    tp.add_argument("--skip-solved", action="store_true",
+                    help="with --input: leave out the problems whose finished lines are all right (the model "
+                         "already solves them)")
     tp.add_argument("--keep", choices=policy_recipe.KEEPS, default=policy_recipe.KEEP,
                     help="the weights the supervised pass keeps: those with the best dev loss, with an early stop, "
                          "or those after its last epoch (the DPO pass keeps its best)")
@@ -223,6 +226,10 @@ def cmd_train_policy(args) -> int:
     if not (args.sft or args.input or args.pairs):
         print("forest train-policy: give --sft, --input or --pairs (or --sft/--input with --pairs)", file=sys.stderr)
         return EXIT_USAGE
+    if args.skip_solved and not args.input:
+        print("forest train-policy: --skip-solved needs --input (the build outputs whose lines it selects)",
+              file=sys.stderr)
+        return EXIT_USAGE
     if args.outcome_pairs and not args.input:
         print("forest train-policy: --outcome-pairs needs --input (the build outputs whose lines it pairs)",
               file=sys.stderr)
@@ -242,7 +249,7 @@ def cmd_train_policy(args) -> int:
             else:
                 lines = read_value_examples(args.input)
                 training_seeds_only(e.problem_id for e in lines)
-                examples = line_examples(lines, tokenizer)
+                examples = line_examples(lines, tokenizer, skip_solved=args.skip_solved)
             print(f"{len(examples)} right lines of {len({e.problem_id for e in examples})} problems", flush=True)
             report = train_policy(examples, base=args.base, output=args.output, seed=args.seed, epochs=args.epochs,
                                   batch_size=args.batch_size, lr=args.lr, keep=args.keep, threads=args.threads,

@@ -69,12 +69,16 @@ def sft_examples(rows: Iterable[dict], tokenizer, *, system_prompt: str = DEFAUL
             for r, p, t in zip(rows, prompts, responses, strict=True)]
 
 
-def line_examples(lines: Iterable, tokenizer) -> list[PolicyExample]:
+def line_examples(lines: Iterable, tokenizer, *, skip_solved: bool = False) -> list[PolicyExample]:
     """The right lines among labelled finished lines (``dataset.value_labels.ValueExample``), each distinct line
-    once."""
+    once. With ``skip_solved``, the lines of problems whose finished lines are all right are left out: the model
+    already solves those, and the problems it sometimes fails are where a right line teaches something (DAPO's
+    dynamic sampling drops the prompts whose samples are all right for the same reason)."""
+    lines = list(lines)
+    failed = {line.problem_id for line in lines if not line.correct}
     seen, out = set(), []
     for line in lines:
-        if not line.correct:
+        if not line.correct or (skip_solved and line.problem_id not in failed):
             continue
         key = line.token_ids.tobytes()
         if key in seen:

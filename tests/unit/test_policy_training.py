@@ -31,6 +31,12 @@ def sft_file(path, problems) -> str:
     return str(path)
 
 
+def line(problem, tokens, correct) -> ValueExample:
+    """A finished line of ``problem``: the prompt [1, 2, 3], then ``tokens``."""
+    ids = np.asarray([1, 2, 3, *tokens], dtype=np.int32)
+    return ValueExample(problem, ids, np.asarray([len(ids) - 1]), np.asarray([1.0], np.float32), correct, 3)
+
+
 def test_a_tiny_fine_tune_lowers_the_loss_on_its_rows(base, tokenizer, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
@@ -53,21 +59,22 @@ def test_a_tiny_fine_tune_lowers_the_loss_on_its_rows(base, tokenizer, tmp_path)
 
 
 def test_right_lines_of_trees_become_distinct_examples(tokenizer):
-    def line(problem, tokens, correct):
-        ids = np.asarray([1, 2, 3, *tokens], dtype=np.int32)
-        return ValueExample(problem, ids, np.asarray([len(ids) - 1]), np.asarray([1.0], np.float32), correct, 3)
-
     lines = [line("a", [7, 8], True), line("a", [7, 8], True), line("a", [9], False), line("b", [5], True)]
     examples = line_examples(lines, tokenizer)
     assert [(e.problem_id, e.prompt_ids.tolist(), e.response_ids.tolist()) for e in examples] == [
         ("a", [1, 2, 3], [7, 8, tokenizer.eos_token_id]), ("b", [1, 2, 3], [5, tokenizer.eos_token_id])]
 
 
-def test_outcome_pairs_cut_a_wrong_line_and_its_closest_right_line_where_they_part(tokenizer):
-    def line(problem, tokens, correct):
-        ids = np.asarray([1, 2, 3, *tokens], dtype=np.int32)
-        return ValueExample(problem, ids, np.asarray([len(ids) - 1]), np.asarray([1.0], np.float32), correct, 3)
+def test_skip_solved_keeps_the_right_lines_of_problems_with_a_wrong_line(tokenizer):
+    lines = [line("solved", [7], True), line("solved", [8], True), line("mixed", [9], False),
+             line("mixed", [5], True), line("mixed", [6], True), line("failed", [4], False)]
+    assert [e.problem_id for e in line_examples(lines, tokenizer)] == ["solved", "solved", "mixed", "mixed"]
+    assert [(e.problem_id, e.response_ids[:-1].tolist()) for e in line_examples(iter(lines), tokenizer,
+                                                                                   skip_solved=True)] == [
+        ("mixed", [5]), ("mixed", [6])]
 
+
+def test_outcome_pairs_cut_a_wrong_line_and_its_closest_right_line_where_they_part(tokenizer):
     end = tokenizer.eos_token_id
     lines = [line("a", [7, 8, 9], True), line("a", [7, 5, 9], True), line("a", [7, 5, 6, 4], False),
              line("a", [7, 5, 6, 4], False), line("a", [6], False), line("b", [5], False), line("c", [4], True)]
@@ -182,6 +189,9 @@ def test_bad_pairs_are_refused_with_a_clear_error(base, tmp_path, capsys):
     assert forest(["train-policy", "--sft", held_out, "--outcome-pairs", "--base", str(base),
                    "--output", str(tmp_path / "o")]) == 2
     assert "--outcome-pairs needs --input" in capsys.readouterr().err
+    assert forest(["train-policy", "--sft", held_out, "--skip-solved", "--base", str(base),
+                   "--output", str(tmp_path / "o")]) == 2
+    assert "--skip-solved needs --input" in capsys.readouterr().err
     with pytest.raises(PolicyDataError, match="no preference pairs"):
         train_dpo([], base=base, output=tmp_path / "o")
 
