@@ -226,14 +226,12 @@ def cmd_train_policy(args) -> int:
     if not (args.sft or args.input or args.pairs):
         print("forest train-policy: give --sft, --input or --pairs (or --sft/--input with --pairs)", file=sys.stderr)
         return EXIT_USAGE
-    if args.skip_solved and not args.input:
-        print("forest train-policy: --skip-solved needs --input (the build outputs whose lines it selects)",
-              file=sys.stderr)
-        return EXIT_USAGE
-    if args.outcome_pairs and not args.input:
-        print("forest train-policy: --outcome-pairs needs --input (the build outputs whose lines it pairs)",
-              file=sys.stderr)
-        return EXIT_USAGE
+    for flag, given, use in (("--skip-solved", args.skip_solved, "selects"),
+                             ("--outcome-pairs", args.outcome_pairs, "pairs")):
+        if given and not args.input:
+            print(f"forest train-policy: {flag} needs --input (the build outputs whose lines it {use})",
+                  file=sys.stderr)
+            return EXIT_USAGE
     start = args.base
     try:
         if not (Path(args.base) / "config.json").is_file():
