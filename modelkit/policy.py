@@ -74,11 +74,13 @@ def line_examples(lines: Iterable, tokenizer, *, skip_solved: bool = False) -> l
     once. With ``skip_solved``, the lines of problems whose finished lines are all right are left out, as the model
     already solves those (DAPO's dynamic sampling drops prompts whose samples are all right on the same ground); on
     the bundled model that gave about the same fine-tune from a third of the lines or fewer (docs/data-loop.md)."""
-    lines = list(lines)
-    failed = {line.problem_id for line in lines if not line.correct}
+    if skip_solved:
+        lines = list(lines)
+        failed = {line.problem_id for line in lines if not line.correct}
+        lines = [line for line in lines if line.problem_id in failed]
     seen, out = set(), []
     for line in lines:
-        if not line.correct or (skip_solved and line.problem_id not in failed):
+        if not line.correct:
             continue
         key = line.token_ids.tobytes()
         if key in seen:
