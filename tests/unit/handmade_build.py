@@ -25,8 +25,10 @@ NODES_OF_TREE = [
 ]
 
 
-def write_build(root, reference, problems=("p1",)) -> str:
-    """One tree of ``NODES_OF_TREE`` per problem, each prompt ending in its own token, answer ``reference``."""
+def write_build(root, reference, problems=("p1",), nodes=None) -> str:
+    """One tree per problem, of ``nodes[problem]`` where given, else of ``NODES_OF_TREE``; each prompt ends in its own
+    token; every answer is ``reference``."""
+    nodes = nodes or {}
     for kind in (TREES, NODES):
         (root / kind).mkdir(parents=True)
     trees = [{name: None for name in TREE_SCHEMA.names} | {
@@ -34,6 +36,6 @@ def write_build(root, reference, problems=("p1",)) -> str:
         "reference_answer": reference} for i, p in enumerate(problems)]
     pq.write_table(pa.Table.from_pylist(trees, schema=TREE_SCHEMA), root / TREES / "part-0.parquet")
     rows = [{name: None for name in NODE_SCHEMA.names} | n | {"run_id": "r", "tree_id": f"t-{p}"}
-            for p in problems for n in NODES_OF_TREE]
+            for p in problems for n in nodes.get(p, NODES_OF_TREE)]
     pq.write_table(pa.Table.from_pylist(rows, schema=NODE_SCHEMA), root / NODES / "part-0.parquet")
     return str(root)

@@ -232,3 +232,19 @@ def test_train_policy_on_a_build_output_with_outcome_pairs(base, tmp_path, capsy
     sft, dpo = json.loads((tuned / REPORT).read_text()), json.loads((tuned / DPO_REPORT).read_text())
     assert sft["train_problems"] + sft["dev_problems"] == 3 and sft["keep"] == "last" and sft["kept_step"] > 0
     assert dpo["train_pairs"] + dpo["dev_pairs"] == 6 and dpo["base"] == str(tuned)
+
+
+def test_skip_solved_leaves_out_a_build_output_s_solved_problems(base, tmp_path, capsys):
+    """``forest train-policy --input OUT ... --skip-solved`` end to end: the right lines of problems whose finished
+    lines were all right are left out, those of problems with a wrong line kept."""
+    from tests.unit.handmade_build import NODES_OF_TREE, write_build
+
+    # s1: root -> A -> A1, its one finished line right; m1, m2: 1 right line and 2 wrong each
+    out = write_build(tmp_path / "build", "5", problems=("s1", "m1", "m2"), nodes={"s1": NODES_OF_TREE[:3]})
+    for flags, lines in (([], 3), (["--skip-solved"], 2)):
+        tuned = tmp_path / f"tuned{len(flags)}"
+        assert forest(["train-policy", "--input", out, *flags, "--base", str(base), "--output",
+                       str(tuned), "--epochs", "1", "--batch-size", "2", "--keep", "last"]) == 0
+        assert f"{lines} right lines of {lines} problems" in capsys.readouterr().out
+        report = json.loads((tuned / REPORT).read_text())
+        assert report["train_lines"] + report["dev_lines"] == lines
