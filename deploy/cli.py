@@ -18,6 +18,15 @@ from modelkit.arithmetic import HELD_OUT_SEED_START
 from search.strategies import EVAL_STRATEGIES, STRATEGIES, needs_value_model
 
 
+def _lines_per_problem(value: str) -> int | None:
+    """``--lines-per-problem``: a count of at least 1, or ``all``."""
+    if value == "all":
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: a whole number of at least 1, or 'all'")
+    return int(value)
+
+
 def _add_training_flags(p: argparse.ArgumentParser, recipe) -> None:
     """The fine-tuning flags of train-policy and train-value, defaulting to ``recipe``'s constants."""
     p.add_argument("--seed", type=int, default=0)
@@ -61,6 +70,9 @@ def parser() -> argparse.ArgumentParser:
     tp.add_argument("--skip-solved", action="store_true",
                     help="with --input: leave out the problems whose finished lines are all right (the model "
                          "already solves them)")
+    tp.add_argument("--lines-per-problem", type=_lines_per_problem, default=policy_recipe.LINES_PER_PROBLEM,
+                    metavar="N|all", help="with --input: at most N distinct right lines of a problem, a seeded draw "
+                                          f"(default {policy_recipe.LINES_PER_PROBLEM}; all: every one)")
     tp.add_argument("--keep", choices=policy_recipe.KEEPS, default=policy_recipe.KEEP,
                     help="the weights the supervised pass keeps: those with the best dev loss, with an early stop, "
                          "or those after its last epoch (the DPO pass keeps its best)")
@@ -247,7 +259,8 @@ def cmd_train_policy(args) -> int:
             else:
                 lines = read_value_examples(args.input)
                 training_seeds_only(e.problem_id for e in lines)
-                examples = line_examples(lines, tokenizer, skip_solved=args.skip_solved)
+                examples = line_examples(lines, tokenizer, skip_solved=args.skip_solved,
+                                         per_problem=args.lines_per_problem, seed=args.seed)
             print(f"{len(examples)} right lines of {len({e.problem_id for e in examples})} problems", flush=True)
             report = train_policy(examples, base=args.base, output=args.output, seed=args.seed, epochs=args.epochs,
                                   batch_size=args.batch_size, lr=args.lr, keep=args.keep, threads=args.threads,

@@ -20,6 +20,7 @@ import dataclasses
 import json
 import logging
 import math
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -36,6 +37,11 @@ REPORT = "policy_training.json"
 IGNORE = -100  # the label transformers' loss skips
 EPOCHS, BATCH_SIZE, LEARNING_RATE, EVAL_EVERY, PATIENCE, DEV_SHARE = 3, 16, 1e-4, 25, 3, 0.1
 WARMUP_STEPS = 10
+# Right lines of a problem that the supervised pass keeps (None: every distinct one). A build's distinct right lines
+# of one problem are mostly the same worked steps in other words (on the bundled model, 85% differ from the problem
+# generator's solution only in the item names they write); on development seeds, one line per problem gave a better
+# fine-tune than all of them (docs/data-loop.md).
+LINES_PER_PROBLEM: int | None = 1
 # Which weights the supervised pass keeps: "best", the lowest dev loss, with an early stop; or "last", those after the
 # last epoch. On the bundled model's own right lines, measured on development seeds (docs/data-loop.md), "last" answered
 # more problems after 1,600 problems' lines and fewer after 400 or 800 problems' lines.
@@ -69,11 +75,15 @@ def sft_examples(rows: Iterable[dict], tokenizer, *, system_prompt: str = DEFAUL
             for r, p, t in zip(rows, prompts, responses, strict=True)]
 
 
-def line_examples(lines: Iterable, tokenizer, *, skip_solved: bool = False) -> list[PolicyExample]:
+def line_examples(lines: Iterable, tokenizer, *, skip_solved: bool = False,
+                  per_problem: int | None = LINES_PER_PROBLEM, seed: int = 0) -> list[PolicyExample]:
     """The right lines among labelled finished lines (``dataset.value_labels.ValueExample``), each distinct line
-    once. With ``skip_solved``, the lines of problems whose finished lines are all right are left out, as the model
-    already solves those (DAPO's dynamic sampling drops prompts whose samples are all right on the same ground); on
-    the bundled model that gave about the same fine-tune from a third of the lines or fewer (docs/data-loop.md)."""
+    once, at most ``per_problem`` of a problem (a seeded draw among its distinct right lines; ``None``: all). With
+    ``skip_solved``, the lines of problems whose finished lines are all right are left out, as the model already
+    solves those (DAPO's dynamic sampling drops prompts whose samples are all right on the same ground); on the
+    bundled model that gave about the same fine-tune from a third of the lines or fewer (docs/data-loop.md)."""
+    if per_problem is not None and per_problem < 1:
+        raise ValueError(f"per_problem={per_problem}: at least 1 line per problem, or None for all")
     if skip_solved:
         lines = list(lines)
         failed = {line.problem_id for line in lines if not line.correct}
@@ -88,7 +98,13 @@ def line_examples(lines: Iterable, tokenizer, *, skip_solved: bool = False) -> l
         seen.add(key)
         out.append(PolicyExample(line.problem_id, line.token_ids[:line.prompt_length].astype(np.int64),
                                  _with_end(line.token_ids[line.prompt_length:], tokenizer)))
-    return out
+    if per_problem is None:
+        return out
+    by_problem: dict[str, list[PolicyExample]] = {}
+    for example in out:
+        by_problem.setdefault(example.problem_id, []).append(example)
+    draw = random.Random(seed)
+    return [e for group in by_problem.values() for e in draw.sample(group, min(per_problem, len(group)))]
 
 
 @dataclass(frozen=True, slots=True)

@@ -68,10 +68,28 @@ def test_right_lines_of_trees_become_distinct_examples(tokenizer):
 def test_skip_solved_keeps_the_right_lines_of_problems_with_a_wrong_line(tokenizer):
     lines = [line("solved", [7], True), line("solved", [8], True), line("mixed", [9], False),
              line("mixed", [5], True), line("mixed", [6], True), line("failed", [4], False)]
-    assert [e.problem_id for e in line_examples(lines, tokenizer)] == ["solved", "solved", "mixed", "mixed"]
+    every = line_examples(lines, tokenizer, per_problem=None)
+    assert [e.problem_id for e in every] == ["solved", "solved", "mixed", "mixed"]
     assert [(e.problem_id, e.response_ids[:-1].tolist()) for e in line_examples(iter(lines), tokenizer,
-                                                                                   skip_solved=True)] == [
+                                                                                   skip_solved=True,
+                                                                                   per_problem=None)] == [
         ("mixed", [5]), ("mixed", [6])]
+
+
+def test_lines_per_problem_draws_that_many_of_each_problem_s_right_lines(tokenizer):
+    lines = [line("a", [n], True) for n in (4, 5, 6, 7)] + [line("a", [8], False), line("b", [9], True)]
+    responses = lambda examples: [(e.problem_id, int(e.response_ids[0])) for e in examples]  # noqa: E731
+    one = responses(line_examples(lines, tokenizer))  # the default: one line per problem
+    assert [p for p, _ in one] == ["a", "b"] and one[0][1] in (4, 5, 6, 7) and one[1] == ("b", 9)
+    assert one == responses(line_examples(lines, tokenizer, per_problem=1))
+    firsts = {responses(line_examples(lines, tokenizer, seed=seed))[0][1] for seed in range(20)}
+    assert len(firsts) > 1  # the seed draws the line
+    two = responses(line_examples(lines, tokenizer, per_problem=2, seed=3))
+    assert two == responses(line_examples(lines, tokenizer, per_problem=2, seed=3))
+    assert [p for p, _ in two] == ["a", "a", "b"] and len({r for _, r in two}) == 3
+    assert len(line_examples(lines, tokenizer, per_problem=None)) == 5
+    with pytest.raises(ValueError, match="per_problem=0"):
+        line_examples(lines, tokenizer, per_problem=0)
 
 
 def test_outcome_pairs_cut_a_wrong_line_and_its_closest_right_line_where_they_part(tokenizer):
@@ -192,6 +210,9 @@ def test_bad_pairs_are_refused_with_a_clear_error(base, tmp_path, capsys):
     assert forest(["train-policy", "--sft", held_out, "--skip-solved", "--base", str(base),
                    "--output", str(tmp_path / "o")]) == 2
     assert "--skip-solved needs --input" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        forest(["train-policy", "--sft", held_out, "--lines-per-problem", "0", "--output", str(tmp_path / "o")])
+    assert "'0': a whole number of at least 1, or 'all'" in capsys.readouterr().err
     with pytest.raises(PolicyDataError, match="no preference pairs"):
         train_dpo([], base=base, output=tmp_path / "o")
 
@@ -234,17 +255,20 @@ def test_train_policy_on_a_build_output_with_outcome_pairs(base, tmp_path, capsy
     assert dpo["train_pairs"] + dpo["dev_pairs"] == 6 and dpo["base"] == str(tuned)
 
 
-def test_skip_solved_leaves_out_a_build_output_s_solved_problems(base, tmp_path, capsys):
-    """``forest train-policy --input OUT ... --skip-solved`` end to end: the right lines of problems whose finished
-    lines were all right are left out, those of problems with a wrong line kept."""
+def test_a_build_output_s_lines_are_selected_by_skip_solved_and_lines_per_problem(base, tmp_path, capsys):
+    """``forest train-policy --input OUT`` end to end: ``--skip-solved`` leaves out the right lines of problems whose
+    finished lines were all right; ``--lines-per-problem`` caps each problem's right lines (default one)."""
     from tests.unit.handmade_build import NODES_OF_TREE, write_build
 
     # s1: root -> A -> A1, its one finished line right; m1, m2: 1 right line and 2 wrong each
     out = write_build(tmp_path / "build", "5", problems=("s1", "m1", "m2"), nodes={"s1": NODES_OF_TREE[:3]})
-    for flags, lines in (([], 3), (["--skip-solved"], 2)):
-        tuned = tmp_path / f"tuned{len(flags)}"
-        assert forest(["train-policy", "--input", out, *flags, "--base", str(base), "--output",
+    two_right = write_build(tmp_path / "two", "6", problems=("t1", "t2"))  # A2 and B1 right, A1 wrong
+    for run, (inputs, flags, lines, problems) in enumerate((([out], [], 3, 3), ([out], ["--skip-solved"], 2, 2),
+                                           ([two_right], [], 2, 2), ([two_right], ["--lines-per-problem", "all"], 4, 2),
+                                           ([two_right], ["--lines-per-problem", "2"], 4, 2))):
+        tuned = tmp_path / f"tuned{run}"
+        assert forest(["train-policy", "--input", *inputs, *flags, "--base", str(base), "--output",
                        str(tuned), "--epochs", "1", "--batch-size", "2", "--keep", "last"]) == 0
-        assert f"{lines} right lines of {lines} problems" in capsys.readouterr().out
+        assert f"{lines} right lines of {problems} problems" in capsys.readouterr().out
         report = json.loads((tuned / REPORT).read_text())
         assert report["train_lines"] + report["dev_lines"] == lines
