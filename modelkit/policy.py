@@ -2,7 +2,8 @@
 and optionally a DPO pass on the build's preference pairs.
 
 Examples come from a build's ``sft.jsonl`` (the chosen line of each tree whose answer was right) or from its trees
-(every distinct finished line whose answer matches the reference: what rejection sampling keeps). The loss is the
+(distinct finished lines whose answer matches the reference, what rejection sampling keeps: by default one of each
+problem, ``LINES_PER_PROBLEM``). The loss is the
 next-token loss on the response and its end token only; a seeded share of the problems is held out as a dev set
 and the dev loss is measured every ``eval_every`` steps. The weights after the last epoch are kept (``keep="last"``)
 or those with the best dev loss, with an early stop (``keep="best"``). The output is a model directory like the
@@ -38,8 +39,8 @@ IGNORE = -100  # the label transformers' loss skips
 EPOCHS, BATCH_SIZE, LEARNING_RATE, EVAL_EVERY, PATIENCE, DEV_SHARE = 3, 16, 1e-4, 25, 3, 0.1
 WARMUP_STEPS = 10
 # Right lines of a problem that the supervised pass keeps (None: every distinct one). A build's distinct right lines
-# of one problem are mostly the same worked steps in other words (on the bundled model, 85% differ from the problem
-# generator's solution only in the item names they write); on development seeds, one line per problem gave a better
+# of one problem are mostly the same worked steps in other words, and easy problems have the most of them, so every
+# line puts the weight on what the model already solves; on development seeds, one line per problem gave a better
 # fine-tune than all of them (docs/data-loop.md).
 LINES_PER_PROBLEM: int | None = 1
 # Which weights the supervised pass keeps: "best", the lowest dev loss, with an early stop; or "last", those after the
