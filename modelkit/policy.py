@@ -4,9 +4,10 @@ and optionally a DPO pass on the build's preference pairs.
 Examples come from a build's ``sft.jsonl`` (the chosen line of each tree whose answer was right) or from its trees
 (distinct finished lines whose answer matches the reference, what rejection sampling keeps: by default one of each
 problem, ``LINES_PER_PROBLEM``). The loss is the next-token loss on the response and its end token only; a seeded
-share of the problems is held out as a dev set and the dev loss is measured every ``eval_every`` steps. The weights after the last epoch are kept (``keep="last"``)
-or those with the best dev loss, with an early stop (``keep="best"``). The output is a model directory like the
-base (weights, tokenizer, generation config) that vLLM loads.
+share of the problems is held out as a dev set and the dev loss is measured every ``eval_every`` steps. The weights
+after the last epoch are kept (``keep="last"``) or those with the best dev loss, with an early stop
+(``keep="best"``). The output is a model directory like the base (weights, tokenizer, generation config) that vLLM
+loads.
 
 The DPO pass (``train_dpo``, Rafailov et al. 2023) reads ``pairs.parquet``: at a node of the chosen path, the
 chosen continuation against its lowest-valued visited sibling's. Its loss is ``-log sigmoid(beta * ((log pi(c) -
