@@ -78,7 +78,9 @@ def test_skip_solved_keeps_the_right_lines_of_problems_with_a_wrong_line(tokeniz
 
 def test_lines_per_problem_draws_that_many_of_each_problem_s_right_lines(tokenizer):
     lines = [line("a", [n], True) for n in (4, 5, 6, 7)] + [line("a", [8], False), line("b", [9], True)]
-    responses = lambda examples: [(e.problem_id, int(e.response_ids[0])) for e in examples]  # noqa: E731
+    def responses(examples):
+        return [(e.problem_id, int(e.response_ids[0])) for e in examples]
+
     one = responses(line_examples(lines, tokenizer))  # the default: one line per problem
     assert [p for p, _ in one] == ["a", "b"] and one[0][1] in (4, 5, 6, 7) and one[1] == ("b", 9)
     assert one == responses(line_examples(lines, tokenizer, per_problem=1))
@@ -263,11 +265,11 @@ def test_a_build_output_s_lines_are_selected_by_skip_solved_and_lines_per_proble
     # s1: root -> A -> A1, its one finished line right; m1, m2: 1 right line and 2 wrong each
     out = write_build(tmp_path / "build", "5", problems=("s1", "m1", "m2"), nodes={"s1": NODES_OF_TREE[:3]})
     two_right = write_build(tmp_path / "two", "6", problems=("t1", "t2"))  # A2 and B1 right, A1 wrong
-    for run, (inputs, flags, lines, problems) in enumerate((([out], [], 3, 3), ([out], ["--skip-solved"], 2, 2),
-                                           ([two_right], [], 2, 2), ([two_right], ["--lines-per-problem", "all"], 4, 2),
-                                           ([two_right], ["--lines-per-problem", "2"], 4, 2))):
+    cases = [(out, [], 3, 3), (out, ["--skip-solved"], 2, 2), (two_right, [], 2, 2),
+             (two_right, ["--lines-per-problem", "all"], 4, 2), (two_right, ["--lines-per-problem", "2"], 4, 2)]
+    for run, (build, flags, lines, problems) in enumerate(cases):
         tuned = tmp_path / f"tuned{run}"
-        assert forest(["train-policy", "--input", *inputs, *flags, "--base", str(base), "--output",
+        assert forest(["train-policy", "--input", build, *flags, "--base", str(base), "--output",
                        str(tuned), "--epochs", "1", "--batch-size", "2", "--keep", "last"]) == 0
         assert f"{lines} right lines of {problems} problems" in capsys.readouterr().out
         report = json.loads((tuned / REPORT).read_text())
