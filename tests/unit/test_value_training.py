@@ -22,12 +22,12 @@ def base(tmp_path_factory):
 def test_a_tiny_value_model_learns_a_separable_task(base, tmp_path):
     lines = toy_lines(160, seed=0)
     # 20 epochs: after 10, the dev AUROC of toy seeds 0-3 was still 0.86-0.95 and moved with library versions;
-    # after 20 it was 0.93-1.0 (chance: 0.5)
+    # after 20 it was 0.93-1.0 (chance: 0.5), and 1.0 for this toy seed with the versions of constraints.txt
     report = train_value(lines, base=base, output=tmp_path / "value", epochs=20, batch_size=16, lr=3e-3,
                          eval_every=8, patience=10, dev_share=0.25, progress=False)
     history = report["history"]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
-    assert report["line_auroc"] >= 0.9 and report["dev_problems"] == 40 and report["train_problems"] == 120
+    assert report["line_auroc"] >= 0.95 and report["dev_problems"] == 40 and report["train_problems"] == 120
     written = json.loads((tmp_path / "value" / "config.json").read_text())
     assert written["architectures"] == ["Qwen2ForTokenClassification"] and written["id2label"]["1"] == "right"
     assert (tmp_path / "value" / "tokenizer.json").is_file() and (tmp_path / "value" / REPORT).is_file()
