@@ -78,6 +78,7 @@ def test_skip_solved_keeps_the_right_lines_of_problems_with_a_wrong_line(tokeniz
 
 def test_lines_per_problem_draws_that_many_of_each_problem_s_right_lines(tokenizer):
     lines = [line("a", [n], True) for n in (4, 5, 6, 7)] + [line("a", [8], False), line("b", [9], True)]
+
     def responses(examples):
         return [(e.problem_id, int(e.response_ids[0])) for e in examples]
 
