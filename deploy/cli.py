@@ -70,7 +70,8 @@ def parser() -> argparse.ArgumentParser:
     tp.add_argument("--skip-solved", action="store_true",
                     help="with --input: leave out the problems whose finished lines are all right (the model "
                          "already solves them)")
-    tp.add_argument("--lines-per-problem", type=_lines_per_problem, default=policy_recipe.LINES_PER_PROBLEM,
+    # no default here, so that a count given with --sft can be refused; line_examples holds the default
+    tp.add_argument("--lines-per-problem", type=_lines_per_problem, default=argparse.SUPPRESS,
                     metavar="N|all", help="with --input: at most N distinct right lines of a problem, a seeded draw "
                                           f"(default {policy_recipe.LINES_PER_PROBLEM}; all: every one)")
     tp.add_argument("--keep", choices=policy_recipe.KEEPS, default=policy_recipe.KEEP,
@@ -239,7 +240,8 @@ def cmd_train_policy(args) -> int:
         print("forest train-policy: give --sft, --input or --pairs (or --sft/--input with --pairs)", file=sys.stderr)
         return EXIT_USAGE
     for flag, given, use in (("--skip-solved", args.skip_solved, "selects"),
-                             ("--outcome-pairs", args.outcome_pairs, "pairs")):
+                             ("--outcome-pairs", args.outcome_pairs, "pairs"),
+                             ("--lines-per-problem", "lines_per_problem" in vars(args), "caps")):
         if given and not args.input:
             print(f"forest train-policy: {flag} needs --input (the build outputs whose lines it {use})",
                   file=sys.stderr)
@@ -260,7 +262,8 @@ def cmd_train_policy(args) -> int:
                 lines = read_value_examples(args.input)
                 training_seeds_only(e.problem_id for e in lines)
                 examples = line_examples(lines, tokenizer, skip_solved=args.skip_solved,
-                                         per_problem=args.lines_per_problem, seed=args.seed)
+                                         per_problem=getattr(args, "lines_per_problem",
+                                                             policy_recipe.LINES_PER_PROBLEM), seed=args.seed)
             print(f"{len(examples)} right lines of {len({e.problem_id for e in examples})} problems", flush=True)
             report = train_policy(examples, base=args.base, output=args.output, seed=args.seed, epochs=args.epochs,
                                   batch_size=args.batch_size, lr=args.lr, keep=args.keep, threads=args.threads,
