@@ -78,6 +78,9 @@ def parser() -> argparse.ArgumentParser:
                     help="the weights the supervised pass keeps: those with the best dev loss, with an early stop, "
                          "or those after its last epoch (the DPO pass keeps its best)")
     tp.add_argument("--beta", type=float, default=policy_recipe.DPO_BETA, help="DPO's beta")
+    tp.add_argument("--sft-weight", type=float, default=policy_recipe.DPO_SFT_WEIGHT,
+                    help="weight of a supervised term on the chosen continuations beside the DPO loss (RPO; "
+                         f"default {policy_recipe.DPO_SFT_WEIGHT}: plain DPO)")
     tp.add_argument("--output", required=True, metavar="DIR", help="model directory to write")
     tp.add_argument("--base", default=DEFAULT_MODEL_DIR, help="the policy to fine-tune")
     _add_training_flags(tp, policy_recipe)
@@ -276,7 +279,8 @@ def cmd_train_policy(args) -> int:
             examples = outcome_pairs(lines, tokenizer) if args.outcome_pairs else pair_examples(pairs, tokenizer)
             print(f"{len(examples)} preference pairs of {len({e.problem_id for e in examples})} problems", flush=True)
             report = train_dpo(examples, base=start, output=args.output, seed=args.seed, epochs=args.epochs,
-                               batch_size=args.batch_size, lr=args.lr, beta=args.beta, threads=args.threads,
+                               batch_size=args.batch_size, lr=args.lr, beta=args.beta,
+                               sft_weight=args.sft_weight, threads=args.threads,
                                device=args.device)
             print(json.dumps({k: report.get(k) for k in ("kept_step", "base_dev_loss", "dev_loss",
                                                          "dev_pair_accuracy", "train_pairs", "dev_pairs",

@@ -51,6 +51,10 @@ KEEP = "best"
 REPORT_EVERY = 100  # steps between dev losses when they are only reported (keep="last")
 DPO_REPORT = "dpo_training.json"
 DPO_BETA = 0.1  # the DPO paper's default: how far the policy may move from the reference per unit of margin
+# weight of a supervised term on the chosen continuations beside the DPO loss (0: plain DPO; RPO, the iterative
+# reasoning-preference recipe, adds it with weight 1 so that the right continuation's probability is not pushed down
+# with the wrong one's)
+DPO_SFT_WEIGHT = 0.0
 
 
 class PolicyDataError(ValueError):
@@ -186,8 +190,9 @@ def sequence_logprobs(model, examples: Sequence[PolicyExample], pad_id: int, dev
     return (picked * scored).sum(-1)
 
 
-def dpo_loss(model, pairs: Sequence[PairExample], beta: float, pad_id: int, device):
-    """(mean DPO loss, share of pairs whose margin is positive) of ``pairs``; the loss carries the gradient."""
+def dpo_loss(model, pairs: Sequence[PairExample], beta: float, pad_id: int, device, sft_weight: float = 0.0):
+    """(mean DPO loss, share of pairs whose margin is positive) of ``pairs``; the loss carries the gradient. With
+    ``sft_weight``, plus that weight times the chosen continuations' mean next-token loss per token (RPO's term)."""
     import torch
     import torch.nn.functional as F
 
@@ -195,7 +200,11 @@ def dpo_loss(model, pairs: Sequence[PairExample], beta: float, pad_id: int, devi
     chosen, rejected = logprobs[:len(pairs)], logprobs[len(pairs):]
     ref = torch.tensor([[p.ref_chosen, p.ref_rejected] for p in pairs], dtype=chosen.dtype, device=chosen.device)
     margin = beta * ((chosen - ref[:, 0]) - (rejected - ref[:, 1]))
-    return -F.logsigmoid(margin).mean(), float((margin > 0).float().mean())
+    loss = -F.logsigmoid(margin).mean()
+    if sft_weight:
+        lengths = torch.tensor([len(p.chosen.response_ids) for p in pairs], dtype=chosen.dtype, device=chosen.device)
+        loss = loss + sft_weight * (-chosen / lengths).mean()
+    return loss, float((margin > 0).float().mean())
 
 
 def _dpo_dev(model, dev: Sequence[PairExample], beta: float, pad_id: int, device, batch_size: int) -> dict:
@@ -215,10 +224,11 @@ def _dpo_dev(model, dev: Sequence[PairExample], beta: float, pad_id: int, device
 
 def train_dpo(pairs: Sequence[PairExample], *, base: str | Path, output: str | Path, seed: int = 0,
               epochs: int = EPOCHS, batch_size: int = BATCH_SIZE, lr: float = LEARNING_RATE, beta: float = DPO_BETA,
-              dev_share: float = DEV_SHARE, eval_every: int = EVAL_EVERY, patience: int = PATIENCE,
-              threads: int | None = None, device: str = "cpu", progress: bool = True) -> dict:
-    """A DPO pass from ``base`` (also the frozen reference) on ``pairs``; writes the best model (by dev DPO loss)
-    to ``output`` and returns the report written to ``dpo_training.json``."""
+              sft_weight: float = DPO_SFT_WEIGHT, dev_share: float = DEV_SHARE, eval_every: int = EVAL_EVERY,
+              patience: int = PATIENCE, threads: int | None = None, device: str = "cpu",
+              progress: bool = True) -> dict:
+    """A DPO pass from ``base`` (also the frozen reference) on ``pairs``; writes the best model (by dev DPO loss,
+    without the ``sft_weight`` term) to ``output`` and returns the report written to ``dpo_training.json``."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -228,6 +238,8 @@ def train_dpo(pairs: Sequence[PairExample], *, base: str | Path, output: str | P
         raise FileNotFoundError(f"--base {base}: not a model directory (no config.json)")
     if not beta > 0:
         raise PolicyDataError(f"beta must be > 0, got {beta}")
+    if not sft_weight >= 0:
+        raise PolicyDataError(f"the supervised term's weight must be >= 0, got {sft_weight}")
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -250,9 +262,10 @@ def train_dpo(pairs: Sequence[PairExample], *, base: str | Path, output: str | P
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     report = {"base": str(base), "seed": seed, "epochs": epochs, "batch_size": batch_size, "lr": lr, "beta": beta,
-              "train_pairs": len(train), "dev_pairs": len(dev), "base_dev_loss": round(math.log(2), 4),
+              "sft_weight": sft_weight, "train_pairs": len(train), "dev_pairs": len(dev),
+              "base_dev_loss": round(math.log(2), 4),
               "device": device, "history": []}
-    fit(model, train, loss_of=lambda batch: dpo_loss(model, batch, beta, pad_id, device)[0],
+    fit(model, train, loss_of=lambda batch: dpo_loss(model, batch, beta, pad_id, device, sft_weight)[0],
         evaluate=lambda: _dpo_dev(model, dev, beta, pad_id, device, batch_size),
         keep=lambda: _save(model, tokenizer, out), report=report, report_path=out / DPO_REPORT, seed=seed,
         epochs=epochs, batch_size=batch_size, lr=lr, warmup_steps=WARMUP_STEPS, eval_every=eval_every,

@@ -192,6 +192,30 @@ def test_a_dpo_pass_moves_the_policy_towards_the_chosen_lines(base, tokenizer, t
     assert (tmp_path / "dpo" / "tokenizer.json").is_file()
 
 
+def test_the_supervised_term_adds_the_chosen_continuations_mean_token_loss(base, tokenizer, tmp_path):
+    """RPO's term: ``sft_weight`` times each chosen continuation's next-token loss per token, averaged over pairs."""
+    import dataclasses
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from modelkit.policy import dpo_loss
+
+    pairs = pair_examples(read_pairs(pairs_file(tmp_path / "pairs.parquet", make_problems(6, 7))), tokenizer)
+    pairs = [dataclasses.replace(p, ref_chosen=-5.0, ref_rejected=-9.0) for p in pairs]
+    model = AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float32)
+    pad = tokenizer.pad_token_id
+    with torch.no_grad():
+        plain, accuracy = dpo_loss(model, pairs, 0.1, pad, "cpu")
+        with_term, same_accuracy = dpo_loss(model, pairs, 0.1, pad, "cpu", sft_weight=0.5)
+        chosen = sequence_logprobs(model, [p.chosen for p in pairs], pad, "cpu")
+    per_token = (-chosen / torch.tensor([len(p.chosen.response_ids) for p in pairs])).mean()
+    assert float(with_term - plain) == pytest.approx(0.5 * float(per_token), rel=1e-5)
+    assert float(per_token) > 1.0 and accuracy == same_accuracy  # a random model: the term is not negligible
+    with pytest.raises(PolicyDataError, match="weight must be >= 0"):
+        train_dpo(pairs, base=base, output=tmp_path / "o", sft_weight=-1.0)
+
+
 def test_bad_pairs_are_refused_with_a_clear_error(base, tmp_path, capsys):
     from dataset.exports import PairsDataError
 
@@ -253,12 +277,12 @@ def test_train_policy_on_a_build_output_with_outcome_pairs(base, tmp_path, capsy
     out = write_build(tmp_path / "build", "5", problems=("p1", "p2", "p3"))  # per problem: 1 right line, 2 wrong
     tuned = tmp_path / "tuned"
     assert forest(["train-policy", "--input", out, "--outcome-pairs", "--base", str(base), "--output",
-                   str(tuned), "--epochs", "2", "--batch-size", "2", "--keep", "last"]) == 0
+                   str(tuned), "--epochs", "2", "--batch-size", "2", "--keep", "last", "--sft-weight", "0.5"]) == 0
     printed = capsys.readouterr().out
     assert "3 right lines of 3 problems" in printed and "6 preference pairs of 3 problems" in printed
     sft, dpo = json.loads((tuned / REPORT).read_text()), json.loads((tuned / DPO_REPORT).read_text())
     assert sft["train_problems"] + sft["dev_problems"] == 3 and sft["keep"] == "last" and sft["kept_step"] > 0
-    assert dpo["train_pairs"] + dpo["dev_pairs"] == 6 and dpo["base"] == str(tuned)
+    assert dpo["train_pairs"] + dpo["dev_pairs"] == 6 and dpo["base"] == str(tuned) and dpo["sft_weight"] == 0.5
 
 
 def test_a_build_output_s_lines_are_selected_by_skip_solved_and_lines_per_problem(base, tmp_path, capsys):
