@@ -249,6 +249,10 @@ def cmd_train_policy(args) -> int:
             print(f"forest train-policy: {flag} needs --input (the build outputs whose lines it {use})",
                   file=sys.stderr)
             return EXIT_USAGE
+    if args.sft_weight and not (args.pairs or args.outcome_pairs):
+        print("forest train-policy: --sft-weight weights a term of the DPO pass: give --pairs or --outcome-pairs",
+              file=sys.stderr)
+        return EXIT_USAGE
     start = args.base
     try:
         if not (Path(args.base) / "config.json").is_file():

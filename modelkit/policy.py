@@ -53,7 +53,7 @@ DPO_REPORT = "dpo_training.json"
 DPO_BETA = 0.1  # the DPO paper's default: how far the policy may move from the reference per unit of margin
 # weight of a supervised term on the chosen continuations beside the DPO loss (0: plain DPO; RPO, the iterative
 # reasoning-preference recipe, adds it with weight 1 so that the right continuation's probability is not pushed down
-# with the wrong one's)
+# with the wrong one's; on the bundled model it did not keep the DPO pass from lowering accuracy: docs/data-loop.md)
 DPO_SFT_WEIGHT = 0.0
 
 
@@ -263,8 +263,7 @@ def train_dpo(pairs: Sequence[PairExample], *, base: str | Path, output: str | P
     out.mkdir(parents=True, exist_ok=True)
     report = {"base": str(base), "seed": seed, "epochs": epochs, "batch_size": batch_size, "lr": lr, "beta": beta,
               "sft_weight": sft_weight, "train_pairs": len(train), "dev_pairs": len(dev),
-              "base_dev_loss": round(math.log(2), 4),
-              "device": device, "history": []}
+              "base_dev_loss": round(math.log(2), 4), "device": device, "history": []}
     fit(model, train, loss_of=lambda batch: dpo_loss(model, batch, beta, pad_id, device, sft_weight)[0],
         evaluate=lambda: _dpo_dev(model, dev, beta, pad_id, device, batch_size),
         keep=lambda: _save(model, tokenizer, out), report=report, report_path=out / DPO_REPORT, seed=seed,
