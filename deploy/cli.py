@@ -77,8 +77,10 @@ def parser() -> argparse.ArgumentParser:
     tp.add_argument("--keep", choices=policy_recipe.KEEPS, default=policy_recipe.KEEP,
                     help="the weights the supervised pass keeps: those with the best dev loss, with an early stop, "
                          "or those after its last epoch (the DPO pass keeps its best)")
-    tp.add_argument("--beta", type=float, default=policy_recipe.DPO_BETA, help="DPO's beta")
-    tp.add_argument("--sft-weight", type=float, default=policy_recipe.DPO_SFT_WEIGHT,
+    # the DPO pass's settings have no argparse default either, so that one given without a DPO pass is refused
+    tp.add_argument("--beta", type=float, default=argparse.SUPPRESS,
+                    help=f"DPO's beta (default {policy_recipe.DPO_BETA})")
+    tp.add_argument("--sft-weight", type=float, default=argparse.SUPPRESS,
                     help="weight of a supervised term on the chosen continuations beside the DPO loss (RPO; "
                          f"default {policy_recipe.DPO_SFT_WEIGHT}: plain DPO)")
     tp.add_argument("--output", required=True, metavar="DIR", help="model directory to write")
@@ -249,8 +251,10 @@ def cmd_train_policy(args) -> int:
             print(f"forest train-policy: {flag} needs --input (the build outputs whose lines it {use})",
                   file=sys.stderr)
             return EXIT_USAGE
-    if args.sft_weight and not (args.pairs or args.outcome_pairs):
-        print("forest train-policy: --sft-weight weights a term of the DPO pass: give --pairs or --outcome-pairs",
+    dpo_settings = {name: value for name, value in vars(args).items() if name in ("beta", "sft_weight")}
+    if dpo_settings and not (args.pairs or args.outcome_pairs):
+        flag = "--" + next(iter(dpo_settings)).replace("_", "-")
+        print(f"forest train-policy: {flag} is a setting of the DPO pass: give --pairs or --outcome-pairs",
               file=sys.stderr)
         return EXIT_USAGE
     start = args.base
@@ -283,9 +287,8 @@ def cmd_train_policy(args) -> int:
             examples = outcome_pairs(lines, tokenizer) if args.outcome_pairs else pair_examples(pairs, tokenizer)
             print(f"{len(examples)} preference pairs of {len({e.problem_id for e in examples})} problems", flush=True)
             report = train_dpo(examples, base=start, output=args.output, seed=args.seed, epochs=args.epochs,
-                               batch_size=args.batch_size, lr=args.lr, beta=args.beta,
-                               sft_weight=args.sft_weight, threads=args.threads,
-                               device=args.device)
+                               batch_size=args.batch_size, lr=args.lr, threads=args.threads, device=args.device,
+                               **dpo_settings)
             print(json.dumps({k: report.get(k) for k in ("kept_step", "base_dev_loss", "dev_loss",
                                                          "dev_pair_accuracy", "train_pairs", "dev_pairs",
                                                          "seconds")}))

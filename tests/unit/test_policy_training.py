@@ -240,9 +240,10 @@ def test_bad_pairs_are_refused_with_a_clear_error(base, tmp_path, capsys):
     assert forest(["train-policy", "--sft", held_out, "--lines-per-problem", "2", "--base", str(base),
                    "--output", str(tmp_path / "o")]) == 2
     assert "--lines-per-problem needs --input" in capsys.readouterr().err
-    assert forest(["train-policy", "--sft", held_out, "--sft-weight", "1", "--base", str(base),
-                   "--output", str(tmp_path / "o")]) == 2
-    assert "--sft-weight weights a term of the DPO pass" in capsys.readouterr().err
+    for flag in ("--sft-weight", "--beta"):
+        assert forest(["train-policy", "--sft", held_out, flag, "1", "--base", str(base),
+                       "--output", str(tmp_path / "o")]) == 2
+        assert f"{flag} is a setting of the DPO pass" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         forest(["train-policy", "--sft", held_out, "--lines-per-problem", "0", "--output", str(tmp_path / "o")])
     assert "'0': a whole number of at least 1, or 'all'" in capsys.readouterr().err
