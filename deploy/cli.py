@@ -244,19 +244,18 @@ def cmd_train_policy(args) -> int:
     if not (args.sft or args.input or args.pairs):
         print("forest train-policy: give --sft, --input or --pairs (or --sft/--input with --pairs)", file=sys.stderr)
         return EXIT_USAGE
-    for flag, given, use in (("--skip-solved", args.skip_solved, "selects"),
-                             ("--outcome-pairs", args.outcome_pairs, "pairs"),
-                             ("--lines-per-problem", "lines_per_problem" in vars(args), "caps")):
-        if given and not args.input:
-            print(f"forest train-policy: {flag} needs --input (the build outputs whose lines it {use})",
-                  file=sys.stderr)
-            return EXIT_USAGE
+    # settings without an argparse default (SUPPRESS) are in ``args`` only when given
     dpo_settings = {name: value for name, value in vars(args).items() if name in ("beta", "sft_weight")}
-    if dpo_settings and not (args.pairs or args.outcome_pairs):
-        flag = "--" + next(iter(dpo_settings)).replace("_", "-")
-        print(f"forest train-policy: {flag} is a setting of the DPO pass: give --pairs or --outcome-pairs",
-              file=sys.stderr)
-        return EXIT_USAGE
+    lines_need = "needs --input (the build outputs whose lines it {})"
+    for flag, given, satisfied, need in (
+            ("--skip-solved", args.skip_solved, args.input, lines_need.format("selects")),
+            ("--outcome-pairs", args.outcome_pairs, args.input, lines_need.format("pairs")),
+            ("--lines-per-problem", "lines_per_problem" in vars(args), args.input, lines_need.format("caps")),
+            *(("--" + name.replace("_", "-"), True, args.pairs or args.outcome_pairs,
+               "is a setting of the DPO pass: give --pairs or --outcome-pairs") for name in dpo_settings)):
+        if given and not satisfied:
+            print(f"forest train-policy: {flag} {need}", file=sys.stderr)
+            return EXIT_USAGE
     start = args.base
     try:
         if not (Path(args.base) / "config.json").is_file():
