@@ -13,7 +13,8 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from search.params import Budget, ConfigError, FinalChoice, Granularity, MCTSParams, ReflectionPolicy, ValueKind
+from search.params import (Budget, ConfigError, FinalChoice, Granularity, MCTSParams, ReflectionPolicy, StepCheck,
+                           ValueKind)
 from search.prompts import DEFAULT_SYSTEM_PROMPT
 from search.strategies import get_strategy, needs_value_model
 from search.values import SCORED_VALUES
@@ -98,6 +99,14 @@ class SearchConfig(_Strict):
                                "budget as best-of-N keeps sampling.")
     reward_weight: float = Field(DEFAULTS.reward_weight, description="value: reward_model: weight of the value "
                                  "model's score; the rest is the line's mean token confidence (1: the score alone).")
+    step_check: StepCheck = Field(DEFAULTS.step_check, description="A tool that verifies each step: off, or "
+                                  "arithmetic (every 'a op b = c' a line writes must hold). A tree search ends a "
+                                  "line at a step that fails it (worth unanswered_value) and samples that step "
+                                  "again; the sampling baselines choose among the samples that pass.")
+    retry_temperature: float | None = Field(DEFAULTS.retry_temperature, description="Sampling temperature of the "
+                                            "samples a tree search draws from a node after one of its steps failed "
+                                            "step_check (unset: temperature): a model that erred at a step often "
+                                            "repeats the error at a low temperature.")
     iterations: int = Field(DEFAULTS.budget.iterations, description="Iteration budget per tree.")
     budget_tokens: int | None = Field(DEFAULTS.budget.tokens,
                                       description="Generated-token budget per tree (never exceeded).")
@@ -125,7 +134,12 @@ class SearchConfig(_Strict):
             budget=Budget(self.iterations, self.budget_tokens, self.budget_seconds), early_stop=self.early_stop,
             seed=self.seed, normalize_values=self.normalize_values, unanswered_value=self.unanswered_value,
             widening=self.widening, max_width=self.max_width, dedup=self.dedup, refill_width=self.refill_width,
-            reward_weight=self.reward_weight)
+            reward_weight=self.reward_weight, step_check=self.step_check,
+            retry_temperature=self.retry_temperature)
+
+
+LATER_SEARCH_FIELDS = ("step_check", "retry_temperature")
+"""Search settings added after builds had written outputs: left out of a build's identity at their defaults."""
 
 
 class BuildConfig(_Strict):
@@ -203,8 +217,11 @@ class ForestConfig(_Strict):
 
     def search_identity(self) -> dict:
         """What decides the trees' content (hashed; a resumed build must match it)."""
-        identity = {"model": self.engine.model, "dtype": self.engine.dtype,
-                    "search": self.search.model_dump(mode="json")}
+        search = self.search.model_dump(mode="json")
+        for name in LATER_SEARCH_FIELDS:  # at their defaults, older outputs keep their hash
+            if getattr(self.search, name) == SearchConfig.model_fields[name].default:
+                del search[name]
+        identity = {"model": self.engine.model, "dtype": self.engine.dtype, "search": search}
         if self.build.strategy != BuildConfig.model_fields["strategy"].default:  # older outputs keep their hash
             identity["strategy"] = self.build.strategy
         if self.value_model is not None and self.search.value in SCORED_VALUES:

@@ -15,6 +15,7 @@ from deploy.viewer import DEFAULT_VIEW_FOLDER
 from modelkit import policy as policy_recipe
 from modelkit import value as value_recipe
 from modelkit.arithmetic import HELD_OUT_SEED_START
+from search.params import StepCheck
 from search.strategies import EVAL_STRATEGIES, STRATEGIES, needs_value_model
 
 
@@ -74,6 +75,9 @@ def parser() -> argparse.ArgumentParser:
     tp.add_argument("--lines-per-problem", type=_lines_per_problem, default=argparse.SUPPRESS,
                     metavar="N|all", help="with --input: at most N distinct right lines of a problem, a seeded draw "
                                           f"(default {policy_recipe.LINES_PER_PROBLEM}; all: every one)")
+    tp.add_argument("--step-check", choices=[c.value for c in StepCheck], default=argparse.SUPPRESS,
+                    help="with --input: leave out the right lines that fail this check of their steps (arithmetic: "
+                         "a line that writes a false 'a op b = c'; default off)")
     tp.add_argument("--keep", choices=policy_recipe.KEEPS, default=policy_recipe.KEEP,
                     help="the weights the supervised pass keeps: those with the best dev loss, with an early stop, "
                          "or those after its last epoch (the DPO pass keeps its best)")
@@ -251,6 +255,7 @@ def cmd_train_policy(args) -> int:
             ("--skip-solved", args.skip_solved, args.input, lines_need.format("selects")),
             ("--outcome-pairs", args.outcome_pairs, args.input, lines_need.format("pairs")),
             ("--lines-per-problem", "lines_per_problem" in vars(args), args.input, lines_need.format("caps")),
+            ("--step-check", "step_check" in vars(args), args.input, lines_need.format("checks")),
             *(("--" + name.replace("_", "-"), True, args.pairs or args.outcome_pairs,
                "is a setting of the DPO pass: give --pairs or --outcome-pairs") for name in dpo_settings)):
         if given and not satisfied:
@@ -273,7 +278,8 @@ def cmd_train_policy(args) -> int:
                 training_seeds_only(e.problem_id for e in lines)
                 examples = line_examples(lines, tokenizer, skip_solved=args.skip_solved,
                                          per_problem=getattr(args, "lines_per_problem",
-                                                             policy_recipe.LINES_PER_PROBLEM), seed=args.seed)
+                                                             policy_recipe.LINES_PER_PROBLEM), seed=args.seed,
+                                         check=StepCheck(getattr(args, "step_check", StepCheck.OFF.value)))
             print(f"{len(examples)} right lines of {len({e.problem_id for e in examples})} problems", flush=True)
             report = train_policy(examples, base=args.base, output=args.output, seed=args.seed, epochs=args.epochs,
                                   batch_size=args.batch_size, lr=args.lr, keep=args.keep, threads=args.threads,

@@ -96,7 +96,7 @@ def run(config: ForestConfig, problems, builds: dict[str, str], heldout, work: P
     log.info("base: %s", rows[-1])
 
     def fine_tune(method: str, fraction: float, rounds: int, lines, tokens: int, model: Path) -> None:
-        examples = line_examples(lines, tokenizer, seed=seed)
+        examples = line_examples(lines, tokenizer, seed=seed, check=config.search.step_check)
         report = train_policy(examples, base=base, output=model, seed=seed)
         rows.append({"method": method, "fraction": fraction, "rounds": rounds, "build_tokens": tokens,
                      "lines": len(examples), "problems_with_lines": len({e.problem_id for e in examples}),

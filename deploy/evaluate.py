@@ -25,8 +25,9 @@ import numpy as np
 
 from cluster.config import ForestConfig
 from search import final
+from search.checks import passes
 from search.metrics import auroc
-from search.params import Budget, FinalChoice, MCTSParams
+from search.params import Budget, FinalChoice, MCTSParams, StepCheck
 from search.prompts import answers_match, prompt_token_ids
 from search.strategies import STRATEGIES, Strategy, needs_value_model
 from search.tree import NodeKind
@@ -89,6 +90,7 @@ class StrategyReport:
     reflections: float = 0.0  # forced reflection nodes per tree
     reflected_answers: float = 0.0  # share of problems whose chosen line passes through a reflection
     reflection: str = "off"  # the search's reflection policy (search.reflection)
+    step_check: str = StepCheck.OFF.value  # the check every strategy applied to its lines (search.step_check)
 
     def row(self) -> dict:
         return dataclasses.asdict(self)
@@ -123,7 +125,10 @@ async def evaluate_strategy(name: str, problems: list[Problem], pool: WorkerPool
     wall = time.monotonic() - start
     right = [answers_match(r.answer, p.answer) for r, p in zip(results, problems, strict=True)]
     low, high = wilson_interval(sum(right), len(problems))
-    lines = [final.finished_lines(r.tree, tokenizer.decode) for r in results]
+    check = config.search.step_check
+    lines = [[line for line in final.finished_lines(r.tree, tokenizer.decode)
+              if passes(check, tokenizer.decode(r.tree.path_token_ids(line.leaf).tolist()), complete=True)]
+             for r in results]  # with a step check, the lines it accepts: what the strategy chose among
     in_tree = [any(answers_match(line.answer, p.answer) for line in ls) for ls, p in zip(lines, problems, strict=True)]
     rules = None
     if strategy.search is STRATEGIES["mcts"].search:
@@ -139,7 +144,7 @@ async def evaluate_strategy(name: str, problems: list[Problem], pool: WorkerPool
                           dict(sorted(Counter(r.stop_reason.value for r in results).items())),
                           float(np.mean([_reflections(r.tree.nodes["kind"][:r.tree.num_nodes]) for r in results])),
                           float(np.mean([_reflections(r.tree.nodes["kind"][r.path]) > 0 for r in results])),
-                          config.search.reflection)
+                          config.search.reflection, check.value)
 
 
 def _reflections(kinds: np.ndarray) -> int:

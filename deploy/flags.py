@@ -39,6 +39,11 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, help="sampling temperature of every sampling strategy "
                                                       "(search.temperature)")
     p.add_argument("--exploration", type=float, help="UCT exploration constant (search.exploration)")
+    p.add_argument("--step-check", dest="step_check", help="off | arithmetic: a tool that verifies each step "
+                                                          "(search.step_check)")
+    p.add_argument("--retry-temperature", type=float, dest="retry_temperature",
+                   help="temperature of a tree search's samples after a step failed the check "
+                        "(search.retry_temperature)")
     p.add_argument("--value", help="how a state is valued, e.g. line_confidence or reward_model (search.value)")
     p.add_argument("--value-model", dest="value_model", help="value model directory (value_model.model)")
 
@@ -59,6 +64,7 @@ def overrides(args: argparse.Namespace) -> dict:
             "search.budget_tokens": args.budget_tokens, "search.reflection": args.reflection,
             "search.temperature": args.temperature, "search.exploration": args.exploration,
             "search.value": args.value, "value_model.model": args.value_model,
+            "search.step_check": args.step_check, "search.retry_temperature": args.retry_temperature,
             "build.input": getattr(args, "input", None), "build.output": getattr(args, "output", None),
             "build.managers": getattr(args, "managers", None), "build.limit": getattr(args, "limit", None),
             "build.strategy": getattr(args, "strategy", None),

@@ -30,6 +30,8 @@ import numpy as np
 
 from modelkit.fit import fit
 from modelkit.value import split_by_problem
+from search.checks import passes
+from search.params import StepCheck
 from search.prompts import DEFAULT_SYSTEM_PROMPT, build_prompt
 
 log = logging.getLogger(__name__)
@@ -81,12 +83,14 @@ def sft_examples(rows: Iterable[dict], tokenizer, *, system_prompt: str = DEFAUL
 
 
 def line_examples(lines: Iterable, tokenizer, *, skip_solved: bool = False,
-                  per_problem: int | None = LINES_PER_PROBLEM, seed: int = 0) -> list[PolicyExample]:
+                  per_problem: int | None = LINES_PER_PROBLEM, seed: int = 0,
+                  check: StepCheck = StepCheck.OFF) -> list[PolicyExample]:
     """The right lines among labelled finished lines (``dataset.value_labels.ValueExample``), each distinct line
     once, at most ``per_problem`` of a problem (a seeded draw among its distinct right lines; ``None``: all). With
     ``skip_solved``, the lines of problems whose finished lines are all right are left out, as the model already
     solves those (DAPO's dynamic sampling drops prompts whose samples are all right on the same ground); on the
-    bundled model that gave about the same fine-tune from a third of the lines or fewer (docs/data-loop.md)."""
+    bundled model that gave about the same fine-tune from a third of the lines or fewer (docs/data-loop.md). A right
+    line that fails ``check`` (``search.checks``: reached the answer through a false step) is left out."""
     if per_problem is not None and per_problem < 1:
         raise ValueError(f"per_problem={per_problem}: at least 1 line per problem, or None for all")
     if skip_solved:
@@ -101,8 +105,11 @@ def line_examples(lines: Iterable, tokenizer, *, skip_solved: bool = False,
         if key in seen:
             continue
         seen.add(key)
+        response = line.token_ids[line.prompt_length:]
+        if check is not StepCheck.OFF and not passes(check, tokenizer.decode(response.tolist()), complete=True):
+            continue
         out.append(PolicyExample(line.problem_id, line.token_ids[:line.prompt_length].astype(np.int64),
-                                 _with_end(line.token_ids[line.prompt_length:], tokenizer)))
+                                 _with_end(response, tokenizer)))
     if per_problem is None:
         return out
     by_problem: dict[str, list[PolicyExample]] = {}

@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 
+from search import checks
 from search.driver import SEED_STRIDE, ProgressCallback, SearchResult, SearchStats, StopReason
 from search.mcts import most_confident
 from search.params import ConfigError, MCTSParams
@@ -76,8 +77,18 @@ async def _sample(engine: Engine, prompt_token_ids, params: MCTSParams, *, tempe
     return tree, stats
 
 
-def _most_confident_sample(tree: Tree) -> int:
-    return most_confident(tree, tree.children(ROOT).tolist())
+def _candidates(tree: Tree, params: MCTSParams, tokenizer: Tokenizer, stats: SearchStats) -> list[int]:
+    """The samples to choose among: those that pass ``params.step_check`` (all of them when none does, so there
+    is still an answer); counts the others in ``stats.failed_checks``."""
+    samples = [int(k) for k in tree.children(ROOT)]
+    passed = [k for k in samples if checks.passes(params.step_check, tokenizer.decode(tree.node_token_ids(k).tolist()),
+                                                  complete=True)]
+    stats.failed_checks += len(samples) - len(passed)
+    return passed or samples
+
+
+def _most_confident_sample(tree: Tree, candidates: list[int] | None = None) -> int:
+    return most_confident(tree, tree.children(ROOT).tolist() if candidates is None else candidates)
 
 
 def _result(tree: Tree, node: int, stats: SearchStats, tokenizer: Tokenizer) -> SearchResult:
@@ -102,7 +113,7 @@ async def best_of_n(engine: Engine, tokenizer: Tokenizer, prompt_token_ids, para
     tree, stats = await _sample(engine, prompt_token_ids, params, temperature=params.temperature, top_p=params.top_p,
                                 seed=params.seed, request_id=f"{request_prefix}best_of_n", on_progress=on_progress,
                                 spend_budget=True)
-    return _result(tree, _most_confident_sample(tree), stats, tokenizer)
+    return _result(tree, _most_confident_sample(tree, _candidates(tree, params, tokenizer, stats)), stats, tokenizer)
 
 
 async def self_consistency(engine: Engine, tokenizer: Tokenizer, prompt_token_ids, params: MCTSParams, *,
@@ -112,12 +123,13 @@ async def self_consistency(engine: Engine, tokenizer: Tokenizer, prompt_token_id
                                 seed=params.seed, request_id=f"{request_prefix}self_consistency",
                                 on_progress=on_progress, spend_budget=True)
     votes: dict[str, list[int]] = collections.defaultdict(list)
-    for node in tree.children(ROOT):
+    candidates = _candidates(tree, params, tokenizer, stats)
+    for node in candidates:
         answer = extract_answer(tokenizer.decode(tree.node_token_ids(node).tolist()))
         if answer is not None:
-            votes[normalize_answer(answer)].append(int(node))
+            votes[normalize_answer(answer)].append(node)
     if not votes:  # nobody answered: fall back to the most confident sample
-        return _result(tree, _most_confident_sample(tree), stats, tokenizer)
+        return _result(tree, _most_confident_sample(tree, candidates), stats, tokenizer)
     conf = tree.nodes["confidence"]
     winner = max(votes.values(), key=lambda nodes: (len(nodes), float(np.nansum(conf[nodes]))))
     return _result(tree, max(winner, key=lambda node: conf[node]), stats, tokenizer)
@@ -134,11 +146,11 @@ async def best_of_n_prm(engine: Engine, tokenizer: Tokenizer, prompt_token_ids, 
     tree, stats = await _sample(engine, prompt_token_ids, params, temperature=params.temperature, top_p=params.top_p,
                                 seed=params.seed, request_id=f"{request_prefix}best_of_n-prm", on_progress=on_progress,
                                 spend_budget=True)
-    kids = [int(k) for k in tree.children(ROOT)]
+    kids = _candidates(tree, params, tokenizer, stats)
     answers = [extract_answer(tokenizer.decode(tree.node_token_ids(k).tolist())) for k in kids]
     answered = [(k, a) for k, a in zip(kids, answers, strict=True) if a is not None]
     if not answered:
-        return _result(tree, _most_confident_sample(tree), stats, tokenizer)
+        return _result(tree, _most_confident_sample(tree, kids), stats, tokenizer)
     requests = [ScoreRequest(ids := tree.prompt_for(k), (len(ids) - 1,), request_id=f"{request_prefix}v{i}")
                 for i, (k, _) in enumerate(answered)]
     scores = [float(np.asarray(s)[-1]) for s in await asyncio.gather(*(engine.score(r) for r in requests))]

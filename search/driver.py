@@ -28,9 +28,9 @@ from typing import Callable
 
 import numpy as np
 
-from search import final, mcts
+from search import checks, final, mcts
 from search.confidence import chunk_token_confidence, mean_confidence
-from search.params import ConfigError, FinalChoice, MCTSParams, ReflectionMode
+from search.params import ConfigError, FinalChoice, MCTSParams, ReflectionMode, StepCheck
 from search.prompts import OUTPUT_END, REFLECTION_PHRASE, extract_answer
 from search.protocol import (Chunk, Engine, EngineDeadError, EngineError, FinishReason, GenerationRequest,
                              ScoreRequest, Tokenizer)
@@ -65,6 +65,7 @@ class SearchStats:
     failed_requests: int = 0
     value_requests: int = 0  # value-model (Scorer) requests
     duplicate_tokens: int = 0  # of the generated tokens, those of samples merged into an identical sibling
+    failed_checks: int = 0  # steps that failed ``step_check`` (the first of each line that failed it)
     seconds: float = 0.0
 
 
@@ -139,6 +140,8 @@ class _Search:
         self._tags = mcts.TagTokens(self._token_texts)  # chunks whose text need not be decoded for tags
         self._answers: dict[int, str | None] = {}  # final.line_answer of each terminal node valued so far
         self._answer_tags: set[int] = set()  # generated nodes whose text (with its overlap) holds an answer tag
+        self._failed: set[int] = set()  # nodes at or below a step that failed ``step_check``
+        self._retry: set[int] = set()  # parents of a failed step: their next samples use ``retry_temperature``
 
     async def run(self) -> SearchResult:
         start = self.clock()
@@ -181,7 +184,8 @@ class _Search:
     def _widen_by(self, node: int) -> int:
         """How many more samples ``node`` may get now (progressive widening, rollout steps); 0 when none."""
         p, n = self.params, self.tree.nodes
-        if n["is_terminal"][node] or n["visits"][node] == 0 or n["depth"][node] + 1 >= p.max_depth:
+        if (n["is_terminal"][node] or n["visits"][node] == 0 or n["depth"][node] + 1 >= p.max_depth
+                or node in self._failed):
             return 0
         return mcts.widen_room(self.tree, node, children=p.children, widening=p.widening,
                                max_width=p.max_width + self.extra_width)
@@ -264,8 +268,10 @@ class _Search:
             return False
         stop = (OUTPUT_END,) + ((p.granularity.delimiter,) if expansion and p.granularity.kind == "step" else ())
         seed = None if p.seed is None else p.seed * SEED_STRIDE + self.stats.requests
+        retry = expansion and node in self._retry and p.retry_temperature is not None
         request = GenerationRequest(
-            prompt_token_ids=self.tree.prompt_for(node), max_tokens=max_tokens, n=n, temperature=p.temperature,
+            prompt_token_ids=self.tree.prompt_for(node), max_tokens=max_tokens, n=n,
+            temperature=p.retry_temperature if retry else p.temperature,
             top_p=p.top_p, seed=seed, stop=stop, request_id=f"{self.request_prefix}{self.stats.requests}")
         self.stats.requests += 1
         self.stats.prompt_tokens += len(request.prompt_token_ids)
@@ -332,7 +338,8 @@ class _Search:
             self._abandon(node)  # weights used up the node's width, so this cannot repeat for ever
             mcts.refresh_exhausted(tree, node, self._can_widen)
             return
-        child = mcts.most_confident(tree, new)
+        passed = [c for c in new if c not in self._failed]
+        child = mcts.most_confident(tree, passed or new)
         tree.nodes["virtual_loss"][child] += 1  # the iteration now runs through the child
         if not self._evaluate_new(child):
             mcts.refresh_exhausted(tree, node, self._can_widen)
@@ -347,7 +354,25 @@ class _Search:
             self._answer_tags.add(child)
         tree.nodes["is_terminal"][child] = (finished or tree.nodes["depth"][child] >= p.max_depth
                                             or tree.path_length(child) >= p.max_path_tokens)
+        below_failed = parent in self._failed
+        if below_failed or not self._passes_check(child):
+            self._failed.add(child)  # never widened; a line ending here has no answer (worth unanswered_value)
+            if not below_failed:
+                self._retry.add(parent)
+            self._answers[child] = None
+            self.stats.failed_checks += not below_failed
+            if kind is not NodeKind.ROLLOUT:  # an expansion's step ends its line; a rollout, paid for, is kept
+                tree.nodes["is_terminal"][child] = True
+                return child, False
         return child, thought_ends
+
+    def _passes_check(self, node: int) -> bool:
+        """Whether the line ending at ``node`` passes ``step_check`` (its parent's line did)."""
+        check = self.params.step_check
+        if check is StepCheck.OFF:
+            return True
+        text = self.tokenizer.decode(self.tree.path_token_ids(node).tolist())
+        return checks.passes(check, text, complete=bool(self.tree.nodes["is_terminal"][node]))
 
     def _chunk_ends(self, parent: int, chunk: Chunk) -> tuple[bool, bool, bool]:
         """(whether the model finished its answer in ``chunk``, whether the chunk ends the thought, whether its

@@ -91,6 +91,13 @@ class ValueKind(enum.Enum):
     REWARD_MODEL_ROLLOUT = "reward_model_rollout"  # a rollout, then the value model's score of the finished line
 
 
+class StepCheck(enum.Enum):
+    """A tool that verifies each step the model writes (``search.checks``); a step that fails it ends its line."""
+
+    OFF = "off"
+    ARITHMETIC = "arithmetic"  # every "a op b = c" the line writes must hold
+
+
 class FinalChoice(enum.Enum):
     """How the answer is chosen from the finished lines of a tree (a line the model ended with an answer)."""
 
@@ -142,6 +149,8 @@ class MCTSParams:
     dedup: bool = True  # an expansion's sample identical to a sibling is merged into it (its weight), not added
     refill_width: bool = True  # nothing left to expand and budget left: every node's width cap rises by one
     reward_weight: float = 1.0  # value=reward_model: w * score + (1 - w) * the line's mean token confidence
+    step_check: StepCheck = StepCheck.OFF  # a step that fails it ends its line unanswered (search.checks)
+    retry_temperature: float | None = None  # samples from a node whose step failed step_check (None: temperature)
 
     def __post_init__(self):
         _require(isinstance(self.children, int) and self.children >= 1, "children", self.children, "k must be >= 1")
@@ -151,6 +160,8 @@ class MCTSParams:
         _require(self.max_path_tokens >= 1, "max_path_tokens", self.max_path_tokens, "must be >= 1")
         _require(self.parallel >= 1, "parallel", self.parallel, "must be >= 1")
         _require(self.temperature >= 0, "temperature", self.temperature, "must be >= 0")
+        _require(self.retry_temperature is None or self.retry_temperature >= 0, "retry_temperature",
+                 self.retry_temperature, "must be >= 0 or unset")
         _require(0 < self.top_p <= 1, "top_p", self.top_p, "must lie in (0, 1]")
         _require(self.max_reflections >= 0, "max_reflections", self.max_reflections, "must be >= 0")
         _require(math.isfinite(self.unanswered_value), "unanswered_value", self.unanswered_value, "must be finite")

@@ -10,6 +10,7 @@ from dataset.value_labels import ValueExample
 from deploy.cli import main as forest
 from modelkit.arithmetic import make_problems
 from modelkit.make_model import make_tiny_random
+from search.params import StepCheck
 from modelkit.policy import (DPO_REPORT, REPORT, PolicyDataError, line_examples, outcome_pairs, pair_examples,
                              response_loss, sequence_logprobs, sft_examples, train_dpo, train_policy)
 
@@ -93,6 +94,22 @@ def test_lines_per_problem_draws_that_many_of_each_problem_s_right_lines(tokeniz
     assert len(line_examples(lines, tokenizer, per_problem=None)) == 5
     with pytest.raises(ValueError, match="per_problem=0"):
         line_examples(lines, tokenizer, per_problem=0)
+
+
+def test_a_step_check_leaves_out_the_right_lines_that_reach_the_answer_through_a_false_step(tokenizer):
+    def text_line(problem, text):
+        return line(problem, tokenizer.encode(text, add_special_tokens=False), True)
+
+    sound, lucky = "So 137 + 81 = 218.\n<Output>\n436\n</Output>", "So 137 + 81 = 228.\n<Output>\n436\n</Output>"
+    other = "So 9 × 6 = 55.\n<Output>\n54\n</Output>"
+    lines = [text_line("a", sound), text_line("a", lucky), text_line("b", other)]
+
+    def texts(examples):
+        return [(e.problem_id, tokenizer.decode(e.response_ids[:-1].tolist())) for e in examples]
+
+    assert texts(line_examples(lines, tokenizer, per_problem=None)) == [("a", sound), ("a", lucky), ("b", other)]
+    assert texts(line_examples(lines, tokenizer, per_problem=None, check=StepCheck.ARITHMETIC)) == [("a", sound)]
+    assert texts(line_examples(lines, tokenizer, check=StepCheck.ARITHMETIC, seed=5)) == [("a", sound)]
 
 
 def test_outcome_pairs_cut_a_wrong_line_and_its_closest_right_line_where_they_part(tokenizer):
@@ -240,6 +257,9 @@ def test_bad_pairs_are_refused_with_a_clear_error(base, tmp_path, capsys):
     assert forest(["train-policy", "--sft", held_out, "--lines-per-problem", "2", "--base", str(base),
                    "--output", str(tmp_path / "o")]) == 2
     assert "--lines-per-problem needs --input" in capsys.readouterr().err
+    assert forest(["train-policy", "--sft", held_out, "--step-check", "arithmetic", "--base", str(base),
+                   "--output", str(tmp_path / "o")]) == 2
+    assert "--step-check needs --input" in capsys.readouterr().err
     for flag in ("--sft-weight", "--beta"):
         assert forest(["train-policy", "--sft", held_out, flag, "1", "--base", str(base),
                        "--output", str(tmp_path / "o")]) == 2

@@ -1,0 +1,162 @@
+"""The arithmetic step check (``search.checks``), and the tree search and the baselines using it, against a
+SIMULATED engine whose steps write true or false equations."""
+
+import asyncio
+import itertools
+
+import numpy as np
+import pytest
+
+from cluster.config import load_config
+from search import (Budget, Granularity, MCTSParams, NodeKind, StepCheck, ValueKind, best_of_n, build_prompt,
+                    run_mcts, self_consistency)
+from search.checks import false_equation, passes
+from search.simulated import SimulatedEngine, SimulatedTokenizer
+
+TOK = SimulatedTokenizer()
+PROMPT = TOK.encode(build_prompt("Ann has 1 pen and gets 1 more, three times. How many pens does Ann have?"))
+TRUE_STEP, FALSE_STEP = "a 1 + 1 = 2.", "b 1 + 1 = 3."  # the first character says which
+
+
+@pytest.mark.parametrize("text, false", [
+    ("Fay loses 82, so 123 - 82 = 41.\n\nFay gains 9 × 6 = 54, so 41 + 54 = 95.\n", None),
+    ("Fay keeps one of 6 piles, so 41 ÷ 6 = 6 remainder 5, which leaves 6.", None),
+    ("Fay keeps one of 6 piles, so 41 ÷ 6 = 7 remainder 5, which leaves 7.", "41 ÷ 6 = 7 remainder 5"),
+    ("so 41 ÷ 6 = 6 remainder 7.", "41 ÷ 6 = 6 remainder 7"),  # a remainder must be smaller than the divisor
+    ("so 42 / 6 = 7, and 42 ÷ 5 = 8.", "42 ÷ 5 = 8"),  # no remainder: the division must be exact
+    ("Dee gains 81, so 137 + 81 = 228.", "137 + 81 = 228"),
+    ("3x4=12 and 3 * 4 = 13.", "3 * 4 = 13"),
+    ("so 5 - 7 = 2.", "5 - 7 = 2"),
+    ("so 1 + 1 = 2 remainder 1.", "1 + 1 = 2 remainder 1"),  # a remainder only after a division
+    ("15 ÷ 2 = 7.5 and 1,234 + 5 = 1,239: not whole numbers, not read.", None),
+    ("No equation here, only 12 pens.", None),
+])
+def test_false_equation_finds_the_first_equation_that_does_not_hold(text, false):
+    assert false_equation(text) == false
+
+
+def test_an_unfinished_last_line_is_not_checked_until_the_line_is_complete():
+    text = "Ann starts with 123.\n\nAnn loses 82, so 123 - 82 = 4"  # the engine may stop mid-number ("41")
+    assert passes(StepCheck.ARITHMETIC, text, complete=False)
+    assert not passes(StepCheck.ARITHMETIC, text, complete=True)
+    assert not passes(StepCheck.ARITHMETIC, text + "\n", complete=False)
+    assert passes(StepCheck.OFF, text + "\n", complete=True)
+
+
+def test_the_config_names_a_bad_step_check_and_older_builds_keep_their_identity():
+    config = load_config(None, **{"search.step_check": "arithmetic", "search.retry_temperature": 0.9})
+    params = config.search.to_params()
+    assert params.step_check is StepCheck.ARITHMETIC and params.retry_temperature == 0.9
+    assert config.search_identity()["search"]["step_check"] == "arithmetic"
+    default = load_config(None)
+    assert default.search.to_params().step_check is StepCheck.OFF
+    assert not {"step_check", "retry_temperature"} & set(default.search_identity()["search"])
+    for bad in ({"search.step_check": "calculator"}, {"search.retry_temperature": -1}):
+        with pytest.raises(ValueError, match=next(iter(bad)).split(".")[1]):
+            load_config(None, **bad)
+
+
+class EquationEngine(SimulatedEngine):
+    """SIMULATED: each step writes ``TRUE_STEP``, or ``FALSE_STEP`` with probability ``false_rate``; the answer is 2
+    when every step held, else 3."""
+
+    def __init__(self, *, false_rate: float, **kwargs):
+        super().__init__(TOK, answer=lambda response: "3" if "= 3" in TOK.decode(response.tolist()) else "2",
+                         **kwargs)
+        self.false_rate = false_rate
+        self._scripts = {text[0]: TOK.encode(text) for text in (TRUE_STEP, FALSE_STEP)}
+
+    def _next_token(self, response: np.ndarray, rng) -> int:
+        ids = response.tolist()
+        if self._thought not in ids or ids.count(self._delim) >= self.steps:
+            return super()._next_token(response, rng)  # <Thought>, or the answer script and EOS
+        marker = self._delim if self._delim in ids else self._thought
+        since = ids[::-1].index(marker)  # tokens of the step written so far
+        if since == 0:
+            return self._scripts["b" if rng.random() < self.false_rate else "a"][0]
+        script = self._scripts[TOK.decode([ids[-since]])]
+        return script[since] if since < len(script) else self._delim
+
+
+def tree_search(check: StepCheck, value: ValueKind = ValueKind.CHUNK_CONFIDENCE, seed: int = 0):
+    params = MCTSParams(granularity=Granularity("step", 16), children=2, value=value, step_check=check, seed=seed,
+                        budget=Budget(iterations=64, tokens=600), max_path_tokens=80)
+    engine = EquationEngine(false_rate=0.5, steps=3, seed=seed)
+    return asyncio.run(run_mcts(engine, TOK, PROMPT, params))
+
+
+def first_failed(tree, leaf):
+    """The first node on the path to ``leaf`` whose line so far writes a false equation, or None."""
+    for node in tree.path(leaf)[1:]:
+        if false_equation(TOK.decode(tree.path_token_ids(node).tolist())):
+            return node
+    return None
+
+
+@pytest.mark.parametrize("value", [ValueKind.CHUNK_CONFIDENCE, ValueKind.LINE_CONFIDENCE])
+def test_a_tree_search_ends_a_line_at_a_step_that_fails_the_check(value):
+    """Each of 3 steps is false half the time. Without the check the search may answer through a false step; with
+    it, an expanded step that fails ends its line, a rollout that fails is kept but answers nothing, nothing grows
+    below a failed step, and the answer comes from a line whose every step holds."""
+    answers, failed_rollouts = {StepCheck.OFF: [], StepCheck.ARITHMETIC: []}, 0
+    for seed, check in itertools.product(range(4), answers):
+        result = tree_search(check, value, seed)
+        tree = result.tree
+        answers[check].append(result.answer)
+        failed = {first_failed(tree, leaf) for leaf in range(1, tree.num_nodes)} - {None}
+        if check is StepCheck.OFF:
+            assert result.stats.failed_checks == 0
+            continue
+        assert failed and len(failed) == result.stats.failed_checks
+        assert result.answer == "2" and false_equation(result.response) is None
+        for node in failed:
+            if tree.nodes["kind"][node] == NodeKind.CHUNK:
+                assert tree.nodes["is_terminal"][node] and tree.nodes["num_children"][node] == 0
+            else:  # a rollout's step: the rollout goes on below it, and nothing else
+                assert tree.nodes["kind"][node] == NodeKind.ROLLOUT and tree.nodes["num_children"][node] <= 1
+        failed_rollouts += int(np.sum(tree.nodes["kind"][list(failed)] == NodeKind.ROLLOUT))
+        assert tree.generated_tokens + result.stats.duplicate_tokens == result.stats.generated_tokens
+        assert result.stats.generated_tokens <= 600
+    assert "3" in answers[StepCheck.OFF]  # the check changed answers
+    assert (value is ValueKind.LINE_CONFIDENCE) == (failed_rollouts > 0)
+
+
+@pytest.mark.parametrize("strategy", [best_of_n, self_consistency])
+def test_the_sampling_baselines_choose_among_the_samples_that_pass(strategy):
+    for seed in range(3):
+        params = MCTSParams(step_check=StepCheck.ARITHMETIC, seed=seed, temperature=1.0, max_path_tokens=80,
+                            budget=Budget(tokens=600))
+        result = asyncio.run(strategy(EquationEngine(false_rate=0.3, steps=3, seed=seed), TOK, PROMPT, params))
+        samples = [TOK.decode(result.tree.node_token_ids(k).tolist()) for k in result.tree.children(0)]
+        failing = sum(1 for text in samples if false_equation(text))
+        assert 0 < failing < len(samples), "the seed must give passing and failing samples"
+        assert result.stats.failed_checks == failing
+        assert false_equation(result.response) is None and result.answer == "2"
+
+
+def test_with_no_sample_passing_the_baseline_still_answers():
+    params = MCTSParams(step_check=StepCheck.ARITHMETIC, seed=0, max_path_tokens=80, budget=Budget(tokens=300))
+    result = asyncio.run(best_of_n(EquationEngine(false_rate=1.0, steps=3), TOK, PROMPT, params))
+    assert result.answer == "3" and result.stats.failed_checks == len(result.tree.children(0))
+
+
+
+def test_a_node_whose_step_failed_samples_again_at_the_retry_temperature():
+    """A model that erred at a step often errs again from the same prefix at a low temperature, so a tree search
+    samples the step again at ``retry_temperature``; every other request keeps the sampling temperature."""
+    for retry in (None, 1.0):
+        params = MCTSParams(granularity=Granularity("step", 16), children=2, value=ValueKind.LINE_CONFIDENCE,
+                            step_check=StepCheck.ARITHMETIC, retry_temperature=retry, temperature=0.3, seed=1,
+                            budget=Budget(iterations=64, tokens=600), max_path_tokens=80)
+        engine = EquationEngine(false_rate=0.5, steps=3, seed=1)
+        tree = asyncio.run(run_mcts(engine, TOK, PROMPT, params)).tree
+        failed_parents = {tuple(tree.prompt_for(int(tree.nodes["parent"][node])))
+                          for node in {first_failed(tree, leaf) for leaf in range(1, tree.num_nodes)} - {None}}
+        hot = [tuple(r.prompt_token_ids) for r in engine.requests if r.temperature == 1.0]
+        if retry is None:
+            assert not hot and {r.temperature for r in engine.requests} == {0.3}
+            continue
+        assert hot and set(hot) <= failed_parents
+        assert all("\n\n" in r.stop for r in engine.requests if r.temperature == 1.0)  # one step, not a rollout
+    with pytest.raises(ValueError, match="retry_temperature"):
+        MCTSParams(retry_temperature=-1.0)
