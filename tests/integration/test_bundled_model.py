@@ -95,6 +95,44 @@ def test_eval_searches_with_the_bundled_value_model(arith_worker, arith_config):
     assert reports[1].rule_accuracy is not None  # an MCTS preset: the final rules are compared
 
 
+def test_a_build_with_the_step_check_answers_only_through_steps_that_hold(arith_worker, arith_config, tmp_path):
+    """The bundled model often writes a false sum; with ``step_check: arithmetic`` every answer a tree gives comes
+    from a line whose equations hold, while the trees keep the steps that failed (ended there)."""
+    import pyarrow.parquet as pq
+
+    from deploy.build import run_build
+    from modelkit.arithmetic import make_problems
+    from search.checks import false_equation
+
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text("".join(json.dumps(p.row()) + "\n" for p in make_problems(8, 43)))
+    search = arith_config.search.model_copy(update={"step_check": "arithmetic", "retry_temperature": 1.0,
+                                                    "budget_tokens": 512})
+    build = arith_config.build.model_copy(update={"input": str(problems), "output": str(tmp_path / "out"),
+                                                  "strategy": "mcts-step"})
+    assert run_build(arith_config.model_copy(update={"search": search, "build": build})).built == 8
+    trees = pq.read_table(tmp_path / "out" / "trees").to_pylist()
+    nodes = pq.read_table(tmp_path / "out" / "nodes",
+                          columns=["tree_id", "node_id", "parent_id", "text", "is_terminal"]).to_pylist()
+    by_id = {(n["tree_id"], n["node_id"]): n for n in nodes}
+    parents = {(n["tree_id"], n["parent_id"]) for n in nodes}
+
+    def line(node) -> str:
+        parts = []
+        while node is not None:
+            parts.append(node["text"] or "")
+            node = by_id.get((node["tree_id"], node["parent_id"]))
+        return "".join(reversed(parts))
+
+    verified = {n["tree_id"] for n in nodes if n["is_terminal"] and (n["tree_id"], n["node_id"]) not in parents
+                and "</Output>" in line(n) and false_equation(line(n)) is None}
+    assert verified, "some tree holds a finished line whose equations hold"
+    for tree in trees:  # a tree with such a line answers through one (the others fall back to their best line)
+        if tree["tree_id"] in verified:
+            assert tree["final_answer"] is not None and false_equation(tree["response"]) is None, tree["response"]
+    assert any(false_equation(line(n) + "\n") for n in nodes), "the model erred somewhere: the check had work"
+
+
 def test_model_report_decodes_greedily_and_samples_on_the_worker(arith_worker, arith_config):
     from deploy.model_report import format_report, run_model_report
     from modelkit.arithmetic import HELD_OUT_SEED_START, make_problems
