@@ -103,10 +103,11 @@ def test_a_build_with_the_step_check_answers_only_through_steps_that_hold(arith_
     from deploy.build import run_build
     from modelkit.arithmetic import make_problems
     from search.checks import false_equation
+    from search.params import StepCheck
 
     problems = tmp_path / "problems.jsonl"
     problems.write_text("".join(json.dumps(p.row()) + "\n" for p in make_problems(8, 43)))
-    search = arith_config.search.model_copy(update={"step_check": "arithmetic", "retry_temperature": 1.0,
+    search = arith_config.search.model_copy(update={"step_check": StepCheck.ARITHMETIC, "retry_temperature": 1.0,
                                                     "budget_tokens": 512})
     build = arith_config.build.model_copy(update={"input": str(problems), "output": str(tmp_path / "out"),
                                                   "strategy": "mcts-step"})
