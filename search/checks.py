@@ -4,8 +4,8 @@ rStar-Math keeps a step only when the Python code it writes runs; the arithmetic
 chains of thought that write their calculations in words: every ``a op b = c`` (``+ - × * x ÷ /``, a division
 optionally ``= q remainder r``) the line has finished writing must hold. A check reads the model's text only, never
 the reference answer, so it applies when answering as well as when building data. On the bundled model nearly every
-wrong line writes a false equation (docs/data-loop.md), so a tree that drops such steps and samples them again
-fixes the error where it was made, where best-of-N can only drop the whole sample.
+wrong line writes a false equation (docs/tuning.md), so a tree that ends a line at such a step and samples the step
+again mends the error where it was made, where best-of-N can only drop the whole sample.
 """
 
 from __future__ import annotations
