@@ -10,7 +10,7 @@ again mends the error where it was made, where best-of-N can only drop the whole
 
 from __future__ import annotations
 
-import enum
+import operator
 import re
 
 from search.params import StepCheck
@@ -20,31 +20,24 @@ EQUATION = re.compile(
 """``a op b = c`` or ``a ÷ b = q remainder r`` between whole numbers (not part of a decimal or a 1,234)."""
 
 
-class _Op(enum.Enum):
-    ADD = "+"
-    SUBTRACT = "-"
-    MULTIPLY = "×"
-    DIVIDE = "÷"
+_ARITHMETIC = {"+": operator.add, "-": operator.sub, "−": operator.sub, "×": operator.mul, "*": operator.mul,
+               "x": operator.mul}
+_DIVISION = frozenset("÷/")
 
 
-_OPS = {"+": _Op.ADD, "-": _Op.SUBTRACT, "−": _Op.SUBTRACT, "×": _Op.MULTIPLY, "*": _Op.MULTIPLY,
-        "x": _Op.MULTIPLY, "÷": _Op.DIVIDE, "/": _Op.DIVIDE}
-
-
-def _holds(a: int, op: _Op, b: int, c: int, remainder: int | None) -> bool:
-    if op is _Op.DIVIDE:
+def _holds(a: int, op: str, b: int, c: int, remainder: int | None) -> bool:
+    if op in _DIVISION:
         r = 0 if remainder is None else remainder
         return b > 0 and 0 <= r < b and a == b * c + r
-    if remainder is not None:  # "= c remainder r" only means something after a division
-        return False
-    return {_Op.ADD: a + b, _Op.SUBTRACT: a - b, _Op.MULTIPLY: a * b}[op] == c
+    # "= c remainder r" only means something after a division
+    return remainder is None and _ARITHMETIC[op](a, b) == c
 
 
 def false_equation(text: str) -> str | None:
     """The first equation of ``text`` that does not hold (as written), or None when every one holds."""
     for match in EQUATION.finditer(text):
         a, op, b, c, remainder = match.groups()
-        if not _holds(int(a), _OPS[op], int(b), int(c), None if remainder is None else int(remainder)):
+        if not _holds(int(a), op, int(b), int(c), None if remainder is None else int(remainder)):
             return match.group(0)
     return None
 
