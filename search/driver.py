@@ -38,6 +38,7 @@ from search.tree import ROOT, NodeKind, Tree
 from search.values import SCORED_VALUES, VALUE_FUNCTIONS, Evaluation, reward_value
 
 MAX_REQUEST_FAILURES = 3
+CHECK_TAIL_TOKENS = 64  # how much of a parent's line a step check decodes to find where the current line began
 SEED_STRIDE = 1_000_003
 """Request ``i`` of a search seeded with ``s`` uses seed ``s * SEED_STRIDE + i`` (a prime, so the requests of
 searches with nearby seeds never share a seed)."""
@@ -371,8 +372,17 @@ class _Search:
         check = self.params.step_check
         if check is StepCheck.OFF:
             return True
-        text = self.tokenizer.decode(self.tree.path_token_ids(node).tolist())
-        return checks.passes(check, text, complete=bool(self.tree.nodes["is_terminal"][node]))
+        tree = self.tree
+        complete = bool(tree.nodes["is_terminal"][node])
+        tail = tree.path_tail_ids(int(tree.nodes["parent"][node]), CHECK_TAIL_TOKENS)
+        before = self.tokenizer.decode(tail.tolist())
+        if len(tail) == CHECK_TAIL_TOKENS and "\n" not in before:  # the line began further back: read it all
+            return checks.passes(check, self.tokenizer.decode(tree.path_token_ids(node).tolist()), complete=complete)
+        # every line the parent finished passed: the text after the tail's first newline (all of it when the tail
+        # is the whole path) holds every equation the new chunk can complete
+        text = self.tokenizer.decode(np.concatenate([tail, tree.node_token_ids(node)]).tolist())
+        start = before.find("\n") + 1 if len(tail) == CHECK_TAIL_TOKENS else 0
+        return checks.passes(check, text[start:], complete=complete)
 
     def _chunk_ends(self, parent: int, chunk: Chunk) -> tuple[bool, bool, bool]:
         """(whether the model finished its answer in ``chunk``, whether the chunk ends the thought, whether its

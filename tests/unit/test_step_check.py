@@ -16,6 +16,7 @@ from search.simulated import SimulatedEngine, SimulatedTokenizer
 TOK = SimulatedTokenizer()
 PROMPT = TOK.encode(build_prompt("Ann has 1 pen and gets 1 more, three times. How many pens does Ann have?"))
 TRUE_STEP, FALSE_STEP = "a 1 + 1 = 2.", "b 1 + 1 = 3."  # the first character says which
+STEPS = Granularity("step", 16)
 
 
 @pytest.mark.parametrize("text, false", [
@@ -60,11 +61,12 @@ class EquationEngine(SimulatedEngine):
     """SIMULATED: each step writes ``TRUE_STEP``, or ``FALSE_STEP`` with probability ``false_rate``; the answer is 2
     when every step held, else 3."""
 
-    def __init__(self, *, false_rate: float, **kwargs):
+    def __init__(self, *, false_rate: float, pad: str = "", **kwargs):
         super().__init__(TOK, answer=lambda response: "3" if "= 3" in TOK.decode(response.tolist()) else "2",
                          **kwargs)
         self.false_rate = false_rate
-        self._scripts = {text[0]: TOK.encode(text) for text in (TRUE_STEP, FALSE_STEP)}
+        # ``pad`` goes between a step's first character and its equation, to make the line longer
+        self._scripts = {text[0]: TOK.encode(text[0] + pad + text[1:]) for text in (TRUE_STEP, FALSE_STEP)}
 
     def _next_token(self, response: np.ndarray, rng) -> int:
         ids = response.tolist()
@@ -78,10 +80,12 @@ class EquationEngine(SimulatedEngine):
         return script[since] if since < len(script) else self._delim
 
 
-def tree_search(check: StepCheck, value: ValueKind = ValueKind.CHUNK_CONFIDENCE, seed: int = 0):
-    params = MCTSParams(granularity=Granularity("step", 16), children=2, value=value, step_check=check, seed=seed,
-                        budget=Budget(iterations=64, tokens=600), max_path_tokens=80)
-    engine = EquationEngine(false_rate=0.5, steps=3, seed=seed)
+def tree_search(check: StepCheck, value: ValueKind = ValueKind.CHUNK_CONFIDENCE, seed: int = 0,
+                granularity: Granularity = STEPS, pad: str = "", max_depth: int = 16):
+    params = MCTSParams(granularity=granularity, children=2, value=value, step_check=check, seed=seed,
+                        max_depth=max_depth,
+                        budget=Budget(iterations=64, tokens=600 + 10 * len(pad)), max_path_tokens=80 + 3 * len(pad))
+    engine = EquationEngine(false_rate=0.5, steps=3, seed=seed, pad=pad)
     return asyncio.run(run_mcts(engine, TOK, PROMPT, params))
 
 
@@ -119,6 +123,31 @@ def test_a_tree_search_ends_a_line_at_a_step_that_fails_the_check(value):
         assert result.stats.generated_tokens <= 600
     assert "3" in answers[StepCheck.OFF]  # the check changed answers
     assert (value is ValueKind.LINE_CONFIDENCE) == (failed_rollouts > 0)
+
+
+@pytest.mark.parametrize("pad", ["", " and" * 24])
+def test_equations_split_across_mini_steps_are_checked_where_they_end(pad):
+    """Mini-steps of 4 tokens cut equations apart; the check reads the line from where it began, whether that is
+    within the last 64 tokens or further back (a pad of 96 characters without a newline), and flags a step exactly
+    when the line up to it first writes a false equation."""
+    for seed in range(3):
+        result = tree_search(StepCheck.ARITHMETIC, ValueKind.LINE_CONFIDENCE, seed, Granularity("mini_step", 4), pad,
+                             max_depth=128)
+        tree = result.tree
+        flagged = [node for node in range(1, tree.num_nodes) if first_flagged(tree, node)]
+        assert flagged and len(flagged) == result.stats.failed_checks
+        # the equations were cut apart: some flagged mini-step does not hold a whole one
+        assert not all(false_equation(TOK.decode(tree.node_token_ids(node).tolist())) for node in flagged)
+
+
+def first_flagged(tree, node) -> bool:
+    """Whether the line up to ``node`` fails the check (an unfinished last line aside) and its parent's passed."""
+    def fails(k):
+        text = TOK.decode(tree.path_token_ids(k).tolist())
+        return not passes(StepCheck.ARITHMETIC, text, complete=bool(tree.nodes["is_terminal"][k]))
+
+    parent = int(tree.nodes["parent"][node])
+    return fails(node) and not (parent > 0 and fails(parent))
 
 
 @pytest.mark.parametrize("strategy", [best_of_n, self_consistency])
