@@ -6,6 +6,12 @@ finished lines below it that are correct (the Q-value estimate of Math-Shepherd 
 finished line: the prompt and the line's tokens, with the estimate of each node on the line at the node's last
 token (a step end). Lines cut by a budget or a limit tell nothing about correctness and are left out of the
 counts.
+
+With a step check (``search.checks``), a line counts as right for the labels only when it also passes the check:
+a step that writes a false equation then gets 0, as does every step after it, whatever answer the line reached (a
+right answer after a false step is luck). This is automatic process supervision, as Math-Shepherd's estimates are,
+with a denser signal: the label drops at the step where the error was written. The examples' ``correct`` stays the
+line's outcome, which the dev AUROC is measured against.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ import pyarrow.compute as pc
 from dataset.layout import NODES, TREES
 from dataset.reader import read_kind
 from dataset.schema import NODE_SCHEMA, TREE_SCHEMA
+from search.checks import passes
+from search.params import StepCheck
 from search.prompts import OUTPUT_END, answers_match, extract_answer
 
 NODE_COLUMNS = ["tree_id", "node_id", "parent_id", "token_ids", "text", "is_terminal"]
@@ -43,12 +51,13 @@ class ValueExample:
 
 
 def tree_examples(problem_id: str, prompt_token_ids: Sequence[int], nodes: Sequence[dict],
-                  reference: str) -> list[ValueExample]:
-    """The examples of one tree; ``nodes`` are its node rows (node_id, parent_id, token_ids, text, is_terminal)."""
+                  reference: str, check: StepCheck = StepCheck.OFF) -> list[ValueExample]:
+    """The examples of one tree; ``nodes`` are its node rows (node_id, parent_id, token_ids, text, is_terminal);
+    with a ``check``, only lines that pass it count as right in the labels (see the module)."""
     by_id = {int(n["node_id"]): n for n in nodes}
     parent = {i: int(n["parent_id"]) for i, n in by_id.items()}
     has_children = {p for p in parent.values() if p in by_id}
-    paths, outcome = {}, {}
+    paths, outcome, sound = {}, {}, {}
     for leaf, node in sorted(by_id.items()):
         if not node["is_terminal"] or leaf in has_children:
             continue
@@ -58,12 +67,13 @@ def tree_examples(problem_id: str, prompt_token_ids: Sequence[int], nodes: Seque
         if answer is None or OUTPUT_END not in response:
             continue  # cut by a budget or a limit: no outcome
         paths[leaf], outcome[leaf] = path, answers_match(answer, reference)
+        sound[leaf] = outcome[leaf] and passes(check, response, complete=True)
     right: dict[int, int] = {}
     total: dict[int, int] = {}
     for leaf, path in paths.items():
         for i in path:
             total[i] = total.get(i, 0) + 1
-            right[i] = right.get(i, 0) + int(outcome[leaf])
+            right[i] = right.get(i, 0) + int(sound[leaf])
     examples = []
     prompt = np.asarray(prompt_token_ids, dtype=np.int32)
     for leaf, path in paths.items():
@@ -88,8 +98,9 @@ def _path(node: int, parent: dict[int, int]) -> list[int]:
     return path[::-1]
 
 
-def read_value_examples(outputs: Sequence[str]) -> list[ValueExample]:
-    """Every finished line of every tree in the build ``outputs`` (local paths or URIs), as labelled examples.
+def read_value_examples(outputs: Sequence[str], check: StepCheck = StepCheck.OFF) -> list[ValueExample]:
+    """Every finished line of every tree in the build ``outputs`` (local paths or URIs), as labelled examples
+    (with ``check``: see the module).
 
     ``ValueDataError`` when an output holds no trees, or trees without a reference answer (labels need one)."""
     if not outputs:
@@ -109,5 +120,5 @@ def read_value_examples(outputs: Sequence[str]) -> list[ValueExample]:
             by_tree.setdefault(row["tree_id"], []).append(row)
         for tree in trees.to_pylist():
             examples += tree_examples(tree["problem_id"], tree["prompt_token_ids"], by_tree.get(tree["tree_id"], []),
-                                      tree["reference_answer"])
+                                      tree["reference_answer"], check)
     return examples

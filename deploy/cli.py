@@ -99,6 +99,9 @@ def parser() -> argparse.ArgumentParser:
     tv.add_argument("--pairwise-weight", type=float, default=value_recipe.PAIRWISE_WEIGHT,
                     help="weight of a ranking loss over each problem's (right, wrong) line pairs, added to the "
                          "step labels' loss (0: the labels alone)")
+    tv.add_argument("--step-check", choices=[c.value for c in StepCheck], default=StepCheck.OFF.value,
+                    help="a line counts as right in the step labels only when it passes this check, so a step "
+                         "that fails it is labelled wrong (docs/value.md)")
     _add_training_flags(tv, value_recipe)
 
     build = sub.add_parser("build", help="build a dataset of search trees from a problems file (resumable)")
@@ -207,7 +210,7 @@ def cmd_train_value(args) -> int:
     from modelkit.value import train_value
 
     try:
-        examples = read_value_examples(args.input)
+        examples = read_value_examples(args.input, check=StepCheck(args.step_check))
     except ValueDataError as exc:
         print(f"forest train-value: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -221,7 +224,7 @@ def cmd_train_value(args) -> int:
     try:
         report = train_value(examples, base=args.base, output=args.output, seed=args.seed, epochs=args.epochs,
                              batch_size=args.batch_size, lr=args.lr, pairwise_weight=args.pairwise_weight,
-                             threads=args.threads, device=args.device)
+                             threads=args.threads, device=args.device, step_check=StepCheck(args.step_check))
     except (ValueError, FileNotFoundError) as exc:
         print(f"forest train-value: {exc}", file=sys.stderr)
         return EXIT_USAGE

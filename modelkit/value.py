@@ -29,6 +29,7 @@ import numpy as np
 
 from modelkit.fit import fit
 from search.metrics import auroc, pick_rate
+from search.params import StepCheck
 
 log = logging.getLogger(__name__)
 
@@ -154,9 +155,10 @@ def train_value(examples: Sequence[Example], *, base: str | Path, output: str | 
                 epochs: int = EPOCHS, batch_size: int = BATCH_SIZE, lr: float = LEARNING_RATE,
                 dev_share: float = DEV_SHARE, eval_every: int = EVAL_EVERY, patience: int = PATIENCE,
                 pairwise_weight: float = PAIRWISE_WEIGHT, threads: int | None = None, device: str = "cpu",
-                progress: bool = True) -> dict:
+                progress: bool = True, step_check: StepCheck = StepCheck.OFF) -> dict:
     """Train on ``examples`` from the policy ``base``; write the best model (by dev loss) and its tokenizer to
-    ``output``; returns the report written to ``value_training.json``. ``pairwise_weight``: see the module."""
+    ``output``; returns the report written to ``value_training.json``. ``pairwise_weight``: see the module;
+    ``step_check``: the check the examples' labels were made with (``dataset.value_labels``), for the report."""
     import torch
     from transformers import AutoTokenizer, Qwen2ForTokenClassification
 
@@ -182,8 +184,10 @@ def train_value(examples: Sequence[Example], *, base: str | Path, output: str | 
     report = {"base": str(base), "seed": seed, "epochs": epochs, "batch_size": batch_size, "lr": lr,
               "train_lines": len(train), "dev_lines": len(dev),
               "train_problems": len({e.problem_id for e in train}), "dev_problems": len({e.problem_id for e in dev}),
-              "right_share": float(np.mean([e.correct for e in examples])), "device": device,
-              "pairwise_weight": pairwise_weight, "dev_tree_pick_bounds": pick_bounds(dev), "history": []}
+              "right_share": float(np.mean([e.correct for e in examples])),
+              "mean_label": float(np.mean(np.concatenate([e.labels for e in examples]))), "device": device,
+              "pairwise_weight": pairwise_weight, "step_check": step_check.value,
+              "dev_tree_pick_bounds": pick_bounds(dev), "history": []}
     units, unit_batch = train, batch_size
     if pairwise_weight:  # whole problems per batch, about batch_size lines
         units = by_problem(train)

@@ -9,6 +9,9 @@ import torch
 
 from modelkit.make_model import make_tiny_random
 from dataset.value_labels import ValueExample
+from deploy.cli import main as forest
+from tests.unit.handmade_build import write_build
+from tests.unit.test_value_labels import CHECKED_TREE
 from modelkit.value import REPORT, pairwise_loss, pick_bounds, split_by_problem, train_value
 from search.metrics import pick_rate
 from tests.toy_value import toy_lines
@@ -79,3 +82,21 @@ def test_bad_inputs_are_refused(base, tmp_path):
         train_value(toy_lines(4, 0), base=tmp_path / "missing", output=tmp_path / "v")
     with pytest.raises(ValueError, match="pairwise_weight"):
         train_value(toy_lines(4, 0), base=base, output=tmp_path / "v", pairwise_weight=-1)
+
+
+def test_train_value_labels_with_the_step_check_when_asked(base, tmp_path, capsys):
+    build = write_build(tmp_path / "build", "5", problems=("p1", "p2", "p3"),
+                        nodes={p: CHECKED_TREE for p in ("p1", "p2", "p3")})
+    reports = {}
+    for check in ("off", "arithmetic"):
+        assert forest(["train-value", "--input", build, "--output", str(tmp_path / check), "--base", str(base),
+                       "--step-check", check, "--epochs", "1", "--batch-size", "4"]) == 0
+        reports[check] = json.loads((tmp_path / check / REPORT).read_text())
+        assert reports[check]["step_check"] == check
+        assert reports[check]["train_lines"] + reports[check]["dev_lines"] == 9
+    # each tree's lines: step labels [1, 1], [0.5, 1], [0.5, 0] without the check, [0, 0], [0.5, 1], [0.5, 0] with it
+    assert reports["off"]["mean_label"] == pytest.approx(4 / 6)
+    assert reports["arithmetic"]["mean_label"] == pytest.approx(2 / 6)
+    with pytest.raises(SystemExit):
+        forest(["train-value", "--input", build, "--output", str(tmp_path / "v"), "--base", str(base),
+                "--step-check", "calculator"])
