@@ -84,7 +84,7 @@ def test_bad_inputs_are_refused(base, tmp_path):
         train_value(toy_lines(4, 0), base=base, output=tmp_path / "v", pairwise_weight=-1)
 
 
-def test_train_value_labels_with_the_step_check_when_asked(base, tmp_path, capsys):
+def test_train_value_labels_with_the_step_check_when_asked(base, tmp_path):
     build = write_build(tmp_path / "build", "5", problems=("p1", "p2", "p3"),
                         nodes={p: CHECKED_TREE for p in ("p1", "p2", "p3")})
     reports = {}
