@@ -375,13 +375,16 @@ class _Search:
         tree = self.tree
         complete = bool(tree.nodes["is_terminal"][node])
         tail = tree.path_tail_ids(int(tree.nodes["parent"][node]), CHECK_TAIL_TOKENS)
-        before = self.tokenizer.decode(tail.tolist())
-        if len(tail) == CHECK_TAIL_TOKENS and "\n" not in before:  # the line began further back: read it all
-            return checks.passes(check, self.tokenizer.decode(tree.path_token_ids(node).tolist()), complete=complete)
-        # every line the parent finished passed: the text after the tail's first newline (all of it when the tail
-        # is the whole path) holds every equation the new chunk can complete
+        start = 0  # a tail shorter than that is the whole path: read all of it
+        if len(tail) == CHECK_TAIL_TOKENS:
+            # every line the parent finished passed, so the text after the tail's first newline holds every
+            # equation the new chunk can complete
+            before = self.tokenizer.decode(tail.tolist())
+            if "\n" not in before:  # the line began further back: read the whole path
+                return checks.passes(check, self.tokenizer.decode(tree.path_token_ids(node).tolist()),
+                                     complete=complete)
+            start = before.find("\n") + 1
         text = self.tokenizer.decode(np.concatenate([tail, tree.node_token_ids(node)]).tolist())
-        start = before.find("\n") + 1 if len(tail) == CHECK_TAIL_TOKENS else 0
         return checks.passes(check, text[start:], complete=complete)
 
     def _chunk_ends(self, parent: int, chunk: Chunk) -> tuple[bool, bool, bool]:
