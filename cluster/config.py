@@ -107,6 +107,11 @@ class SearchConfig(_Strict):
                                             "samples a tree search draws from a node after one of its steps failed "
                                             "step_check (unset: temperature): a model that erred at a step often "
                                             "repeats the error at a low temperature.")
+    stop_when_right: bool = Field(DEFAULTS.stop_when_right, description="A build (problems with reference "
+                                  "answers): end a tree at its first finished line that answers the reference and "
+                                  "passes step_check; the tree's response is that line. For data builds, where a "
+                                  "right line is what is wanted; forest eval refuses it, requests without a "
+                                  "reference ignore it.")
     iterations: int = Field(DEFAULTS.budget.iterations, description="Iteration budget per tree.")
     budget_tokens: int | None = Field(DEFAULTS.budget.tokens,
                                       description="Generated-token budget per tree (never exceeded).")
@@ -135,10 +140,10 @@ class SearchConfig(_Strict):
             seed=self.seed, normalize_values=self.normalize_values, unanswered_value=self.unanswered_value,
             widening=self.widening, max_width=self.max_width, dedup=self.dedup, refill_width=self.refill_width,
             reward_weight=self.reward_weight, step_check=self.step_check,
-            retry_temperature=self.retry_temperature)
+            retry_temperature=self.retry_temperature, stop_when_right=self.stop_when_right)
 
 
-LATER_SEARCH_FIELDS = ("step_check", "retry_temperature")
+LATER_SEARCH_FIELDS = ("step_check", "retry_temperature", "stop_when_right")
 """Search settings added after builds had written outputs: left out of a build's identity at their defaults."""
 
 

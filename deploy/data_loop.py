@@ -38,11 +38,18 @@ def greedy_accuracy(config: ForestConfig, model: str, problems) -> dict:
     """Greedy decoding of ``model`` on ``problems`` through ``forest eval`` (one fresh engine)."""
     from deploy.evaluate import run_eval
 
-    engine = config.engine.model_copy(update={"model": model})
-    (report,) = run_eval(config.model_copy(update={"engine": engine, "attach_workers": []}), problems, ["greedy"],
+    (report,) = run_eval(eval_config(config, model), problems, ["greedy"],
                          budgets=[config.search.budget_tokens or config.search.max_path_tokens])
     return {"accuracy": report.accuracy, "ci_low": report.ci_low, "ci_high": report.ci_high,
             "correct": report.correct, "problems": report.problems}
+
+
+def eval_config(config: ForestConfig, model: str) -> ForestConfig:
+    """The loop's config for evaluating ``model``: engines of its own, and without the builds' ``stop_when_right``
+    (an evaluation gives no strategy the reference to stop at)."""
+    return config.model_copy(update={"engine": config.engine.model_copy(update={"model": model}),
+                                     "search": config.search.model_copy(update={"stop_when_right": False}),
+                                     "attach_workers": []})
 
 
 def build_tokens(output: str, problem_ids: set[str]) -> int:

@@ -172,6 +172,9 @@ def run_eval(config: ForestConfig, problems: list[Problem], strategies: list[str
     if config.search.reflection == "wrong_answer":
         raise EvalError("search.reflection: wrong_answer reads the reference answer, which forest eval never gives a "
                         "strategy; use off, always or below:<value>")
+    if config.search.stop_when_right:
+        raise EvalError("search.stop_when_right reads the reference answer, which forest eval never gives a strategy; "
+                        "it is for data builds")
     needs_value = [s for s in strategies
                    if needs_value_model(STRATEGIES[s], config.search.to_params(**STRATEGIES[s].preset))]
     if needs_value and config.value_model is None:

@@ -44,6 +44,9 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retry-temperature", type=float, dest="retry_temperature",
                    help="temperature of a tree search's samples after a step failed the check "
                         "(search.retry_temperature)")
+    p.add_argument("--stop-when-right", action="store_true", default=None, dest="stop_when_right",
+                   help="end each tree at its first finished line that answers the problem's reference and passes "
+                        "the step check (search.stop_when_right; data builds)")
     p.add_argument("--value", help="how a state is valued, e.g. line_confidence or reward_model (search.value)")
     p.add_argument("--value-model", dest="value_model", help="value model directory (value_model.model)")
 
@@ -65,6 +68,7 @@ def overrides(args: argparse.Namespace) -> dict:
             "search.temperature": args.temperature, "search.exploration": args.exploration,
             "search.value": args.value, "value_model.model": args.value_model,
             "search.step_check": args.step_check, "search.retry_temperature": args.retry_temperature,
+            "search.stop_when_right": args.stop_when_right,
             "build.input": getattr(args, "input", None), "build.output": getattr(args, "output", None),
             "build.managers": getattr(args, "managers", None), "build.limit": getattr(args, "limit", None),
             "build.strategy": getattr(args, "strategy", None),

@@ -15,6 +15,7 @@ import asyncio
 import collections
 import dataclasses
 import time
+from typing import Callable
 
 import numpy as np
 
@@ -22,7 +23,7 @@ from search import checks
 from search.driver import SEED_STRIDE, ProgressCallback, SearchResult, SearchStats, StopReason
 from search.mcts import most_confident
 from search.params import ConfigError, MCTSParams
-from search.prompts import OUTPUT_END, extract_answer, normalize_answer
+from search.prompts import OUTPUT_END, answers_match, extract_answer, normalize_answer
 from search.protocol import Engine, GenerationRequest, ScoreRequest, Tokenizer
 from search.tree import ROOT, Tree
 
@@ -31,11 +32,14 @@ MAX_SAMPLES = 256  # samples one baseline draws at most (its tree's width)
 
 async def _sample(engine: Engine, prompt_token_ids, params: MCTSParams, *, temperature: float, top_p: float,
                   seed: int | None, request_id: str, on_progress: ProgressCallback | None,
-                  spend_budget: bool) -> tuple[Tree, SearchStats]:
+                  spend_budget: bool, is_right: Callable[[Tree, int], bool] | None = None
+                  ) -> tuple[Tree, SearchStats, int | None]:
     """Sample whole responses as children of the root: one, or (``spend_budget``) as many as the token budget
     affords, in rounds of ``budget_left // longest`` samples, each allowed ``budget_left // n`` tokens (at most
     ``max_path_tokens``), until the longest sample so far would not fit. ``longest`` starts at
-    ``max_path_tokens``: the first round's samples can never be cut by the budget."""
+    ``max_path_tokens``: the first round's samples can never be cut by the budget. With ``is_right``
+    (``stop_when_right``) a round draws at most ``params.parallel`` samples, as a tree search has that many
+    requests in flight, and sampling ends after the first round holding a right sample, which is returned too."""
     if spend_budget and params.budget.tokens is None:
         raise ConfigError("budget_tokens", None, "best-of-N and self-consistency size N from the token budget")
     start = time.monotonic()
@@ -43,12 +47,13 @@ async def _sample(engine: Engine, prompt_token_ids, params: MCTSParams, *, tempe
     tree = Tree(prompt, max_children=MAX_SAMPLES)
     stats = SearchStats()
     left, seen = params.budget.tokens, 0  # the longest sample so far
-    while True:
+    right = None
+    while right is None:
         longest = max(seen, 1) if stats.requests else params.max_path_tokens
         n = 1 if left is None else left // longest
         if stats.requests == 0:  # the first round always runs, within the budget
             n = max(n, 1) if spend_budget else 1
-        n = min(n, MAX_SAMPLES - tree.num_nodes + 1)
+        n = min(n, MAX_SAMPLES - tree.num_nodes + 1, MAX_SAMPLES if is_right is None else params.parallel)
         if n < 1:
             break
         max_tokens = params.max_path_tokens if left is None else min(params.max_path_tokens, left // n)
@@ -61,6 +66,8 @@ async def _sample(engine: Engine, prompt_token_ids, params: MCTSParams, *, tempe
         for chunk in chunks:
             node = tree.add_chunk(ROOT, chunk)  # may grow the node arrays: index them afterwards
             tree.nodes["is_terminal"][node] = True
+            if right is None and is_right is not None and is_right(tree, node):
+                right = node
         generated = sum(len(c) for c in chunks)
         stats.requests += 1
         stats.generated_tokens += generated
@@ -74,7 +81,21 @@ async def _sample(engine: Engine, prompt_token_ids, params: MCTSParams, *, tempe
     stats.seconds = time.monotonic() - start
     if on_progress is not None:
         on_progress(stats, float(np.nanmax(tree.nodes["confidence"][tree.children(ROOT)], initial=np.nan)))
-    return tree, stats
+    return tree, stats, right
+
+
+def _right_sample(params: MCTSParams, tokenizer: Tokenizer, reference: str | None
+                  ) -> Callable[[Tree, int], bool] | None:
+    """With ``stop_when_right`` and a reference: whether a sample answers the reference and passes the step
+    check."""
+    if not params.stop_when_right or reference is None:
+        return None
+
+    def is_right(tree: Tree, node: int) -> bool:
+        text = tokenizer.decode(tree.node_token_ids(node).tolist())
+        return answers_match(extract_answer(text), reference) and checks.passes(params.step_check, text,
+                                                                                complete=True)
+    return is_right
 
 
 def _candidates(tree: Tree, params: MCTSParams, tokenizer: Tokenizer, stats: SearchStats) -> list[int]:
@@ -91,37 +112,44 @@ def _most_confident_sample(tree: Tree, candidates: list[int] | None = None) -> i
     return most_confident(tree, tree.children(ROOT).tolist() if candidates is None else candidates)
 
 
-def _result(tree: Tree, node: int, stats: SearchStats, tokenizer: Tokenizer) -> SearchResult:
+def _result(tree: Tree, node: int, stats: SearchStats, tokenizer: Tokenizer,
+            reason: StopReason = StopReason.EXHAUSTED) -> SearchResult:
     ids = tree.path_token_ids(node)
     response = tokenizer.decode(ids.tolist())
     return SearchResult(tree, [ROOT, node], ids, response, extract_answer(response),
-                        float(tree.nodes["confidence"][node]), StopReason.EXHAUSTED, stats)
+                        float(tree.nodes["confidence"][node]), reason, stats)
 
 
 async def greedy(engine: Engine, tokenizer: Tokenizer, prompt_token_ids, params: MCTSParams, *,
                  reference: str | None = None, request_prefix: str = "",
                  on_progress: ProgressCallback | None = None) -> SearchResult:
     """One sample at temperature 0 (``params.seed``, ``temperature`` and ``top_p`` do not apply)."""
-    tree, stats = await _sample(engine, prompt_token_ids, params, temperature=0.0, top_p=1.0, seed=None,
-                                request_id=f"{request_prefix}greedy", on_progress=on_progress, spend_budget=False)
+    tree, stats, _ = await _sample(engine, prompt_token_ids, params, temperature=0.0, top_p=1.0, seed=None,
+                                   request_id=f"{request_prefix}greedy", on_progress=on_progress, spend_budget=False)
     return _result(tree, 1, stats, tokenizer)
 
 
 async def best_of_n(engine: Engine, tokenizer: Tokenizer, prompt_token_ids, params: MCTSParams, *,
                     reference: str | None = None, request_prefix: str = "",
                     on_progress: ProgressCallback | None = None) -> SearchResult:
-    tree, stats = await _sample(engine, prompt_token_ids, params, temperature=params.temperature, top_p=params.top_p,
-                                seed=params.seed, request_id=f"{request_prefix}best_of_n", on_progress=on_progress,
-                                spend_budget=True)
+    tree, stats, right = await _sample(
+        engine, prompt_token_ids, params, temperature=params.temperature, top_p=params.top_p, seed=params.seed,
+        request_id=f"{request_prefix}best_of_n", on_progress=on_progress, spend_budget=True,
+        is_right=_right_sample(params, tokenizer, reference))
+    if right is not None:
+        return _result(tree, right, stats, tokenizer, StopReason.RIGHT)
     return _result(tree, _most_confident_sample(tree, _candidates(tree, params, tokenizer, stats)), stats, tokenizer)
 
 
 async def self_consistency(engine: Engine, tokenizer: Tokenizer, prompt_token_ids, params: MCTSParams, *,
                            reference: str | None = None, request_prefix: str = "",
                            on_progress: ProgressCallback | None = None) -> SearchResult:
-    tree, stats = await _sample(engine, prompt_token_ids, params, temperature=params.temperature, top_p=params.top_p,
-                                seed=params.seed, request_id=f"{request_prefix}self_consistency",
-                                on_progress=on_progress, spend_budget=True)
+    tree, stats, right = await _sample(
+        engine, prompt_token_ids, params, temperature=params.temperature, top_p=params.top_p, seed=params.seed,
+        request_id=f"{request_prefix}self_consistency", on_progress=on_progress, spend_budget=True,
+        is_right=_right_sample(params, tokenizer, reference))
+    if right is not None:
+        return _result(tree, right, stats, tokenizer, StopReason.RIGHT)
     votes: dict[str, list[int]] = collections.defaultdict(list)
     candidates = _candidates(tree, params, tokenizer, stats)
     for node in candidates:
@@ -143,9 +171,12 @@ async def best_of_n_prm(engine: Engine, tokenizer: Tokenizer, prompt_token_ids, 
     if not callable(getattr(engine, "score", None)):
         raise ConfigError("strategy", "best_of_n-prm", "needs a value model, and this engine has no scorer "
                                                        "(set value_model in the config)")
-    tree, stats = await _sample(engine, prompt_token_ids, params, temperature=params.temperature, top_p=params.top_p,
-                                seed=params.seed, request_id=f"{request_prefix}best_of_n-prm", on_progress=on_progress,
-                                spend_budget=True)
+    tree, stats, right = await _sample(
+        engine, prompt_token_ids, params, temperature=params.temperature, top_p=params.top_p, seed=params.seed,
+        request_id=f"{request_prefix}best_of_n-prm", on_progress=on_progress, spend_budget=True,
+        is_right=_right_sample(params, tokenizer, reference))
+    if right is not None:
+        return _result(tree, right, stats, tokenizer, StopReason.RIGHT)
     kids = _candidates(tree, params, tokenizer, stats)
     answers = [extract_answer(tokenizer.decode(tree.node_token_ids(k).tolist())) for k in kids]
     answered = [(k, a) for k, a in zip(kids, answers, strict=True) if a is not None]

@@ -31,7 +31,7 @@ import numpy as np
 from search import checks, final, mcts
 from search.confidence import chunk_token_confidence, mean_confidence
 from search.params import ConfigError, FinalChoice, MCTSParams, ReflectionMode, StepCheck
-from search.prompts import OUTPUT_END, REFLECTION_PHRASE, extract_answer
+from search.prompts import OUTPUT_END, REFLECTION_PHRASE, answers_match, extract_answer
 from search.protocol import (Chunk, Engine, EngineDeadError, EngineError, FinishReason, GenerationRequest,
                              ScoreRequest, Tokenizer)
 from search.tree import ROOT, NodeKind, Tree
@@ -50,6 +50,7 @@ class StopReason(enum.Enum):
     SECONDS = "seconds"
     SETTLED = "settled"  # no remaining iteration could change the answer
     EXHAUSTED = "exhausted"  # every path is terminal
+    RIGHT = "right"  # stop_when_right: a finished line answered the reference
 
 
 class SearchError(RuntimeError):
@@ -143,6 +144,8 @@ class _Search:
         self._answer_tags: set[int] = set()  # generated nodes whose text (with its overlap) holds an answer tag
         self._failed: set[int] = set()  # nodes at or below a step that failed ``step_check``
         self._retry: set[int] = set()  # parents of a failed step: their next samples use ``retry_temperature``
+        self.right: int | None = None  # stop_when_right: the end of the first finished line that answered the reference
+        self.stops_when_right = params.stop_when_right and reference is not None
 
     async def run(self) -> SearchResult:
         start = self.clock()
@@ -159,9 +162,11 @@ class _Search:
         budget, tree = self.params.budget, self.tree
         while True:
             while (len(self.inflight) < self.params.parallel and self.started < budget.iterations
-                   and not self.token_blocked and self._try_start()):
+                   and not self.token_blocked and self.right is None and self._try_start()):
                 pass
-            if tree.nodes["exhausted"][ROOT]:
+            if self.right is not None and not self.inflight:  # the requests in flight were let finish (paid for)
+                return StopReason.RIGHT
+            if tree.nodes["exhausted"][ROOT] and self.right is None:
                 if self._refill():
                     continue
                 return StopReason.EXHAUSTED
@@ -317,10 +322,24 @@ class _Search:
         chunks = result
         self.stats.generated_tokens += sum(len(c) for c in chunks)
         self.stats.cached_prompt_tokens += chunks[0].num_cached_tokens if chunks else 0
+        first_new = self.tree.num_nodes
         if job.expansion:
             self._apply_expansion(job.node, chunks)
         else:
             self._apply_rollout(job.node, chunks[0])
+        if self.stops_when_right and self.right is None:
+            self.right = self._right_line(range(first_new, self.tree.num_nodes))
+
+    def _right_line(self, nodes: range) -> int | None:
+        """The first of ``nodes`` that ends a finished line answering the reference (a line that failed the step
+        check answers nothing)."""
+        terminal = self.tree.nodes["is_terminal"]
+        for node in nodes:
+            if terminal[node] and node not in self._failed:
+                finished = self._finished_line(node)
+                if finished is not None and answers_match(finished[0], self.reference):
+                    return node
+        return None
 
     def _apply_expansion(self, node: int, chunks: list[Chunk]) -> None:
         tree = self.tree
@@ -515,6 +534,10 @@ class _Search:
 
     def _result(self, reason: StopReason) -> SearchResult:
         tree = self.tree
+        if self.right is not None:  # stop_when_right: the right line is the response
+            ids = tree.path_token_ids(self.right)
+            return SearchResult(tree, tree.path(self.right), ids, self.tokenizer.decode(ids.tolist()),
+                                self._answers[self.right], tree.mean_value(self.right), reason, self.stats)
         line = final.choose(tree, final.finished_lines(tree, self.tokenizer.decode, self._answers),
                             self.params.final)
         if line is None:  # no finished line: the most-visited one, whatever it holds

@@ -151,6 +151,9 @@ class MCTSParams:
     reward_weight: float = 1.0  # value=reward_model: w * score + (1 - w) * the line's mean token confidence
     step_check: StepCheck = StepCheck.OFF  # a step that fails it ends its line unanswered (search.checks)
     retry_temperature: float | None = None  # samples from a node whose step failed step_check (None: temperature)
+    # with a reference answer (a build's problems): end the search at its first finished line that answers it and
+    # passes step_check, so a data build spends no more on a problem once it holds a right line
+    stop_when_right: bool = False
 
     def __post_init__(self):
         _require(isinstance(self.children, int) and self.children >= 1, "children", self.children, "k must be >= 1")

@@ -134,6 +134,33 @@ def test_a_build_with_the_step_check_answers_only_through_steps_that_hold(arith_
     assert any(false_equation(line(n) + "\n") for n in nodes), "the model erred somewhere: the check had work"
 
 
+@pytest.mark.parametrize("strategy", ["mcts-step", "best_of_n"])
+def test_a_build_that_stops_when_right_ends_each_tree_at_a_right_line(strategy, arith_worker, arith_config,
+                                                                       tmp_path):
+    """``stop_when_right``: a tree whose search finds a line answering the reference (and passing the check) ends
+    there and answers with it; a tree that finds none spends its budget as before."""
+    from deploy.build import run_build
+    from modelkit.arithmetic import make_problems
+    from search.checks import false_equation
+    from search.params import StepCheck
+
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text("".join(json.dumps(p.row()) + "\n" for p in make_problems(8, 43)))
+    search = arith_config.search.model_copy(update={"step_check": StepCheck.ARITHMETIC, "retry_temperature": 1.0,
+                                                    "budget_tokens": 512, "stop_when_right": True})
+    build = arith_config.build.model_copy(update={"input": str(problems), "output": str(tmp_path / "out"),
+                                                  "strategy": strategy})
+    assert run_build(arith_config.model_copy(update={"search": search, "build": build})).built == 8
+    trees = pq.read_table(tmp_path / "out" / "trees").to_pylist()
+    right = [t for t in trees if t["stop_reason"] == "right"]
+    assert right, "the model answers some of these problems"
+    for tree in trees:
+        assert tree["tokens_generated"] <= 512
+        if tree["stop_reason"] == "right":
+            assert tree["correct"] and false_equation(tree["response"]) is None, tree["response"]
+    assert sum(t["tokens_generated"] for t in right) / len(right) < 512
+
+
 def test_model_report_decodes_greedily_and_samples_on_the_worker(arith_worker, arith_config):
     from deploy.model_report import format_report, run_model_report
     from modelkit.arithmetic import HELD_OUT_SEED_START, make_problems

@@ -159,6 +159,19 @@ def test_bad_inputs_fail_with_a_clear_error(base, tokenizer, tmp_path, capsys):
     assert "no committed trees" in capsys.readouterr().err
 
 
+def test_the_data_loop_evaluates_without_the_builds_stop_when_right():
+    """The loop's builds stop each tree at a right line; its greedy evaluations read the same config, and forest eval
+    refuses that setting, so the evaluation config drops it."""
+    from cluster.config import load_config
+    from deploy.data_loop import eval_config
+
+    config = load_config("deploy/configs/data-loop.cpu.yaml")
+    assert config.search.stop_when_right
+    evaluated = eval_config(config, "models/other")
+    assert not evaluated.search.stop_when_right and evaluated.engine.model == "models/other"
+    assert evaluated.search.step_check is config.search.step_check
+
+
 def test_the_data_loop_plot_has_a_line_per_method(tmp_path):
     from deploy.data_loop import BASE, plot
 

@@ -1,8 +1,10 @@
 """The arithmetic step check (``search.checks``), and the tree search and the baselines using it, against a
 SIMULATED engine whose steps write true or false equations."""
 
+import argparse
 import asyncio
 import itertools
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ import pytest
 from cluster.config import load_config
 from search import (Budget, Granularity, MCTSParams, NodeKind, StepCheck, ValueKind, best_of_n, build_prompt,
                     run_mcts, self_consistency)
+from search.driver import StopReason
 from search.checks import false_equation, passes
 from search.simulated import SimulatedEngine, SimulatedTokenizer
 
@@ -189,3 +192,69 @@ def test_a_node_whose_step_failed_samples_again_at_the_retry_temperature():
         assert all("\n\n" in r.stop for r in engine.requests if r.temperature == 1.0)  # one step, not a rollout
     with pytest.raises(ValueError, match="retry_temperature"):
         MCTSParams(retry_temperature=-1.0)
+
+
+def test_a_tree_search_told_the_reference_stops_at_its_first_right_line_that_holds():
+    """``stop_when_right``: a build that has the reference ends the tree at its first finished line answering it
+    and passing the check, and answers with that line; a line that reaches the reference through a false step does
+    not stop it, and without a reference the setting changes nothing."""
+    stopped = 0
+    for seed in range(4):
+        params = MCTSParams(granularity=STEPS, children=2, value=ValueKind.LINE_CONFIDENCE,
+                            step_check=StepCheck.ARITHMETIC, seed=seed, budget=Budget(iterations=64, tokens=600),
+                            max_path_tokens=80)
+
+        def search(reference, stop, params=params, seed=seed):
+            engine = EquationEngine(false_rate=0.5, steps=3, seed=seed)
+            return asyncio.run(run_mcts(engine, TOK, PROMPT, replace(params, stop_when_right=stop),
+                                        reference=reference))
+
+        full, right = search("2", False), search("2", True)
+        assert right.stop_reason is StopReason.RIGHT and right.answer == "2"
+        assert false_equation(right.response) is None
+        assert right.stats.generated_tokens < full.stats.generated_tokens
+        stopped += 1
+        no_reference = search(None, True)
+        assert no_reference.stats.generated_tokens == full.stats.generated_tokens
+        assert no_reference.stop_reason is full.stop_reason
+        # "3" is only ever reached through a false step, which the check ends
+        assert search("3", True).stop_reason is not StopReason.RIGHT
+    assert stopped == 4
+
+
+@pytest.mark.parametrize("strategy", [best_of_n, self_consistency])
+def test_a_sampling_baseline_told_the_reference_stops_after_the_round_with_a_right_sample(strategy):
+    """With ``stop_when_right`` the baselines draw rounds of at most ``parallel`` samples (as a tree search has that
+    many requests in flight) and stop after the first round holding a sample that answers the reference and passes
+    the check; that sample is the response."""
+    for seed in range(3):
+        params = MCTSParams(step_check=StepCheck.ARITHMETIC, seed=seed, temperature=1.0, max_path_tokens=80,
+                            budget=Budget(tokens=1200), parallel=2)
+        engine = EquationEngine(false_rate=0.4, steps=3, seed=seed)
+        full = asyncio.run(strategy(EquationEngine(false_rate=0.4, steps=3, seed=seed), TOK, PROMPT, params))
+        result = asyncio.run(strategy(engine, TOK, PROMPT, replace(params, stop_when_right=True), reference="2"))
+        assert result.stop_reason is StopReason.RIGHT and result.answer == "2"
+        assert false_equation(result.response) is None
+        assert all(r.n <= 2 for r in engine.requests)
+        last_round = [TOK.decode(result.tree.node_token_ids(k).tolist())
+                      for k in result.tree.children(0)[-engine.requests[-1].n:]]
+        earlier = [TOK.decode(result.tree.node_token_ids(k).tolist())
+                   for k in result.tree.children(0)[:-engine.requests[-1].n]]
+        assert all(false_equation(text) for text in earlier)  # no right sample before the last round
+        assert any(not false_equation(text) for text in last_round)
+        assert result.stats.generated_tokens < full.stats.generated_tokens
+
+
+def test_stop_when_right_is_a_build_setting_left_out_of_older_builds_identity_and_refused_by_eval():
+    from dataset.problems import Problem
+    from deploy.evaluate import EvalError, run_eval
+    from deploy.flags import add_build_flags, overrides
+
+    parser = argparse.ArgumentParser()
+    add_build_flags(parser)
+    on = load_config(None, **overrides(parser.parse_args(["--stop-when-right"])))
+    assert on.search.to_params().stop_when_right and on.search_identity()["search"]["stop_when_right"]
+    off = load_config(None, **overrides(parser.parse_args([])))
+    assert not off.search.to_params().stop_when_right and "stop_when_right" not in off.search_identity()["search"]
+    with pytest.raises(EvalError, match="stop_when_right reads the reference"):
+        run_eval(on, [Problem("p", "q", "1")], ["greedy"], budgets=[on.search.max_path_tokens])
