@@ -51,8 +51,9 @@ value-model: $(BIN)/.installed
 	$(BIN)/forest train-value --input $(VALUE_DATA)/build --output $(VALUE_MODEL) --threads 2
 
 # the data loop (docs/data-loop.md): MCTS and best-of-N builds over $(LOOP_PROBLEMS) problems of training seed
-# $(LOOP_SEED) at the same token budget, the policy fine-tuned on each build's right lines, greedy on 500 held-out
-# problems; a second round builds the second half again with the model of the first half's lines
+# $(LOOP_SEED) with the same settings (each tree ends at its first right line, or at the token cap), the policy
+# fine-tuned on each build's right lines, greedy on 500 held-out problems, paired differences; a second round builds
+# the second half again with the model of the first half's lines
 data-loop: $(BIN)/.installed
 	$(BIN)/forest make-problems --n $(LOOP_PROBLEMS) --seed $(LOOP_SEED) --output $(LOOP_DATA)/problems.jsonl
 	$(BIN)/forest make-problems --n 500 --seed 1000000 --output $(LOOP_DATA)/heldout.jsonl

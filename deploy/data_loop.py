@@ -1,10 +1,12 @@
 """The data loop (``make data-loop``, docs/data-loop.md): is a Forest build worth its compute as training data?
 
-Two builds over the same training problems at the same generated-token budget per problem, one MCTS (Forest's
-best preset) and one best-of-N sampling, give two fine-tuning sets: every distinct right finished line of their
-trees (what rejection sampling keeps). The policy is fine-tuned on the lines of the first quarter, half and all of
-the problems of each build, and every model's greedy accuracy is measured on held-out problems. Written: one JSON
-line per model (``PREFIX.jsonl``) and accuracy against the build's generated tokens (``PREFIX.png``/``.svg``).
+Two builds over the same training problems with the same search settings and token cap per problem, one MCTS
+(Forest's best preset) and one best-of-N sampling, give two fine-tuning sets: right finished lines of their trees
+(what rejection sampling keeps; one per problem by default). The policy is fine-tuned on the lines of the first
+quarter, half and all of the problems of each build, and every model's greedy accuracy is measured on held-out
+problems. Written: one JSON line per model (``PREFIX.jsonl``, with which held-out problems it got right), the paired
+differences between the models (``PREFIX-paired.jsonl``) and accuracy against the build's generated tokens
+(``PREFIX.png``/``.svg``).
 
 With ``--second-round``, each method also iterates (build -> train -> build, as rStar-Math does): the second half
 of the problems is built again, with the same settings, by the model fine-tuned on the first half's lines, and the
@@ -41,7 +43,7 @@ def greedy_accuracy(config: ForestConfig, model: str, problems) -> dict:
     (report,) = run_eval(eval_config(config, model), problems, ["greedy"],
                          budgets=[config.search.budget_tokens or config.search.max_path_tokens])
     return {"accuracy": report.accuracy, "ci_low": report.ci_low, "ci_high": report.ci_high,
-            "correct": report.correct, "problems": report.problems}
+            "correct": report.correct, "problems": report.problems, "right": list(report.right)}
 
 
 def eval_config(config: ForestConfig, model: str) -> ForestConfig:
@@ -128,6 +130,29 @@ def run(config: ForestConfig, problems, builds: dict[str, str], heldout, work: P
     return rows
 
 
+def paired(rows: list[dict]) -> list[dict]:
+    """Paired differences on the held-out problems (``deploy.evaluate.paired_difference``): every fine-tuned model
+    against the base, and each pair of methods at the same share of the problems and the same rounds."""
+    from deploy.evaluate import paired_difference
+
+    base = next(r for r in rows if r["method"] == BASE)
+    tuned = [r for r in rows if r["method"] != BASE]
+    pairs = [(r, base) for r in tuned]
+    methods = list(dict.fromkeys(r["method"] for r in tuned))
+    for i, method in enumerate(methods):
+        for other in methods[i + 1:]:
+            pairs += [(r, o) for r in tuned if r["method"] == method for o in tuned
+                      if o["method"] == other and (o["fraction"], o["rounds"]) == (r["fraction"], r["rounds"])]
+    return [{"first": _label(a), "second": _label(b), "first_tokens": a["build_tokens"],
+             "second_tokens": b["build_tokens"], **paired_difference(a["right"], b["right"])} for a, b in pairs]
+
+
+def _label(row: dict) -> str:
+    if row["method"] == BASE:
+        return BASE
+    return f"{row['method']} {row['fraction']:.0%}" + (f", {row['rounds']} rounds" if row["rounds"] > 1 else "")
+
+
 def plot(rows: list[dict], prefix: str) -> list[str]:
     """Held-out greedy accuracy (95% interval) against the build's generated tokens, one line per method."""
     from deploy.plots import new_figure, save_figure
@@ -166,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--build", action="append", required=True, metavar="METHOD=OUT", help="a build output")
     p.add_argument("--heldout", required=True, help="held-out problems for the greedy evaluations")
     p.add_argument("--work", required=True, help="folder for the fine-tuned models")
-    p.add_argument("--plot", required=True, metavar="PREFIX", help="writes PREFIX.jsonl, PREFIX.png, PREFIX.svg")
+    p.add_argument("--plot", required=True, metavar="PREFIX",
+                   help="writes PREFIX.jsonl, PREFIX-paired.jsonl, PREFIX.png, PREFIX.svg")
     p.add_argument("--base", default=DEFAULT_MODEL_DIR)
     p.add_argument("--second-round", action="store_true",
                    help="also build the second half of the problems again with the model of the first half's lines")
@@ -179,6 +205,12 @@ def main(argv: list[str] | None = None) -> int:
                second_round=args.second_round)
     with open(f"{args.plot}.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
+    differences = paired(rows)
+    with open(f"{args.plot}-paired.jsonl", "w") as f:
+        f.writelines(json.dumps(d) + "\n" for d in differences)
+    for d in differences:
+        print(f"{d['first']} - {d['second']}: {100 * d['difference']:+.1f} points (95% paired interval "
+              f"{100 * d['ci_low']:+.1f} to {100 * d['ci_high']:+.1f}; McNemar p {d['mcnemar_p']:.2g})")
     print("\n".join(plot(rows, args.plot)))
     return 0
 

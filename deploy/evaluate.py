@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from dataset.problems import Problem
 
 MAX_MCTS_ITERATIONS = 1024  # high enough that the token budget, not the iteration count, stops the search
+BOOTSTRAP_DRAWS = 10_000  # resamples of the problems behind a paired difference's interval
 
 
 class EvalError(ValueError):
@@ -71,6 +72,32 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
+def mcnemar_p(only_first: int, only_second: int) -> float:
+    """Exact two-sided McNemar test: the chance of a split at least this uneven of the problems that exactly one
+    of two strategies answered right, were either equally likely to be the one."""
+    n = only_first + only_second
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(only_first, only_second) + 1))
+    return min(1.0, 2 * tail / 2 ** n)
+
+
+def paired_difference(first, second, *, draws: int = BOOTSTRAP_DRAWS, seed: int = 0) -> dict:
+    """Accuracy of ``first`` minus that of ``second``, given which of the same problems (same order) each got
+    right: the difference, its 95% interval from resampling the problems (paired, so what the problems share cancels
+    out, and the interval is narrower than two separate ones), how many problems only each got right, and the exact
+    McNemar p-value."""
+    a, b = np.asarray(first, dtype=np.int8), np.asarray(second, dtype=np.int8)
+    if a.shape != b.shape or a.ndim != 1 or a.size == 0:
+        raise ValueError(f"paired results need the same problems: got {a.shape} and {b.shape}")
+    diff = a - b
+    draws_of = np.random.default_rng(seed).integers(0, a.size, size=(draws, a.size))
+    low, high = np.quantile(diff[draws_of].mean(axis=1), [0.025, 0.975])
+    only_first, only_second = int((diff == 1).sum()), int((diff == -1).sum())
+    return {"difference": float(diff.mean()), "ci_low": float(low), "ci_high": float(high),
+            "only_first": only_first, "only_second": only_second, "mcnemar_p": mcnemar_p(only_first, only_second)}
+
+
 @dataclass(frozen=True, slots=True)
 class StrategyReport:
     strategy: str
@@ -91,9 +118,12 @@ class StrategyReport:
     reflected_answers: float = 0.0  # share of problems whose chosen line passes through a reflection
     reflection: str = "off"  # the search's reflection policy (search.reflection)
     step_check: str = StepCheck.OFF.value  # the check every strategy applied to its lines (search.step_check)
+    right: tuple[bool, ...] = ()  # per problem, in the input's order, whether the answer was right (not in row())
 
     def row(self) -> dict:
-        return dataclasses.asdict(self)
+        row = dataclasses.asdict(self)
+        del row["right"]
+        return row
 
 
 def eval_params(config: ForestConfig, strategy: Strategy, budget_tokens: int, seed: int) -> MCTSParams:
@@ -144,7 +174,7 @@ async def evaluate_strategy(name: str, problems: list[Problem], pool: WorkerPool
                           dict(sorted(Counter(r.stop_reason.value for r in results).items())),
                           float(np.mean([_reflections(r.tree.nodes["kind"][:r.tree.num_nodes]) for r in results])),
                           float(np.mean([_reflections(r.tree.nodes["kind"][r.path]) > 0 for r in results])),
-                          config.search.reflection, check.value)
+                          config.search.reflection, check.value, tuple(right))
 
 
 def _reflections(kinds: np.ndarray) -> int:

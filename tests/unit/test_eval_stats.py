@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from deploy.evaluate import (EvalError, StrategyReport, format_markdown, format_table, parse_budgets,
-                             parse_strategies, plot, wilson_interval)
+from deploy.evaluate import (EvalError, StrategyReport, format_markdown, format_table, mcnemar_p, paired_difference,
+                             parse_budgets, parse_strategies, plot, wilson_interval)
 from search.metrics import auroc
 
 
@@ -15,6 +15,30 @@ def test_wilson_interval():
     assert low < 0.5 < high and high - low == pytest.approx(0.192, abs=0.005)
     assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0
     assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_mcnemar_p_is_the_exact_two_sided_binomial_tail():
+    assert mcnemar_p(0, 0) == 1.0 and mcnemar_p(3, 3) == 1.0
+    assert mcnemar_p(5, 0) == pytest.approx(2 / 32) and mcnemar_p(0, 5) == pytest.approx(2 / 32)
+    assert mcnemar_p(8, 2) == pytest.approx(2 * (1 + 10 + 45) / 1024)
+
+
+def test_a_paired_difference_counts_the_problems_only_one_got_right_and_brackets_the_difference():
+    rng = np.random.default_rng(1)
+    second = rng.random(400) < 0.5
+    first = second.copy()
+    first[np.flatnonzero(~second)[:40]] = True  # 40 more right answers, nothing lost
+    d = paired_difference(first, second)
+    assert d["difference"] == pytest.approx(0.1) and (d["only_first"], d["only_second"]) == (40, 0)
+    assert 0 < d["ci_low"] < 0.1 < d["ci_high"] and d["mcnemar_p"] < 1e-9
+    # the paired interval is narrower than the two accuracies' own intervals put together
+    separate = (wilson_interval(first.sum(), 400)[1] - wilson_interval(first.sum(), 400)[0]) / 2 * math.sqrt(2)
+    assert d["ci_high"] - d["ci_low"] < separate
+    assert paired_difference(second, second)["difference"] == 0.0
+    with pytest.raises(ValueError, match="same problems"):
+        paired_difference(first, second[:10])
+    report = StrategyReport("greedy", 2, 1, 0.5, 0.1, 0.9, 10.0, 1.0, None, 64, 0.5, right=(True, False))
+    assert "right" not in report.row()
 
 
 def test_auroc_against_pairwise_definition():

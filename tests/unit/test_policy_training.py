@@ -188,6 +188,26 @@ def test_the_data_loop_plot_has_a_line_per_method(tmp_path):
     assert "mcts, second half built by the round-1 model" in svg and "best_of_n, second half" not in svg
 
 
+def test_the_data_loop_pairs_each_model_with_the_base_and_the_methods_at_the_same_share():
+    from deploy.data_loop import BASE, paired
+
+    def row(method, right, fraction=1.0, rounds=1):
+        return {"method": method, "fraction": fraction, "rounds": rounds, "build_tokens": 100 * len(method),
+                "right": right}
+
+    rows = [row(BASE, [1, 0, 0, 0], 0.0, 0), row("mcts", [1, 1, 0, 0], 0.5), row("mcts", [1, 1, 1, 0]),
+            row("best_of_n", [1, 0, 1, 0]), row("mcts", [1, 1, 1, 1], rounds=2), row("best_of_n", [0, 0, 0, 0],
+                                                                                   rounds=2)]
+    got = {(d["first"], d["second"]): d for d in paired(rows)}
+    assert set(got) == {("mcts 50%", BASE), ("mcts 100%", BASE), ("best_of_n 100%", BASE),
+                        ("mcts 100%, 2 rounds", BASE), ("best_of_n 100%, 2 rounds", BASE),
+                        ("mcts 100%", "best_of_n 100%"), ("mcts 100%, 2 rounds", "best_of_n 100%, 2 rounds")}
+    one = got[("mcts 100%", "best_of_n 100%")]
+    assert one["difference"] == 0.25 and (one["only_first"], one["only_second"]) == (1, 0)
+    assert (one["first_tokens"], one["second_tokens"]) == (400, 900)
+    assert got[("mcts 100%, 2 rounds", "best_of_n 100%, 2 rounds")]["difference"] == 1.0
+
+
 def pairs_file(path, problems, columns=PAIR_FIELDS) -> str:
     """Pairs whose chosen continuation is the right solution and whose rejected one ends with a wrong answer."""
     import pyarrow as pa
