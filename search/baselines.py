@@ -84,6 +84,16 @@ async def _sample(engine: Engine, prompt_token_ids, params: MCTSParams, *, tempe
     return tree, stats, right
 
 
+async def _samples(engine: Engine, tokenizer: Tokenizer, prompt_token_ids, params: MCTSParams, *,
+                   reference: str | None, request_id: str, on_progress: ProgressCallback | None
+                   ) -> tuple[Tree, SearchStats, int | None]:
+    """A sampling baseline's samples: at the sampling temperature, as many as the budget affords, and with
+    ``stop_when_right`` until a right one (also returned)."""
+    return await _sample(engine, prompt_token_ids, params, temperature=params.temperature, top_p=params.top_p,
+                         seed=params.seed, request_id=request_id, on_progress=on_progress, spend_budget=True,
+                         is_right=_right_sample(params, tokenizer, reference))
+
+
 def _right_sample(params: MCTSParams, tokenizer: Tokenizer, reference: str | None
                   ) -> Callable[[Tree, int], bool] | None:
     """With ``stop_when_right`` and a reference: whether a sample answers the reference and passes the step
@@ -132,10 +142,8 @@ async def greedy(engine: Engine, tokenizer: Tokenizer, prompt_token_ids, params:
 async def best_of_n(engine: Engine, tokenizer: Tokenizer, prompt_token_ids, params: MCTSParams, *,
                     reference: str | None = None, request_prefix: str = "",
                     on_progress: ProgressCallback | None = None) -> SearchResult:
-    tree, stats, right = await _sample(
-        engine, prompt_token_ids, params, temperature=params.temperature, top_p=params.top_p, seed=params.seed,
-        request_id=f"{request_prefix}best_of_n", on_progress=on_progress, spend_budget=True,
-        is_right=_right_sample(params, tokenizer, reference))
+    tree, stats, right = await _samples(engine, tokenizer, prompt_token_ids, params, reference=reference,
+                                        request_id=f"{request_prefix}best_of_n", on_progress=on_progress)
     if right is not None:
         return _result(tree, right, stats, tokenizer, StopReason.RIGHT)
     return _result(tree, _most_confident_sample(tree, _candidates(tree, params, tokenizer, stats)), stats, tokenizer)
@@ -144,10 +152,8 @@ async def best_of_n(engine: Engine, tokenizer: Tokenizer, prompt_token_ids, para
 async def self_consistency(engine: Engine, tokenizer: Tokenizer, prompt_token_ids, params: MCTSParams, *,
                            reference: str | None = None, request_prefix: str = "",
                            on_progress: ProgressCallback | None = None) -> SearchResult:
-    tree, stats, right = await _sample(
-        engine, prompt_token_ids, params, temperature=params.temperature, top_p=params.top_p, seed=params.seed,
-        request_id=f"{request_prefix}self_consistency", on_progress=on_progress, spend_budget=True,
-        is_right=_right_sample(params, tokenizer, reference))
+    tree, stats, right = await _samples(engine, tokenizer, prompt_token_ids, params, reference=reference,
+                                        request_id=f"{request_prefix}self_consistency", on_progress=on_progress)
     if right is not None:
         return _result(tree, right, stats, tokenizer, StopReason.RIGHT)
     votes: dict[str, list[int]] = collections.defaultdict(list)
@@ -171,10 +177,8 @@ async def best_of_n_prm(engine: Engine, tokenizer: Tokenizer, prompt_token_ids, 
     if not callable(getattr(engine, "score", None)):
         raise ConfigError("strategy", "best_of_n-prm", "needs a value model, and this engine has no scorer "
                                                        "(set value_model in the config)")
-    tree, stats, right = await _sample(
-        engine, prompt_token_ids, params, temperature=params.temperature, top_p=params.top_p, seed=params.seed,
-        request_id=f"{request_prefix}best_of_n-prm", on_progress=on_progress, spend_budget=True,
-        is_right=_right_sample(params, tokenizer, reference))
+    tree, stats, right = await _samples(engine, tokenizer, prompt_token_ids, params, reference=reference,
+                                        request_id=f"{request_prefix}best_of_n-prm", on_progress=on_progress)
     if right is not None:
         return _result(tree, right, stats, tokenizer, StopReason.RIGHT)
     kids = _candidates(tree, params, tokenizer, stats)
