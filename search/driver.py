@@ -332,10 +332,10 @@ class _Search:
 
     def _right_line(self, nodes: range) -> int | None:
         """The first of ``nodes`` that ends a finished line answering the reference (a line that failed the step
-        check answers nothing)."""
+        check answers nothing: ``_add_child`` recorded no answer for it)."""
         terminal = self.tree.nodes["is_terminal"]
         for node in nodes:
-            if terminal[node] and node not in self._failed:
+            if terminal[node]:
                 finished = self._finished_line(node)
                 if finished is not None and answers_match(finished[0], self.reference):
                     return node
@@ -535,17 +535,17 @@ class _Search:
     def _result(self, reason: StopReason) -> SearchResult:
         tree = self.tree
         if self.right is not None:  # stop_when_right: the right line is the response
-            ids = tree.path_token_ids(self.right)
-            return SearchResult(tree, tree.path(self.right), ids, self.tokenizer.decode(ids.tolist()),
-                                self._answers[self.right], tree.mean_value(self.right), reason, self.stats)
+            return self._line_result(self.right, reason, self._answers[self.right], tree.mean_value(self.right))
         line = final.choose(tree, final.finished_lines(tree, self.tokenizer.decode, self._answers),
                             self.params.final)
         if line is None:  # no finished line: the most-visited one, whatever it holds
             leaf = mcts.most_visited_path(tree)[-1]
-            ids = tree.path_token_ids(leaf)
-            response = self.tokenizer.decode(ids.tolist())
-            return SearchResult(tree, tree.path(leaf), ids, response, extract_answer(response),
-                                tree.mean_value(leaf), reason, self.stats)
-        ids = tree.path_token_ids(line.leaf)
-        return SearchResult(tree, tree.path(line.leaf), ids, self.tokenizer.decode(ids.tolist()), line.answer,
-                            line.value, reason, self.stats)
+            return self._line_result(leaf, reason, None, tree.mean_value(leaf))
+        return self._line_result(line.leaf, reason, line.answer, line.value)
+
+    def _line_result(self, leaf: int, reason: StopReason, answer: str | None, value: float) -> SearchResult:
+        """The result answering through the line that ends at ``leaf`` (``answer`` None: read from its text)."""
+        ids = self.tree.path_token_ids(leaf)
+        response = self.tokenizer.decode(ids.tolist())
+        return SearchResult(self.tree, self.tree.path(leaf), ids, response,
+                            extract_answer(response) if answer is None else answer, value, reason, self.stats)
