@@ -134,6 +134,24 @@ def eval_params(config: ForestConfig, strategy: Strategy, budget_tokens: int, se
                                budget=Budget(MAX_MCTS_ITERATIONS, budget_tokens, params.budget.seconds))
 
 
+def accepted_lines(tree, decode, check: StepCheck) -> list[final.Line]:
+    """The tree's finished lines; with a step ``check``, those that pass it (what a strategy chose among). Each
+    line is decoded once."""
+    texts: dict[tuple[int, ...], str] = {}
+
+    def decode_once(ids) -> str:
+        key = tuple(ids)
+        if key not in texts:
+            texts[key] = decode(list(ids))
+        return texts[key]
+
+    lines = final.finished_lines(tree, decode_once)
+    if check is StepCheck.OFF:
+        return lines
+    return [line for line in lines if passes(check, decode_once(tree.path_token_ids(line.leaf).tolist()),
+                                             complete=True)]
+
+
 async def evaluate_strategy(name: str, problems: list[Problem], pool: WorkerPool, tokenizer, config: ForestConfig,
                             *, budget_tokens: int, concurrency: int, on_problem=None) -> StrategyReport:
     """Solve every problem with one strategy, ``concurrency`` searches at a time, on the pool's workers;
@@ -156,9 +174,7 @@ async def evaluate_strategy(name: str, problems: list[Problem], pool: WorkerPool
     right = [answers_match(r.answer, p.answer) for r, p in zip(results, problems, strict=True)]
     low, high = wilson_interval(sum(right), len(problems))
     check = config.search.step_check
-    lines = [[line for line in final.finished_lines(r.tree, tokenizer.decode)
-              if passes(check, tokenizer.decode(r.tree.path_token_ids(line.leaf).tolist()), complete=True)]
-             for r in results]  # with a step check, the lines it accepts: what the strategy chose among
+    lines = [accepted_lines(r.tree, tokenizer.decode, check) for r in results]
     in_tree = [any(answers_match(line.answer, p.answer) for line in ls) for ls, p in zip(lines, problems, strict=True)]
     rules = None
     if strategy.search is STRATEGIES["mcts"].search:

@@ -28,8 +28,7 @@ def chunk(text: str, finish: FinishReason) -> Chunk:
     return Chunk(ids, np.full(n, -0.1, dtype=np.float32), top_ids, top_lps, finish)
 
 
-@pytest.fixture
-def tree():
+def handmade_tree() -> Tree:
     """Root children: a right line (value 0.9), its token-identical twin (0.95), a wrong line (0.4), a cut line."""
     t = Tree(TOK.encode("<|im_start|>user\nq<|im_end|>\n"), max_children=8)
     for text, finish, value in ((RIGHT, FinishReason.STOP, 0.9), (RIGHT, FinishReason.STOP, 0.95),
@@ -38,6 +37,11 @@ def tree():
         t.nodes["is_terminal"][node] = True
         t.nodes["visits"][node], t.nodes["value_sum"][node] = 1, value
     return t
+
+
+@pytest.fixture
+def tree():
+    return handmade_tree()
 
 
 def result_for(tree: Tree, leaf: int) -> SearchResult:

@@ -5,9 +5,11 @@ import math
 import numpy as np
 import pytest
 
-from deploy.evaluate import (EvalError, StrategyReport, format_markdown, format_table, mcnemar_p, paired_difference,
-                             parse_budgets, parse_strategies, plot, wilson_interval)
+from deploy.evaluate import (EvalError, StrategyReport, accepted_lines, format_markdown, format_table, mcnemar_p,
+                             paired_difference, parse_budgets, parse_strategies, plot, wilson_interval)
 from search.metrics import auroc
+from search.params import StepCheck
+from tests.unit.test_api_models import TOK, handmade_tree
 
 
 def test_wilson_interval():
@@ -109,3 +111,19 @@ def test_eval_refuses_value_model_strategies_without_a_value_model():
     with pytest.raises(EvalError, match="mcts-prm, best_of_n-prm need a value model"):
         run_eval(config, [Problem("p", "q", "1")], ["greedy", "mcts-prm", "best_of_n-prm"],
                  budgets=[config.search.max_path_tokens])
+
+
+def test_the_lines_a_report_counts_pass_the_step_check_and_are_decoded_once():
+    tree, decoded = handmade_tree(), []
+
+    def decode(ids):
+        decoded.append(tuple(ids))
+        return TOK.decode(ids)
+
+    # leaves 1-2: a right line and its twin ("1+1=2"), 3: a wrong one ("1+1=3"), 4: cut by a limit
+    assert [line.leaf for line in accepted_lines(tree, decode, StepCheck.OFF)] == [1, 2, 3]
+    assert len(decoded) == len(set(decoded)) == 3  # four leaves, each text decoded once (the twins share theirs)
+    decoded.clear()
+    lines = accepted_lines(tree, decode, StepCheck.ARITHMETIC)
+    assert [(line.leaf, line.answer) for line in lines] == [(1, "2 apples"), (2, "2 apples")]
+    assert len(decoded) == 3  # the check reads the texts already decoded
