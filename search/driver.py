@@ -334,12 +334,8 @@ class _Search:
         """The first of ``nodes`` that ends a finished line answering the reference (a line that failed the step
         check answers nothing: ``_add_child`` recorded no answer for it)."""
         terminal = self.tree.nodes["is_terminal"]
-        for node in nodes:
-            if terminal[node]:
-                finished = self._finished_line(node)
-                if finished is not None and answers_match(finished[0], self.reference):
-                    return node
-        return None
+        return next((node for node in nodes if terminal[node]
+                     and answers_match(self._line_answer(node), self.reference)), None)
 
     def _apply_expansion(self, node: int, chunks: list[Chunk]) -> None:
         tree = self.tree
@@ -484,10 +480,14 @@ class _Search:
     def _finished_line(self, end: int) -> tuple[str, float] | None:
         """(answer, mean token confidence) of the line ending at ``end``; None when the model did not finish it
         with an answer."""
+        answer = self._line_answer(end)
+        return None if answer is None else (answer, self._path_confidence(end))
+
+    def _line_answer(self, end: int) -> str | None:
+        """The answer of the line ending at ``end`` (None when the model did not finish it with one), read once."""
         if end not in self._answers:
             self._answers[end] = final.line_answer(self.tree, end, self._answer_text(end))
-        answer = self._answers[end]
-        return None if answer is None else (answer, self._path_confidence(end))
+        return self._answers[end]
 
     def _answer_text(self, end: int) -> str:
         """What ``final.line_answer`` reads of the line ending at ``end``: its text from a few tokens before the
