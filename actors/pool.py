@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 from actors.generator import GeneratorWorker
+from actors.value_input import ValueInput
 from actors.value_worker import ValueWorker
 from cluster.config import ForestConfig
 from cluster.cpus import allowed_cores, keep_off_engine_cores, pin
@@ -81,12 +82,13 @@ class RemoteEngine:
 
 
 def start_generator_workers(config, count: int, *, name_prefix: str | None = None,
-                            actor_class: type = GeneratorWorker, cpu_slots: tuple[int, int] | None = None) -> list:
+                            actor_class: type = GeneratorWorker, cpu_slots: tuple[int, int] | None = None,
+                            **worker_options) -> list:
     """Start ``count`` workers (``config`` is an ``EngineConfig``) with distinct seeds, placed by
     ``cluster.placement``. Named ``{name_prefix}-worker-{i}`` when a prefix is given (so operators and other runs
     can find them). ``actor_class`` may be a subclass of ``GeneratorWorker`` (the benchmarks add a replay), or
     ``ValueWorker``. ``cpu_slots``: (the first worker's slot, CPU engines on the node) to pin CPU engines by
-    (``cluster.cpus``); None: none is pinned."""
+    (``cluster.cpus``); None: none is pinned. ``worker_options`` go to every worker's constructor."""
     import ray
 
     from cluster.placement import worker_placement
@@ -100,7 +102,7 @@ def start_generator_workers(config, count: int, *, name_prefix: str | None = Non
         actor = remote_class.options(max_restarts=WORKER_MAX_RESTARTS, max_task_retries=0,
                                      max_concurrency=WORKER_MAX_CONCURRENCY, name=name, **options)
         slot = None if cpu_slots is None else (cpu_slots[0] + index, cpu_slots[1])
-        workers.append(actor.remote(config, config.seed + index, device, cpu_slot=slot))
+        workers.append(actor.remote(config, config.seed + index, device, cpu_slot=slot, **worker_options))
     return workers
 
 
@@ -114,6 +116,15 @@ def _pinned_engines(config: ForestConfig, generators: int, values: int) -> int:
     if any(e.resolved_device(gpus) != "cpu" or not e.pin_cpus for e, count in engines if count):
         return 0
     return generators + values
+
+
+def value_input(config: ForestConfig) -> ValueInput | None:
+    """What the ValueWorkers need to render their PRM's own input, when ``value_input`` is configured."""
+    spec = config.value_input
+    if spec is None:
+        return None
+    return ValueInput(policy_model=config.engine.model, step_separator=spec.step_separator,
+                      step_delimiter=config.search.step_delimiter, system_prompt=spec.system_prompt)
 
 
 @dataclass
@@ -178,7 +189,7 @@ def open_pool(config: ForestConfig, *, name_prefix: str | None = None, actor_cla
             value_workers = start_generator_workers(
                 config.value_model, config.value_workers, actor_class=ValueWorker,
                 name_prefix=f"{name_prefix}-value" if name_prefix else None,
-                cpu_slots=(generators, engines) if engines else None)
+                cpu_slots=(generators, engines) if engines else None, value_input=value_input(config))
             owned += value_workers
         if owned:  # engine start-up is its own phase, so the first throughput figures of a run exclude it
             log.info("starting %d engine(s) (%s) ...", len(owned),

@@ -1,7 +1,9 @@
 """ValueWorker: the Ray actor that owns one value model on vLLM's pooling runner (``actors.vllm_engine.VLLMScorer``).
 
 Started, placed and restarted like a GeneratorWorker (``actors.pool``); searches reach it through
-``WorkerPool.score``. It has an engine of its own, so a value request never waits behind generations.
+``WorkerPool.score``. It has an engine of its own, so a value request never waits behind generations. With a
+``ValueInput`` (``value_input`` in the config) it renders each request in its PRM's own format first
+(``actors.value_input``).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import asyncio
 import numpy as np
 
 from actors.generator import exit_for_restart, watch_engine
+from actors.value_input import PRMInput, ValueInput
 from actors.vllm_engine import VLLMScorer, process_ids
 from cluster.config import EngineConfig
 from cluster.cpus import pin_engine
@@ -20,14 +23,16 @@ from search.protocol import EngineDeadError, ScoreRequest
 class ValueWorker:
     """One value model as a Ray actor; a dead engine makes the actor exit, and Ray restarts it."""
 
-    def __init__(self, config: EngineConfig, seed: int, device: str, cpu_slot: tuple[int, int] | None = None):
+    def __init__(self, config: EngineConfig, seed: int, device: str, cpu_slot: tuple[int, int] | None = None,
+                 value_input: ValueInput | None = None):
+        self.input = None if value_input is None else PRMInput(value_input, config.model)
         self.scorer = VLLMScorer(config, seed=seed, device=device)
         self.cpu_core = None if cpu_slot is None else pin_engine(*cpu_slot)  # as GeneratorWorker
         self._watch: asyncio.Task | None = None  # watch_engine, from the first check_health
 
     async def score(self, request: ScoreRequest) -> np.ndarray:
         try:
-            return await self.scorer.score(request)
+            return await self.scorer.score(request if self.input is None else self.input.render(request))
         except EngineDeadError:
             exit_for_restart("value engine")
             raise

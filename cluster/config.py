@@ -191,6 +191,19 @@ class ServeConfig(_Strict):
     max_choices: int = Field(8, ge=1, description="Cap on a request's n (choices: distinct lines of one tree).")
 
 
+class ValueInputConfig(_Strict):
+    """How an off-the-shelf process reward model reads a line: in its own chat template, each step followed by its
+    step separator, the score read at the separator after the line's last step (the lines are split into steps at
+    ``search.step_delimiter``). Without it the value model reads the policy's tokens as they are (Forest's own value
+    models)."""
+
+    step_separator: str = Field(min_length=1, description="Text written after every step, where the PRM scores "
+                                "(Qwen2.5-Math-PRM: <extra_0>).")
+    system_prompt: str | None = Field(None, description="The PRM's system message in place of the search's "
+                                      "(Qwen2.5-Math-PRM: 'Please reason step by step, and put your final answer "
+                                      "within \\boxed{}.'); None keeps the search's.")
+
+
 class ForestConfig(_Strict):
     """A whole run: the engine, the search, the build, the endpoint, and the worker pool they share."""
 
@@ -210,6 +223,8 @@ class ForestConfig(_Strict):
                                              "ValueWorkers on vLLM's pooling runner; needed by search.value: "
                                              "reward_model and the strategies best_of_n-prm and mcts-prm.")
     value_workers: int = Field(1, ge=1, description="ValueWorkers to start when value_model is set.")
+    value_input: ValueInputConfig | None = Field(None, description="The input format of a value model trained on "
+                                                 "another one (an off-the-shelf PRM); None: the policy's tokens.")
 
     @model_validator(mode="after")
     def _check_value_model(self) -> "ForestConfig":
@@ -218,6 +233,9 @@ class ForestConfig(_Strict):
         strategy = get_strategy(self.build.strategy)
         if self.value_model is None and needs_value_model(strategy, self.search.to_params(**strategy.preset)):
             raise ConfigError("build.strategy", strategy.name, "needs a value model: set value_model.model")
+        if self.value_input is not None and self.value_model is None:
+            raise ConfigError("value_input", self.value_input.step_separator, "describes a value model's input: "
+                              "set value_model.model")
         return self
 
     def search_identity(self) -> dict:
@@ -231,6 +249,8 @@ class ForestConfig(_Strict):
             identity["strategy"] = self.build.strategy
         if self.value_model is not None and self.search.value in SCORED_VALUES:
             identity["value_model"] = self.value_model.model
+            if self.value_input is not None:  # absent otherwise, so older outputs keep their hash
+                identity["value_input"] = self.value_input.model_dump()
         return identity
 
 

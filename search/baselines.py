@@ -186,8 +186,8 @@ async def best_of_n_prm(engine: Engine, tokenizer: Tokenizer, prompt_token_ids, 
     answered = [(k, a) for k, a in zip(kids, answers, strict=True) if a is not None]
     if not answered:
         return _result(tree, _most_confident_sample(tree, kids), stats, tokenizer)
-    requests = [ScoreRequest(ids := tree.prompt_for(k), (len(ids) - 1,), request_id=f"{request_prefix}v{i}")
-                for i, (k, _) in enumerate(answered)]
+    requests = [ScoreRequest(ids := tree.prompt_for(k), (len(ids) - 1,), request_id=f"{request_prefix}v{i}",
+                             prompt_tokens=len(tree.prompt_token_ids)) for i, (k, _) in enumerate(answered)]
     scores = [float(np.asarray(s)[-1]) for s in await asyncio.gather(*(engine.score(r) for r in requests))]
     stats.value_requests += len(requests)
     weight: dict[str, float] = collections.defaultdict(float)

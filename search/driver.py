@@ -251,7 +251,8 @@ class _Search:
             self._complete(end, self.params.unanswered_value, selected=selected)
             return
         ids = self.tree.prompt_for(end)
-        request = ScoreRequest(ids, (len(ids) - 1,), request_id=f"{self.request_prefix}v{self.stats.value_requests}")
+        request = ScoreRequest(ids, (len(ids) - 1,), request_id=f"{self.request_prefix}v{self.stats.value_requests}",
+                               prompt_tokens=len(self.tree.prompt_token_ids))
         self.stats.value_requests += 1
         self.tree.nodes["pending"][end] = True
         task = asyncio.ensure_future(self.engine.score(request))

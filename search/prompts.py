@@ -22,6 +22,8 @@ OUTPUT_END = "</Output>"
 MIN_GENERATION_ROOM = 16
 """A prompt must leave at least this many tokens of the model's context to generate into."""
 
+_ASSISTANT_HEADER = "<|im_start|>assistant\n"
+_CHAT_TURN = re.compile(r"<\|im_start\|>(\w+)\n(.*?)<\|im_end\|>\n", re.DOTALL)
 _OUTPUT_RE = re.compile(r"<Output>(.*?)(?:</Output>|$)", re.DOTALL)
 _NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
@@ -41,7 +43,21 @@ def build_chat_prompt(messages: list[tuple[str, str]], *, system_prompt: str = D
     if messages and messages[0][0] == "system":
         system_prompt, messages = messages[0][1], messages[1:]
     turns = "".join(f"<|im_start|>{role}\n{content}<|im_end|>\n" for role, content in messages)
-    return f"<|im_start|>system\n{system_prompt}<|im_end|>\n{turns}<|im_start|>assistant\n"
+    return f"<|im_start|>system\n{system_prompt}<|im_end|>\n{turns}{_ASSISTANT_HEADER}"
+
+
+def parse_chat_prompt(text: str) -> list[tuple[str, str]]:
+    """The (role, content) turns of a ``build_chat_prompt`` text, its system message first; ValueError for text
+    that is not such a prompt."""
+    turns, end = [], 0
+    for match in _CHAT_TURN.finditer(text):
+        if match.start() != end:
+            break
+        turns.append((match.group(1), match.group(2)))
+        end = match.end()
+    if not turns or turns[0][0] != "system" or text[end:] != _ASSISTANT_HEADER:
+        raise ValueError(f"not a ChatML prompt ending in an assistant header: {text[:80]!r}...")
+    return turns
 
 
 def extract_answer(response: str) -> str | None:

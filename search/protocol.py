@@ -117,12 +117,15 @@ class Engine(Protocol):
 class ScoreRequest:
     """One value-model call: the scores of a token sequence (prompt + a line's tokens) at ``positions``.
 
-    token_ids: int32 [L]; positions: indices into it, usually step ends (the last token of a step).
+    token_ids: int32 [L]; positions: indices into it, usually step ends (the last token of a step);
+    prompt_tokens: how many of ``token_ids`` are the prompt (a value model that reads its own input format needs
+    the prompt and the line apart; 0 when unknown).
     """
 
     token_ids: np.ndarray
     positions: tuple[int, ...]
     request_id: str = ""
+    prompt_tokens: int = 0
 
 
 class Scorer(Protocol):

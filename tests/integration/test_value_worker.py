@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from actors.pool import RemoteEngine, WorkerPool, start_generator_workers
+from actors.value_input import ValueInput
 from actors.value_worker import ValueWorker
 from search.params import Budget, Granularity, MCTSParams, ValueKind
-from search.prompts import build_prompt
+from search.prompts import build_chat_prompt, build_prompt
 from search.protocol import EngineError, ScoreRequest
 from search.strategies import STRATEGIES
 from tests.toy_value import toy_lines
@@ -102,3 +103,33 @@ def test_a_killed_value_engine_restarts_and_the_request_waits_for_it(workers, va
 
     assert asyncio.run(through_the_pool()).shape == (2,)
     assert ray_cluster.get(value_worker.process_ids.remote())[0] != pid, "the worker was restarted"
+
+
+def test_a_value_input_scores_the_line_in_the_prms_own_format(ray_cluster, engine_config, value_model, tokenizer):
+    """With ``value_input`` the worker renders the policy's tokens as an off-the-shelf PRM reads them (its chat
+    template, its system message, a separator after each step) and scores at the separator after the last step:
+    the score equals a transformers forward pass over that text."""
+    from transformers import AutoTokenizer, Qwen2ForTokenClassification
+
+    question, system, separator = "Ann has 3 apples and buys 4 more. How many apples now?", "Check each step.", " #"
+    steps = ["<Thought>\nAnn starts with 3 apples.", "Ann gains 4, so 3 + 4 = 7.", "</Thought>\n<Output>\n7\n</Output>"]
+    spec = ValueInput(engine_config.model, separator, "\n\n", system)
+    (worker,) = start_generator_workers(engine_config.model_copy(update={"model": value_model}), 1,
+                                        actor_class=ValueWorker, value_input=spec)
+    try:
+        ray_cluster.get(worker.check_health.remote(), timeout=600)
+        prompt = tokenizer.encode(build_prompt(question))
+        ids = np.asarray(prompt + tokenizer.encode("\n\n".join(steps)), dtype=np.int32)
+        got = score(worker, ScoreRequest(ids, (len(ids) - 1,), prompt_tokens=len(prompt)))
+        with pytest.raises(EngineError, match="needs the prompt's length"):
+            score(worker, ScoreRequest(ids, (len(ids) - 1,)))
+    finally:
+        ray_cluster.kill(worker)
+    text = build_chat_prompt([("system", system), ("user", question)]) + "".join(s + separator for s in steps)
+    prm = AutoTokenizer.from_pretrained(value_model)
+    rendered = prm.encode(text + "<|im_end|>\n", add_special_tokens=False)
+    at = len(prm.encode(text, add_special_tokens=False)) - 1  # the last separator's last token
+    model = Qwen2ForTokenClassification.from_pretrained(value_model).eval()
+    with torch.no_grad():
+        want = torch.softmax(model(input_ids=torch.tensor([rendered])).logits[0, at], -1)[1].item()
+    assert got.shape == (1,) and got[0] == pytest.approx(want, abs=1e-4)

@@ -364,7 +364,7 @@ def test_reward_model_value_scores_each_new_node_without_rollouts():
     assert all("\n\n" in r.stop for r in engine.requests)  # expansions (which stop at a step) only: no rollout
     for request in engine.score_requests:  # the node's prefix, scored at its last token
         assert request.positions == (len(request.token_ids) - 1,)
-        assert list(request.token_ids[:len(PROMPT)]) == PROMPT
+        assert list(request.token_ids[:len(PROMPT)]) == PROMPT and request.prompt_tokens == len(PROMPT)
     n = result.tree.nodes
     leaves = [i for i in range(1, result.tree.num_nodes) if n["visits"][i] and not n["num_children"][i]]
     assert {round(result.tree.mean_value(i), 6) for i in leaves} <= {0.9, 0.1, 0.0}  # 0: cut without an answer
@@ -402,6 +402,7 @@ def test_reward_weighted_best_of_n_follows_the_value_model_against_the_majority(
     assert 0 < answers.count("42") < answers.count("7")  # the majority and the confidence say 7
     assert weighted.answer == "42" and weighted.value == pytest.approx(0.9)
     assert weighted.stats.value_requests == len(kids)
+    assert [r.prompt_tokens for r in engine.score_requests] == [len(PROMPT)] * len(kids)
     assert weighted.tree.nodes["visits"][kids].sum() == len(kids)  # each sample carries its score as its value
 
 
