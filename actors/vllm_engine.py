@@ -343,7 +343,9 @@ class VLLMScorer:
 
     A process reward model answers the ``token_classify`` task: per token, the probabilities of its labels (for
     Forest's value models: wrong, right; for Qwen2.5-Math-PRM-style models the same two classes). The score at a
-    position is the probability of the last label ("right"). Requests are batched by vLLM like generations.
+    position is the probability of the last label ("right"). An outcome model (``*ForSequenceClassification``) answers
+    the same task with its head applied at every token: its score at a position is that of the sequence cut there.
+    Requests are batched by vLLM like generations.
     """
 
     def __init__(self, config: EngineConfig, *, seed: int, device: str = "cpu"):

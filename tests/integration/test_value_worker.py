@@ -133,3 +133,28 @@ def test_a_value_input_scores_the_line_in_the_prms_own_format(ray_cluster, engin
     with torch.no_grad():
         want = torch.softmax(model(input_ids=torch.tensor([rendered])).logits[0, at], -1)[1].item()
     assert got.shape == (1,) and got[0] == pytest.approx(want, abs=1e-4)
+
+
+def test_an_outcome_model_is_served_too_its_score_at_a_prefix_end_is_the_prefix_score(
+        ray_cluster, engine_config, value_model, tmp_path):
+    """An outcome reward model (``*ForSequenceClassification``: one score per sequence) runs on the same pooling
+    task: its score at a position equals transformers' sequence score of the sequence cut there."""
+    from transformers import AutoTokenizer, Qwen2ForSequenceClassification
+
+    model = Qwen2ForSequenceClassification.from_pretrained(value_model, num_labels=2).eval()
+    model.save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(value_model).save_pretrained(tmp_path)
+    (worker,) = start_generator_workers(engine_config.model_copy(update={"model": str(tmp_path)}), 1,
+                                        actor_class=ValueWorker)
+    try:
+        ray_cluster.get(worker.check_health.remote(), timeout=600)
+        line = toy_lines(1)[0]
+        positions = tuple(line.positions.tolist())
+        got = score(worker, ScoreRequest(line.token_ids, positions))
+        assert ray_cluster.get(worker.engine_settings.remote())["runner"] == "pooling"
+    finally:
+        ray_cluster.kill(worker)
+    with torch.no_grad():
+        want = [torch.softmax(model(input_ids=torch.tensor([line.token_ids[:p + 1].tolist()])).logits[0], -1)[1]
+                for p in positions]
+    assert np.allclose(got, np.asarray(want), atol=1e-4)
