@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from search.prompts import build_chat_prompt, parse_chat_prompt
+from search.prompts import TURN_END, build_chat_prompt, parse_chat_prompt
 from search.protocol import EngineError, ScoreRequest
 
 
@@ -50,7 +50,7 @@ class PRMInput:
         if self.spec.system_prompt is not None:
             turns = [("system", self.spec.system_prompt), *turns[1:]]
         if self.prm.chat_template is None:
-            return build_chat_prompt(turns) + answer + "<|im_end|>\n"
+            return build_chat_prompt(turns) + answer + TURN_END
         messages = [{"role": role, "content": content} for role, content in turns]
         return self.prm.apply_chat_template([*messages, {"role": "assistant", "content": answer}], tokenize=False,
                                             add_generation_prompt=False)

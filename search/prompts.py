@@ -22,6 +22,8 @@ OUTPUT_END = "</Output>"
 MIN_GENERATION_ROOM = 16
 """A prompt must leave at least this many tokens of the model's context to generate into."""
 
+TURN_END = "<|im_end|>\n"
+"""What closes a ChatML turn (after a prompt's answer, where a model that reads whole conversations expects it)."""
 _ASSISTANT_HEADER = "<|im_start|>assistant\n"
 _CHAT_TURN = re.compile(r"<\|im_start\|>(\w+)\n(.*?)<\|im_end\|>\n", re.DOTALL)
 _OUTPUT_RE = re.compile(r"<Output>(.*?)(?:</Output>|$)", re.DOTALL)
@@ -42,8 +44,8 @@ def build_chat_prompt(messages: list[tuple[str, str]], *, system_prompt: str = D
     """ChatML for a conversation of (role, content); a leading system message replaces ``system_prompt``."""
     if messages and messages[0][0] == "system":
         system_prompt, messages = messages[0][1], messages[1:]
-    turns = "".join(f"<|im_start|>{role}\n{content}<|im_end|>\n" for role, content in messages)
-    return f"<|im_start|>system\n{system_prompt}<|im_end|>\n{turns}{_ASSISTANT_HEADER}"
+    turns = "".join(f"<|im_start|>{role}\n{content}{TURN_END}" for role, content in messages)
+    return f"<|im_start|>system\n{system_prompt}{TURN_END}{turns}{_ASSISTANT_HEADER}"
 
 
 def parse_chat_prompt(text: str) -> list[tuple[str, str]]:
