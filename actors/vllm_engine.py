@@ -338,6 +338,23 @@ async def _check_health(engine, seed: int) -> None:
         raise EngineDeadError(f"vLLM engine (seed {seed}) died: {exc}") from exc
 
 
+def score_rows(ids: np.ndarray, positions: np.ndarray, rows: int, step_tag: int | None) -> np.ndarray:
+    """The rows of a ``token_classify`` output that hold the scores at ``positions`` of ``ids``: the positions
+    themselves when the model returned a row per token; when it returned rows only at its step tag token (vLLM's
+    step pooling, which ``Qwen2ForProcessRewardModel`` uses), each position's rank among the tags, and then every
+    position must be a tag (``value_input.step_separator`` puts one after each step)."""
+    if rows == len(ids):
+        return positions
+    tags = ids == step_tag if step_tag is not None else np.zeros(len(ids), dtype=bool)
+    if step_tag is None or rows != int(tags.sum()):
+        raise EngineError(f"the value model returned {rows} scores for {len(ids)} tokens "
+                          f"({int(tags.sum())} step tags, step_tag_id {step_tag})")
+    if not tags[positions].all():
+        raise EngineError(f"the value model scores only at its step tag (token {step_tag}); positions "
+                          f"{positions[~tags[positions]].tolist()} are not one: set value_input.step_separator to it")
+    return np.cumsum(tags)[positions] - 1
+
+
 class VLLMScorer:
     """A value model on vLLM's pooling runner, implementing ``search.protocol.Scorer``.
 
@@ -345,7 +362,8 @@ class VLLMScorer:
     Forest's value models: wrong, right; for Qwen2.5-Math-PRM-style models the same two classes). The score at a
     position is the probability of the last label ("right"). An outcome model (``*ForSequenceClassification``) answers
     the same task with its head applied at every token: its score at a position is that of the sequence cut there.
-    Requests are batched by vLLM like generations.
+    A model that vLLM pools at its step tag only returns rows there (``score_rows``). Requests are batched by vLLM
+    like generations.
     """
 
     def __init__(self, config: EngineConfig, *, seed: int, device: str = "cpu"):
@@ -353,6 +371,8 @@ class VLLMScorer:
 
         self.config, self.seed, self.device = config, seed, device
         self.engine = AsyncLLM.from_engine_args(_engine_args(config, seed=seed, device=device, pooling=True))
+        pooler = self.engine.model_config.pooler_config
+        self.step_tag = None if pooler is None else pooler.step_tag_id
 
     async def score(self, request: ScoreRequest) -> np.ndarray:
         from vllm import PoolingParams
@@ -380,7 +400,7 @@ class VLLMScorer:
             raise EngineError(f"score request {request_id} returned no output")
         probabilities = np.asarray(final.outputs.data.float().numpy() if hasattr(final.outputs.data, "numpy")
                                    else final.outputs.data, dtype=np.float32)
-        return probabilities[positions, -1]
+        return probabilities[score_rows(ids, positions, len(probabilities), self.step_tag), -1]
 
     def settings(self) -> dict:
         return engine_settings(self.engine, self.config, self.device)

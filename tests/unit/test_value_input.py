@@ -109,3 +109,19 @@ def test_value_input_is_configured_beside_a_value_model_and_reaches_the_workers(
         load_config(None, **{"value_input.step_separator": SEPARATOR})
     with pytest.raises(ValidationError, match="step_separator"):
         load_config(None, **{"value_model.model": "models/forest-value", "value_input.step_separator": ""})
+
+
+def test_scores_are_read_per_token_or_at_the_step_tags_of_a_step_pooled_prm():
+    """vLLM pools a ``Qwen2ForProcessRewardModel`` at its step tag only: the rows are the tags, in order."""
+    from actors.vllm_engine import score_rows
+
+    tag = 9
+    ids = np.asarray([1, 2, tag, 3, 4, tag, 5, tag])
+    assert score_rows(ids, np.asarray([0, 6]), len(ids), None).tolist() == [0, 6]  # a row per token
+    assert score_rows(ids, np.asarray([2, 7, 5]), 3, tag).tolist() == [0, 2, 1]
+    with pytest.raises(EngineError, match=r"positions \[6\] are not one: set value_input.step_separator"):
+        score_rows(ids, np.asarray([5, 6]), 3, tag)
+    with pytest.raises(EngineError, match="returned 2 scores for 8 tokens"):
+        score_rows(ids, np.asarray([2]), 2, tag)
+    with pytest.raises(EngineError, match="returned 3 scores for 8 tokens"):
+        score_rows(ids, np.asarray([2]), 3, None)
