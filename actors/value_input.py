@@ -67,10 +67,16 @@ class PRMInput:
             raise EngineError(f"bad score request: {exc}") from exc
         # the line up to the last position, and the steps written up to each position: a position is scored at the
         # separator after the last of them (a position inside a step, at the end of that step)
-        steps = self.steps(ids[start:max(request.positions, default=-1) + 1])
+        last = max(request.positions, default=-1)
+        steps = self.steps(ids[start:last + 1])
         closed = []
         for position in request.positions:
-            count = len(self.steps(ids[start:position + 1])) if start <= position < len(ids) else 0
+            if not start <= position < len(ids):
+                count = 0
+            elif position == last:  # the usual request: one position, the line's end, split above already
+                count = len(steps)
+            else:
+                count = len(self.steps(ids[start:position + 1]))
             if count == 0:
                 raise EngineError(f"bad score request: position {position} is before the line's first step "
                                   f"(the prompt has {start} tokens)")
