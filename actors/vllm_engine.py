@@ -345,7 +345,7 @@ def score_rows(ids: np.ndarray, positions: np.ndarray, rows: int, step_tag: int 
     position must be a tag (``value_input.step_separator`` puts one after each step)."""
     if rows == len(ids):
         return positions
-    tags = ids == step_tag if step_tag is not None else np.zeros(len(ids), dtype=bool)
+    tags = ids == step_tag  # all False when the model has no step tag (None)
     if step_tag is None or rows != int(tags.sum()):
         raise EngineError(f"the value model returned {rows} scores for {len(ids)} tokens "
                           f"({int(tags.sum())} step tags, step_tag_id {step_tag})")

@@ -22,10 +22,11 @@ OUTPUT_END = "</Output>"
 MIN_GENERATION_ROOM = 16
 """A prompt must leave at least this many tokens of the model's context to generate into."""
 
+_TURN_START = "<|im_start|>"
 TURN_END = "<|im_end|>\n"
 """What closes a ChatML turn (after a prompt's answer, where a model that reads whole conversations expects it)."""
-_ASSISTANT_HEADER = "<|im_start|>assistant\n"
-_CHAT_TURN = re.compile(r"<\|im_start\|>(\w+)\n(.*?)<\|im_end\|>\n", re.DOTALL)
+_ASSISTANT_HEADER = f"{_TURN_START}assistant\n"
+_CHAT_TURN = re.compile(re.escape(_TURN_START) + r"(\w+)\n(.*?)" + re.escape(TURN_END), re.DOTALL)
 _OUTPUT_RE = re.compile(r"<Output>(.*?)(?:</Output>|$)", re.DOTALL)
 _NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
@@ -44,8 +45,8 @@ def build_chat_prompt(messages: list[tuple[str, str]], *, system_prompt: str = D
     """ChatML for a conversation of (role, content); a leading system message replaces ``system_prompt``."""
     if messages and messages[0][0] == "system":
         system_prompt, messages = messages[0][1], messages[1:]
-    turns = "".join(f"<|im_start|>{role}\n{content}{TURN_END}" for role, content in messages)
-    return f"<|im_start|>system\n{system_prompt}{TURN_END}{turns}{_ASSISTANT_HEADER}"
+    turns = "".join(f"{_TURN_START}{role}\n{content}{TURN_END}" for role, content in messages)
+    return f"{_TURN_START}system\n{system_prompt}{TURN_END}{turns}{_ASSISTANT_HEADER}"
 
 
 def parse_chat_prompt(text: str) -> list[tuple[str, str]]:
