@@ -10,12 +10,13 @@ VALUE_MODEL := models/forest-value
 VALUE_DATA := out/value-data
 VALUE_PROBLEMS ?= 2000
 VALUE_SEED := 200000
+VERIFIER_MODEL := models/forest-verifier
 LOOP_DATA := out/data-loop
 LOOP_PROBLEMS ?= 1600
 LOOP_SEED := 300000
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: demo test unit install lock browser clean model value-model data-loop
+.PHONY: demo test unit install lock browser clean model value-model verifier-model data-loop
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -49,6 +50,11 @@ value-model: $(BIN)/.installed
 	$(BIN)/forest build --config deploy/configs/value-data.cpu.yaml --input $(VALUE_DATA)/problems.jsonl \
 	    --output $(VALUE_DATA)/build
 	$(BIN)/forest train-value --input $(VALUE_DATA)/build --output $(VALUE_MODEL) --threads 2
+
+# retrain the bundled verifier in $(VERIFIER_MODEL): the policy fine-tuned on the results written in correct solutions
+# of training seeds, served as a value by likelihood (docs/value.md)
+verifier-model: $(BIN)/.installed
+	$(BIN)/forest train-verifier --output $(VERIFIER_MODEL) --threads 2
 
 # the data loop (docs/data-loop.md): MCTS and best-of-N builds over $(LOOP_PROBLEMS) problems of training seed
 # $(LOOP_SEED) with the same settings (each tree ends at its first right line, or at the token cap), the policy

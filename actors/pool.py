@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 from actors.generator import GeneratorWorker
-from actors.value_input import ValueInput
+from actors.value_input import Likelihood, ValueInput
 from actors.value_worker import ValueWorker
 from cluster.config import ForestConfig
 from cluster.cpus import allowed_cores, keep_off_engine_cores, pin
@@ -127,6 +127,12 @@ def value_input(config: ForestConfig) -> ValueInput | None:
                       step_delimiter=config.search.step_delimiter, system_prompt=spec.system_prompt)
 
 
+def likelihood(config: ForestConfig) -> Likelihood | None:
+    """What the ValueWorkers need to serve a verifier by likelihood, when ``value_likelihood`` is configured."""
+    spec = config.value_likelihood
+    return None if spec is None else Likelihood(policy_model=config.engine.model, spans=spec.spans)
+
+
 @dataclass
 class Pool:
     """What ``open_pool`` gives an app: the resolved config, the worker handles, the model's tokenizer."""
@@ -189,7 +195,8 @@ def open_pool(config: ForestConfig, *, name_prefix: str | None = None, actor_cla
             value_workers = start_generator_workers(
                 config.value_model, config.value_workers, actor_class=ValueWorker,
                 name_prefix=f"{name_prefix}-value" if name_prefix else None,
-                cpu_slots=(generators, engines) if engines else None, value_input=value_input(config))
+                cpu_slots=(generators, engines) if engines else None, value_input=value_input(config),
+                likelihood=likelihood(config))
             owned += value_workers
         if owned:  # engine start-up is its own phase, so the first throughput figures of a run exclude it
             log.info("starting %d engine(s) (%s) ...", len(owned),

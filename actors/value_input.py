@@ -1,4 +1,6 @@
-"""A line as an off-the-shelf process reward model reads it (``value_input`` in the config).
+"""A line as a value model that reads its own input sees it: an off-the-shelf process reward model
+(``value_input`` in the config, ``PRMInput``) or a verifier served by likelihood (``value_likelihood``,
+``LikelihoodInput``).
 
 Forest's own value models read the policy's tokens as they are. A PRM trained elsewhere reads its own format:
 Qwen2.5-Math-PRM, for one, takes the question in its chat template and the steps of the answer joined by
@@ -10,10 +12,12 @@ separator after the last step written up to it.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
 
+from search.checks import marked_spans
 from search.prompts import TURN_END, build_chat_prompt, parse_chat_prompt
 from search.protocol import EngineError, ScoreRequest
 
@@ -94,3 +98,69 @@ class PRMInput:
         token_at = np.searchsorted(starts, ends, side="right") - 1  # the token that holds each separator's end
         return ScoreRequest(np.asarray(encoded["input_ids"], dtype=np.int32),
                             tuple(int(token_at[count - 1]) for count in closed), request_id=request.request_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Likelihood:
+    """What a ValueWorker needs to serve a verifier by likelihood (sent to the worker; the tokenizers load there)."""
+
+    policy_model: str  # whose tokens the search sends
+    spans: str  # a regular expression: the text of a line the verifier scores (``search.checks.marked_spans``)
+
+
+@dataclass(frozen=True, slots=True)
+class VerifierLine:
+    """A score request in a verifier's tokens: the line (without its prompt), which of its tokens are scored, and
+    for each requested position how many of its tokens were written up to there."""
+
+    token_ids: np.ndarray  # int32 [T]
+    marked: np.ndarray  # bool [T]: the token overlaps a marked span
+    cuts: tuple[int, ...]  # per requested position
+
+    def scores(self, logprobs: np.ndarray) -> np.ndarray:
+        """Per position: the lowest probability the verifier gives a marked token written up to it (1 where none
+        is; the first token, which has no log-probability, is never scored)."""
+        scored = self.marked & ~np.isnan(logprobs)
+        lowest = [logprobs[:cut][scored[:cut]] for cut in self.cuts]
+        return np.asarray([np.exp(lp.min()) if len(lp) else 1.0 for lp in lowest], dtype=np.float32)
+
+
+class LikelihoodInput:
+    """Renders score requests for one verifier (``verifier_model``: its directory, for its tokenizer): the line's
+    text, decoded from the policy's tokens, in the verifier's tokens, with the tokens of the marked spans."""
+
+    def __init__(self, spec: Likelihood, verifier_model: str):
+        from transformers import AutoTokenizer
+
+        self.pattern = re.compile(spec.spans)
+        self.policy = AutoTokenizer.from_pretrained(spec.policy_model)
+        self.verifier = AutoTokenizer.from_pretrained(verifier_model)
+        if not self.verifier.is_fast:
+            raise ValueError(f"value_likelihood needs a fast tokenizer (character offsets); {verifier_model} has none")
+
+    def text(self, response_ids) -> str:
+        return self.policy.decode(list(response_ids), skip_special_tokens=False)
+
+    def render(self, request: ScoreRequest) -> VerifierLine:
+        """The request's line in the verifier's tokens; ``EngineError`` when it cannot be (no prompt length, a
+        position in the prompt or past the end, an empty line)."""
+        ids, start = np.asarray(request.token_ids), request.prompt_tokens
+        if start <= 0 or start >= len(ids):
+            raise EngineError(f"bad score request: a verifier reads the line after the prompt and needs the prompt's "
+                              f"length, got {start} of {len(ids)} tokens")
+        outside = [p for p in request.positions if not start <= p < len(ids)]
+        if outside or not request.positions:
+            raise EngineError(f"bad score request: positions {list(request.positions)} must lie in the line, "
+                              f"{start}..{len(ids) - 1}")
+        last = max(request.positions)
+        text = self.text(ids[start:last + 1].tolist())
+        encoded = self.verifier(text, add_special_tokens=False, return_offsets_mapping=True)
+        if not encoded["input_ids"]:
+            raise EngineError("bad score request: the line is empty in the verifier's tokens")
+        offsets = np.asarray(encoded["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+        marked = np.zeros(len(offsets), dtype=bool)
+        for a, b in marked_spans(self.pattern, text):
+            marked |= (offsets[:, 0] < b) & (offsets[:, 1] > a)
+        ends = [len(text) if p == last else len(self.text(ids[start:p + 1].tolist())) for p in request.positions]
+        cuts = tuple(int(n) for n in np.searchsorted(offsets[:, 0], ends, side="left"))
+        return VerifierLine(np.asarray(encoded["input_ids"], dtype=np.int32), marked, cuts)

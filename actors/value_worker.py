@@ -1,4 +1,6 @@
-"""ValueWorker: the Ray actor that owns one value model on vLLM's pooling runner (``actors.vllm_engine.VLLMScorer``).
+"""ValueWorker: the Ray actor that owns one value model: a reward model on vLLM's pooling runner
+(``actors.vllm_engine.VLLMScorer``), or a verifier read by likelihood (``VLLMLikelihood``, ``value_likelihood`` in
+the config).
 
 Started, placed and restarted like a GeneratorWorker (``actors.pool``); searches reach it through
 ``WorkerPool.score``. It has an engine of its own, so a value request never waits behind generations. With a
@@ -13,8 +15,8 @@ import asyncio
 import numpy as np
 
 from actors.generator import exit_for_restart, watch_engine
-from actors.value_input import PRMInput, ValueInput
-from actors.vllm_engine import VLLMScorer, process_ids
+from actors.value_input import Likelihood, LikelihoodInput, PRMInput, ValueInput
+from actors.vllm_engine import VLLMLikelihood, VLLMScorer, process_ids
 from cluster.config import EngineConfig
 from cluster.cpus import pin_engine
 from search.protocol import EngineDeadError, ScoreRequest
@@ -24,9 +26,12 @@ class ValueWorker:
     """One value model as a Ray actor; a dead engine makes the actor exit, and Ray restarts it."""
 
     def __init__(self, config: EngineConfig, seed: int, device: str, cpu_slot: tuple[int, int] | None = None,
-                 value_input: ValueInput | None = None):
+                 value_input: ValueInput | None = None, likelihood: Likelihood | None = None):
         self.input = None if value_input is None else PRMInput(value_input, config.model)
-        self.scorer = VLLMScorer(config, seed=seed, device=device)
+        if likelihood is None:
+            self.scorer = VLLMScorer(config, seed=seed, device=device)
+        else:
+            self.scorer = VLLMLikelihood(config, LikelihoodInput(likelihood, config.model), seed=seed, device=device)
         self.cpu_core = None if cpu_slot is None else pin_engine(*cpu_slot)  # as GeneratorWorker
         self._watch: asyncio.Task | None = None  # watch_engine, from the first check_health
 

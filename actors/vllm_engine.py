@@ -22,6 +22,7 @@ import psutil
 
 from cluster.config import EngineConfig
 from search.confidence import with_confidences
+from actors.value_input import LikelihoodInput
 from search.protocol import TOP_K, Chunk, EngineDeadError, EngineError, FinishReason, GenerationRequest, ScoreRequest
 
 CPU_EXECUTOR = "uni"  # a CPU engine runs its model in the engine-core process (see _engine_args)
@@ -102,8 +103,10 @@ def resolve_dtype(dtype: str, model: str, device: str, *, fast_bf16: bool | None
     return native
 
 
-def _engine_args(config: EngineConfig, *, seed: int, device: str, pooling: bool = False):
-    """vLLM's engine arguments; ``pooling``: the pooling runner (a value model), without sampling settings."""
+def _engine_args(config: EngineConfig, *, seed: int, device: str, pooling: bool = False, prefix_caching: bool = True):
+    """vLLM's engine arguments; ``pooling``: the pooling runner (a value model), without sampling settings;
+    ``prefix_caching=False`` turns the cache off whatever the config says (a verifier reads its prompts' logprobs,
+    which a cached prefix would not compute)."""
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     cpu_only = {}
@@ -124,7 +127,7 @@ def _engine_args(config: EngineConfig, *, seed: int, device: str, pooling: bool 
     elif config.tensor_parallel_size > 1:  # GPUs: vLLM starts its shard workers in the actor's placement group
         backend = "ray"
     runner = {"runner": "pooling", "enable_prefix_caching": False} if pooling else {
-        "max_logprobs": TOP_K, "enable_prefix_caching": config.enable_prefix_caching}
+        "max_logprobs": TOP_K, "enable_prefix_caching": config.enable_prefix_caching and prefix_caching}
     return AsyncEngineArgs(
         distributed_executor_backend=backend,
         model=config.model, tokenizer=config.model, dtype=resolve_dtype(config.dtype, config.model, device),
@@ -353,6 +356,64 @@ def score_rows(ids: np.ndarray, positions: np.ndarray, rows: int, step_tag: int 
         raise EngineError(f"the value model scores only at its step tag (token {step_tag}); positions "
                           f"{positions[~tags[positions]].tolist()} are not one: set value_input.step_separator to it")
     return np.cumsum(tags)[positions] - 1
+
+
+def _prompt_logprobs(flat, count: int) -> np.ndarray:
+    """Per prompt token, the log-probability of that token given the ones before (flat logprobs of a request with
+    ``prompt_logprobs=0``: each position starts with the prompt's own token); NaN for the first token."""
+    lps = np.full(count, np.nan, dtype=np.float32)
+    starts = np.asarray(flat.start_indices[1:count], dtype=np.int64)
+    lps[1:] = np.asarray(flat.logprobs, dtype=np.float32)[starts]
+    return lps
+
+
+class VLLMLikelihood:
+    """A verifier (a causal LM) on vLLM's generate runner, implementing ``search.protocol.Scorer``: each request is
+    rendered by ``LikelihoodInput`` (the line in the verifier's tokens, the spans it scores), read in one prefill
+    with the log-probability of every token (``prompt_logprobs``), and the score at a position is the verifier's
+    lowest probability of a marked token written up to there (``LikelihoodInput.scores``)."""
+
+    def __init__(self, config: EngineConfig, reader: LikelihoodInput, *, seed: int, device: str = "cpu"):
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.config, self.reader, self.seed, self.device = config, reader, seed, device
+        skip_logprob_token_text()
+        self.engine = AsyncLLM.from_engine_args(_engine_args(config, seed=seed, device=device, prefix_caching=False))
+
+    async def score(self, request: ScoreRequest) -> np.ndarray:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+        from vllm.v1.engine.exceptions import EngineDeadError as VLLMEngineDead
+
+        line = self.reader.render(request)
+        if len(line.token_ids) > self.config.max_model_len - 1:
+            raise EngineError(f"bad score request: the line has {len(line.token_ids)} verifier tokens; the verifier "
+                              f"reads at most {self.config.max_model_len - 1}")
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, flat_logprobs=True,
+                                output_kind=RequestOutputKind.FINAL_ONLY)
+        request_id = f"{request.request_id or 'score'}-{uuid.uuid4().hex[:8]}"
+        final = None
+        try:
+            async for output in self.engine.generate(TokensPrompt(prompt_token_ids=line.token_ids.tolist()), params,
+                                                     request_id=request_id):
+                final = output
+        except VLLMEngineDead as exc:
+            raise EngineDeadError(f"vLLM verifier engine (seed {self.seed}) died: {exc}") from exc
+        except (ValueError, TypeError) as exc:
+            raise EngineError(f"bad score request: {exc}") from exc
+        if final is None or final.prompt_logprobs is None:
+            raise EngineError(f"score request {request_id} returned no prompt logprobs")
+        return line.scores(_prompt_logprobs(final.prompt_logprobs, len(line.token_ids)))
+
+    def settings(self) -> dict:
+        return engine_settings(self.engine, self.config, self.device)
+
+    async def check_health(self) -> None:
+        await _check_health(self.engine, self.seed)
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
 
 
 class VLLMScorer:

@@ -356,6 +356,7 @@ def bench_value(config: ForestConfig, *, problems: int) -> list[Figure]:
         "value_model_tokens_per_s": round(rates["mcts-prm"]), "confidence_tokens_per_s": round(rates["mcts-step"]),
         "value_requests": sum(r.stats.value_requests for r in prm_results), "trees": len(prompts),
         "budget_tokens": budget.tokens, "value_model": config.value_model.model,
+        "value_by_likelihood": config.value_likelihood is not None,
         "value_device": config.value_model.device, "engine_device": config.engine.device})]
 
 

@@ -7,12 +7,14 @@ a config object.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from search.checks import EQUATION
 from search.params import (Budget, ConfigError, FinalChoice, Granularity, MCTSParams, ReflectionPolicy, StepCheck,
                            ValueKind)
 from search.prompts import DEFAULT_SYSTEM_PROMPT
@@ -204,6 +206,26 @@ class ValueInputConfig(_Strict):
                                       "within \\boxed{}.'); None keeps the search's.")
 
 
+class LikelihoodConfig(_Strict):
+    """A verifier served by likelihood: ``value_model`` is a causal LM (e.g. one `forest train-verifier` wrote) that
+    reads each line without its prompt, and the value at a position is its lowest probability of a token of the
+    marked spans written up to there (1 where none is): with the default spans, of the results the line's
+    equations claim."""
+
+    spans: str = Field(EQUATION.pattern, description="A regular expression: the text the verifier scores, its named "
+                       "groups in each match (the whole match when it names none); default: the result and "
+                       "remainder of every 'a op b = c' (search.checks.EQUATION).")
+
+    @field_validator("spans")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a regular expression: {exc}") from exc
+        return value
+
+
 class ForestConfig(_Strict):
     """A whole run: the engine, the search, the build, the endpoint, and the worker pool they share."""
 
@@ -225,6 +247,9 @@ class ForestConfig(_Strict):
     value_workers: int = Field(1, ge=1, description="ValueWorkers to start when value_model is set.")
     value_input: ValueInputConfig | None = Field(None, description="The input format of a value model trained on "
                                                  "another one (an off-the-shelf PRM); None: the policy's tokens.")
+    value_likelihood: LikelihoodConfig | None = Field(None, description="Serve value_model as a verifier, by "
+                                                      "likelihood (a causal LM); None: a reward model on vLLM's "
+                                                      "pooling runner.")
 
     @model_validator(mode="after")
     def _check_value_model(self) -> "ForestConfig":
@@ -236,6 +261,12 @@ class ForestConfig(_Strict):
         if self.value_input is not None and self.value_model is None:
             raise ConfigError("value_input", self.value_input.step_separator, "describes a value model's input: "
                               "set value_model.model")
+        if self.value_likelihood is not None and self.value_model is None:
+            raise ConfigError("value_likelihood", self.value_likelihood.spans, "describes how a value model is "
+                              "read: set value_model.model")
+        if self.value_likelihood is not None and self.value_input is not None:
+            raise ConfigError("value_input", self.value_input.step_separator, "is a reward model's input format; a "
+                              "verifier served by likelihood (value_likelihood) reads the line as it is")
         return self
 
     def search_identity(self) -> dict:
@@ -251,6 +282,8 @@ class ForestConfig(_Strict):
             identity["value_model"] = self.value_model.model
             if self.value_input is not None:  # absent otherwise, so older outputs keep their hash
                 identity["value_input"] = self.value_input.model_dump()
+            if self.value_likelihood is not None:
+                identity["value_likelihood"] = self.value_likelihood.model_dump()
         return identity
 
 

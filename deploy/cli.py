@@ -14,6 +14,7 @@ from deploy.model_report import DEFAULT_SAMPLES
 from deploy.viewer import DEFAULT_VIEW_FOLDER
 from modelkit import policy as policy_recipe
 from modelkit import value as value_recipe
+from modelkit import verifier as verifier_recipe
 from modelkit.arithmetic import HELD_OUT_SEED_START
 from search.params import StepCheck
 from search.strategies import EVAL_STRATEGIES, STRATEGIES, needs_value_model
@@ -103,6 +104,18 @@ def parser() -> argparse.ArgumentParser:
                     help="a line counts as right in the step labels only when it passes this check, so a step "
                          "that fails it is labelled wrong (docs/value.md)")
     _add_training_flags(tv, value_recipe)
+
+    tw = sub.add_parser("train-verifier", help="train a verifier: the policy fine-tuned on the results its "
+                                               "solutions' equations claim, served as a value by likelihood")
+    tw.add_argument("--output", required=True, metavar="DIR", help="verifier model directory to write")
+    tw.add_argument("--base", default=DEFAULT_MODEL_DIR, help="the causal LM to fine-tune (the policy)")
+    tw.add_argument("--steps", type=int, default=verifier_recipe.STEPS, help="training steps, each on fresh problems "
+                    "of training seeds")
+    tw.add_argument("--seed", type=int, default=0)
+    tw.add_argument("--batch-size", type=int, default=verifier_recipe.BATCH_SIZE)
+    tw.add_argument("--lr", type=float, default=verifier_recipe.LEARNING_RATE)
+    tw.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    tw.add_argument("--device", default="cpu", help="cpu or cuda")
 
     build = sub.add_parser("build", help="build a dataset of search trees from a problems file (resumable)")
     add_build_flags(build)
@@ -230,6 +243,22 @@ def cmd_train_value(args) -> int:
         return EXIT_USAGE
     print(json.dumps({k: report[k] for k in ("kept_step", "dev_loss", "line_auroc", "step_auroc", "tree_pick",
                                              "dev_tree_pick_bounds", "train_lines", "dev_lines", "seconds")}))
+    return 0
+
+
+def cmd_train_verifier(args) -> int:
+    import logging
+
+    from modelkit.verifier import train_verifier
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    try:
+        report = train_verifier(base=args.base, output=args.output, seed=args.seed, steps=args.steps,
+                                batch_size=args.batch_size, lr=args.lr, threads=args.threads, device=args.device)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"forest train-verifier: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(json.dumps({k: report.get(k) for k in ("start", "kept_step", "dev_loss", "claim_accuracy", "seconds")}))
     return 0
 
 
@@ -437,7 +466,7 @@ def cmd_build(args) -> int:
 
 
 COMMANDS = {"make-model": cmd_make_model, "make-problems": cmd_make_problems, "eval": cmd_eval,
-            "train-value": cmd_train_value, "train-policy": cmd_train_policy,
+            "train-value": cmd_train_value, "train-verifier": cmd_train_verifier, "train-policy": cmd_train_policy,
             "model-report": cmd_model_report, "bench": cmd_bench,
             "build": cmd_build, "search": cmd_search, "serve": cmd_serve, "view": cmd_view}
 

@@ -118,6 +118,7 @@ class StrategyReport:
     reflected_answers: float = 0.0  # share of problems whose chosen line passes through a reflection
     reflection: str = "off"  # the search's reflection policy (search.reflection)
     step_check: str = StepCheck.OFF.value  # the check every strategy applied to its lines (search.step_check)
+    value_model: str | None = None  # the value model the strategy scored with ("DIR (likelihood)": a verifier)
     right: tuple[bool, ...] = ()  # per problem, in the input's order, whether the answer was right (not in row())
 
     def row(self) -> dict:
@@ -190,7 +191,13 @@ async def evaluate_strategy(name: str, problems: list[Problem], pool: WorkerPool
                           dict(sorted(Counter(r.stop_reason.value for r in results).items())),
                           float(np.mean([_reflections(r.tree.nodes["kind"][:r.tree.num_nodes]) for r in results])),
                           float(np.mean([_reflections(r.tree.nodes["kind"][r.path]) > 0 for r in results])),
-                          config.search.reflection, check.value, tuple(right))
+                          config.search.reflection, check.value, _value_model(config, strategy), tuple(right))
+
+
+def _value_model(config: ForestConfig, strategy: Strategy) -> str | None:
+    if config.value_model is None or not needs_value_model(strategy, config.search.to_params(**strategy.preset)):
+        return None
+    return config.value_model.model + (" (likelihood)" if config.value_likelihood is not None else "")
 
 
 def _reflections(kinds: np.ndarray) -> int:

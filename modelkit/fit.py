@@ -1,6 +1,7 @@
 """The fine-tuning loop the value model and the policy share: seeded epochs, linear warm-up, clipped AdamW steps,
 dev metrics every ``eval_every`` steps, the best weights kept with an early stop after ``patience`` evaluations
-without a lower dev loss (or the weights after the last epoch), a tqdm bar and a JSON report rewritten at every
+without a lower dev loss (or the weights after the last epoch), optionally a cosine decay of the learning rate to
+zero over the run, a tqdm bar and a JSON report rewritten at every
 evaluation."""
 
 from __future__ import annotations
@@ -24,12 +25,12 @@ MAX_GRAD_NORM = 1.0
 def fit(model, train: Sequence, *, loss_of: Callable[[Sequence], object], evaluate: Callable[[], dict],
         keep: Callable[[], None], report: dict, report_path: Path, seed: int, epochs: int, batch_size: int,
         lr: float, warmup_steps: int, eval_every: int, patience: int, progress: bool, name: str,
-        best: float = math.inf, keep_last: bool = False) -> None:
+        best: float = math.inf, keep_last: bool = False, cosine: bool = False) -> None:
     """Train ``model`` on ``train`` in place. ``loss_of(batch)`` is a batch's loss tensor; ``evaluate()`` returns the
     dev metrics (``dev_loss`` first; ``None`` where undefined); ``keep()`` saves the current weights whenever the dev
     loss beats ``best``, or, with ``keep_last``, once after the last epoch (no early stop: the dev metrics are only
-    reported). Fills ``report`` (``history``, ``kept_step`` and the kept metrics, ``stopped``, ``seconds``) and
-    writes it to ``report_path``."""
+    reported). ``cosine``: the learning rate also falls along a cosine to zero at the last step. Fills ``report``
+    (``history``, ``kept_step`` and the kept metrics, ``stopped``, ``seconds``) and writes it to ``report_path``."""
     import torch
     from tqdm import tqdm
 
@@ -44,7 +45,8 @@ def fit(model, train: Sequence, *, loss_of: Callable[[Sequence], object], evalua
         for start in range(0, len(shuffled), batch_size):
             step += 1
             for group in optimizer.param_groups:
-                group["lr"] = lr * min(1.0, step / warmup_steps)
+                group["lr"] = lr * min(1.0, step / warmup_steps) * (
+                    0.5 * (1 + math.cos(math.pi * step / total)) if cosine else 1.0)
             loss = loss_of(shuffled[start:start + batch_size])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -16,8 +16,9 @@ import re
 from search.params import StepCheck
 
 EQUATION = re.compile(
-    r"(?<![\d.,])(\d+)\s*([-+×*x÷/−])\s*(\d+)\s*=\s*(\d+)(?:\s+remainder\s+(\d+))?(?![\d]|[.,]\d)")
-"""``a op b = c`` or ``a ÷ b = q remainder r`` between whole numbers (not part of a decimal or a 1,234)."""
+    r"(?<![\d.,])(\d+)\s*([-+×*x÷/−])\s*(\d+)\s*=\s*(?P<result>\d+)(?:\s+remainder\s+(?P<remainder>\d+))?(?![\d]|[.,]\d)")
+"""``a op b = c`` or ``a ÷ b = q remainder r`` between whole numbers (not part of a decimal or a 1,234); the named
+groups are what an equation claims (its result and remainder), the text a verifier scores (``marked_spans``)."""
 
 
 _ARITHMETIC = {"+": operator.add, "-": operator.sub, "−": operator.sub, "×": operator.mul, "*": operator.mul,
@@ -40,6 +41,18 @@ def false_equation(text: str) -> str | None:
         if not _holds(int(a), op, int(b), int(c), None if remainder is None else int(remainder)):
             return match.group(0)
     return None
+
+
+def marked_spans(pattern: re.Pattern, text: str) -> list[tuple[int, int]]:
+    """The character spans of ``text`` that ``pattern`` marks: every named group that matched, in each match; the
+    whole match when the pattern names no group."""
+    spans = []
+    for match in pattern.finditer(text):
+        if not pattern.groupindex:
+            spans.append(match.span())
+            continue
+        spans.extend(match.span(name) for name in pattern.groupindex if match.group(name) is not None)
+    return spans
 
 
 def written(text: str, *, complete: bool) -> str:

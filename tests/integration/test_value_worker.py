@@ -158,3 +158,66 @@ def test_an_outcome_model_is_served_too_its_score_at_a_prefix_end_is_the_prefix_
         want = [torch.softmax(model(input_ids=torch.tensor([line.token_ids[:p + 1].tolist()])).logits[0], -1)[1]
                 for p in positions]
     assert np.allclose(got, np.asarray(want), atol=1e-4)
+
+
+def test_a_verifier_served_by_likelihood_scores_the_lowest_probability_of_a_claimed_result(
+        ray_cluster, engine_config, workers, tokenizer):
+    """With ``value_likelihood`` the worker runs a causal LM on vLLM's generate runner and reads the log-probability
+    of every token of the line (``prompt_logprobs``): the score at a position equals a transformers forward pass's
+    lowest probability of a result digit written up to there; a search's values are those scores."""
+    from transformers import AutoModelForCausalLM
+
+    from actors.value_input import Likelihood
+    from search.checks import EQUATION
+
+    verifier = engine_config.model  # any causal LM serves; the tiny random policy here
+    steps = ["<Thought>\nAnn starts with 3 apples.", "Ann gains 14, so 3 + 14 = 17.", "17 - 5 = 12.",
+             "</Thought>\n<Output>\n12\n</Output>"]
+    prompt = tokenizer.encode(build_prompt("Ann has 3 apples, wins 14 and loses 5. How many apples now?"))
+    ids, ends = list(prompt), []
+    for step in steps:
+        ids += tokenizer.encode(step + "\n\n")
+        ends.append(len(ids) - 1)
+    ids = np.asarray(ids, dtype=np.int32)
+    (worker,) = start_generator_workers(engine_config, 1, actor_class=ValueWorker,
+                                        likelihood=Likelihood(engine_config.model, EQUATION.pattern))
+    try:
+        ray_cluster.get(worker.check_health.remote(), timeout=600)
+        assert ray_cluster.get(worker.engine_settings.remote())["runner"] == "generate"
+        got = score(worker, ScoreRequest(ids, (ends[0], ends[1], ends[3]), prompt_tokens=len(prompt)))
+        with pytest.raises(EngineError, match="needs the prompt's length"):
+            score(worker, ScoreRequest(ids, (len(ids) - 1,)))
+
+        async def search():
+            pool = WorkerPool(workers[:1], max_in_flight=16, value_workers=[worker])
+            params = MCTSParams(granularity=Granularity.parse("mini_step:16"), max_path_tokens=96, seed=1,
+                                budget=Budget(iterations=6, tokens=192), value=ValueKind.REWARD_MODEL)
+            result = await pool.search(STRATEGIES["mcts-prm"], tokenizer, prompt, params)
+            n = result.tree.nodes
+            lines = [k for k in range(1, result.tree.num_nodes)
+                     if n["visits"][k] == 1 and not n["num_children"][k] and not n["is_terminal"][k]]
+            checks = [await pool.score(ScoreRequest(line := result.tree.prompt_for(k), (len(line) - 1,),
+                                                    prompt_tokens=len(prompt))) for k in lines]
+            return result, lines, checks
+
+        result, lines, checks = asyncio.run(search())
+    finally:
+        ray_cluster.kill(worker)
+    # the oracle: the line's text in the verifier's tokens, each result digit's probability given the line before it
+    text = "".join(step + "\n\n" for step in steps)
+    encoded = tokenizer.hf(text, add_special_tokens=False, return_offsets_mapping=True)
+    model = AutoModelForCausalLM.from_pretrained(verifier).eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([encoded["input_ids"]])).logits[0]
+    probabilities = torch.softmax(logits[:-1], -1)[torch.arange(len(encoded["input_ids"]) - 1),
+                                                   torch.tensor(encoded["input_ids"][1:])].numpy()
+    results = [(text.index(claim), text.index(claim) + len(claim)) for claim in ("= 17", "= 12")]
+    digit_of = [next((k for k, (a, b) in enumerate(results) if s < b and e > a + 2), None)
+                for s, e in encoded["offset_mapping"][1:]]
+    lowest = [min(p for p, k in zip(probabilities, digit_of, strict=True) if k is not None and k < upto)
+              for upto in (1, 2)]
+    assert got.shape == (3,) and got[0] == 1.0  # no result written yet
+    assert got[1:] == pytest.approx(lowest, abs=1e-4)
+    assert lines and len(checks) == len(lines)
+    for node, check in zip(lines, checks, strict=True):
+        assert result.tree.mean_value(node) == pytest.approx(float(check[0]), abs=1e-5)

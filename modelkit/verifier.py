@@ -1,0 +1,130 @@
+"""Train a verifier: the policy fine-tuned to predict what a solution's equations claim (their results).
+
+The policy writes "123 - 82 = 51" as readily as "123 - 82 = 41": its own probability of a written result tells a
+slip from a right sum only in part (docs/value.md). A verifier is the same causal LM trained further on correct
+solutions with its loss on the claimed digits alone (``search.checks.EQUATION``'s named groups), so it learns the
+arithmetic and nothing else changes. A ValueWorker serves it by likelihood (``value_spans`` in the config,
+``actors.verifier``): a line's value is the verifier's lowest probability of a result the line wrote.
+
+``forest train-verifier --output DIR`` (``make verifier-model``): seeded; every step draws fresh problems of the
+bundled distribution from training seeds; every ``eval_every`` steps the dev loss (on the claimed digits of dev
+problems) and the dev claim accuracy (the share of claims whose every digit is the verifier's first choice, the
+solution read so far given) are measured, the weights with the lowest dev loss are kept, and ``verifier_training.json``
+records every evaluation.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from modelkit.arithmetic import ArithmeticProblem, make_problems
+from modelkit.fit import fit
+from search.checks import EQUATION, marked_spans
+from search.prompts import TURN_END
+
+log = logging.getLogger(__name__)
+
+# the recipe of the bundled verifier; the command line's defaults
+STEPS, BATCH_SIZE, LEARNING_RATE, EVAL_EVERY, PATIENCE, WARMUP_STEPS = 1000, 64, 1e-3, 200, 2, 50
+TRAIN_SEED = 440_000  # the training problems' stream (a training seed: below the held-out ones)
+DEV_SEED = 430_000
+DEV_PROBLEMS = 400
+IGNORE = -100  # the label transformers' loss skips
+REPORT = "verifier_training.json"
+
+
+def encode(tokenizer, problems: list[ArithmeticProblem]) -> tuple[list[list[int]], list[list[int]]]:
+    """Per problem: the token ids of its solution (the verifier reads a line without its prompt, as it is served),
+    and for each token the index of the claim (a marked span) it overlaps, or -1."""
+    solutions = tokenizer([p.solution + TURN_END for p in problems], add_special_tokens=False,
+                          return_offsets_mapping=True)
+    claims = []
+    for offsets, problem in zip(solutions["offset_mapping"], problems, strict=True):
+        spans = marked_spans(EQUATION, problem.solution)
+        claims.append([next((k for k, (a, b) in enumerate(spans) if start < b and end > a), -1)
+                       for start, end in offsets])
+    return solutions["input_ids"], claims
+
+
+def _tensors(rows: list[list[int]], claims: list[list[int]], pad: int, device):
+    """Right-padded ids, attention mask, labels (the claimed tokens; IGNORE elsewhere) and claim indices."""
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), pad, dtype=np.int64)
+    claim = np.full((len(rows), width), -1, dtype=np.int64)
+    for i, (row, c) in enumerate(zip(rows, claims, strict=True)):
+        ids[i, :len(row)] = row
+        claim[i, :len(c)] = c
+    mask = (np.arange(width) < np.array([len(r) for r in rows])[:, None]).astype(np.int64)
+    labels = np.where(claim >= 0, ids, IGNORE)
+    return tuple(torch.from_numpy(a).to(device) for a in (ids, mask, labels, claim))
+
+
+def evaluate(model, batches: list[tuple]) -> dict:
+    """Dev loss over the claimed tokens, and the share of claims whose every token is the model's first choice."""
+    import torch
+
+    model.eval()
+    losses, right, claims = [], 0, 0
+    with torch.no_grad():
+        for ids, mask, labels, claim in batches:
+            out = model(input_ids=ids, attention_mask=mask, labels=labels)
+            losses.append(out.loss.item())
+            hit = (out.logits[:, :-1].argmax(-1) == ids[:, 1:]).cpu().numpy()
+            claim = claim[:, 1:].cpu().numpy()
+            for row_hit, row_claim in zip(hit, claim, strict=True):
+                for k in np.unique(row_claim[row_claim >= 0]):
+                    claims += 1
+                    right += bool(row_hit[row_claim == k].all())
+    model.train()
+    return {"dev_loss": float(np.mean(losses)), "claim_accuracy": right / claims if claims else None}
+
+
+def train_verifier(*, base: str | Path, output: str | Path, seed: int = 0, steps: int = STEPS,
+                   batch_size: int = BATCH_SIZE, lr: float = LEARNING_RATE, eval_every: int = EVAL_EVERY,
+                   patience: int = PATIENCE, dev_problems: int = DEV_PROBLEMS, threads: int | None = None,
+                   device: str = "cpu", progress: bool = True) -> dict:
+    """Fine-tune the causal LM ``base`` on ``steps`` batches of fresh training problems; write the weights with the
+    lowest dev loss and the tokenizer to ``output``; returns the report written to ``verifier_training.json``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (Path(base) / "config.json").is_file():
+        raise FileNotFoundError(f"--base {base}: not a model directory (no config.json)")
+    for name, value in (("steps", steps), ("batch_size", batch_size), ("dev_problems", dev_problems)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model = AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float32).to(device)
+    model.train()
+    dev = make_problems(dev_problems, DEV_SEED)
+    dev_batches = [_tensors(*encode(tokenizer, dev[i:i + batch_size]), pad, device)
+                   for i in range(0, len(dev), batch_size)]
+    report = {"base": str(base), "seed": seed, "train_seed": TRAIN_SEED + seed, "steps": steps,
+              "batch_size": batch_size, "lr": lr, "dev_seed": DEV_SEED, "dev_problems": dev_problems,
+              "device": device, "start": evaluate(model, dev_batches), "history": []}
+    log.info("verifier before training: %s", report["start"])
+
+    def loss_of(problems):
+        ids, mask, labels, _ = _tensors(*encode(tokenizer, list(problems)), pad, device)
+        return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+    def keep():
+        model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+
+    fit(model, make_problems(steps * batch_size, TRAIN_SEED + seed), loss_of=loss_of,
+        evaluate=lambda: evaluate(model, dev_batches), keep=keep, report=report, report_path=out / REPORT, seed=seed,
+        epochs=1, batch_size=batch_size, lr=lr, warmup_steps=WARMUP_STEPS, eval_every=eval_every, patience=patience,
+        progress=progress, name="verifier", cosine=True)
+    return report
