@@ -26,7 +26,8 @@ from typing import Iterator, Sequence
 from actors.generator import GeneratorWorker
 from actors.value_input import Likelihood, ValueInput
 from actors.value_worker import ValueWorker
-from cluster.config import ForestConfig
+from actors.vllm_engine import is_causal_lm
+from cluster.config import ForestConfig, LikelihoodConfig
 from cluster.cpus import allowed_cores, keep_off_engine_cores, pin
 from cluster.metrics import add
 from search.driver import SearchResult
@@ -128,9 +129,12 @@ def value_input(config: ForestConfig) -> ValueInput | None:
 
 
 def likelihood(config: ForestConfig) -> Likelihood | None:
-    """What the ValueWorkers need to serve a verifier by likelihood, when ``value_likelihood`` is configured."""
+    """What the ValueWorkers need to serve a verifier by likelihood: when ``value_likelihood`` is configured, or the
+    value model is a causal LM (then with the default spans)."""
     spec = config.value_likelihood
-    return None if spec is None else Likelihood(policy_model=config.engine.model, spans=spec.spans)
+    if spec is None and (config.value_model is None or not is_causal_lm(config.value_model.model)):
+        return None
+    return Likelihood(policy_model=config.engine.model, spans=(spec or LikelihoodConfig()).spans)
 
 
 @dataclass

@@ -55,15 +55,26 @@ def process_ids() -> tuple[int, tuple[int, ...]]:
     return process.pid, tuple(p.pid for p in process.children(recursive=True))
 
 
-def model_dtype(model: str) -> str | None:
-    """The dtype a model's ``config.json`` declares (``torch_dtype``, or ``dtype`` in newer files), if any."""
+def _model_config(model: str) -> dict:
+    """A local model directory's ``config.json``; empty when there is none to read (e.g. a hub name)."""
     try:
         with open(os.path.join(model, "config.json"), encoding="utf-8") as f:
-            declared = json.load(f)
+            return json.load(f)
     except (OSError, ValueError):
-        return None
+        return {}
+
+
+def model_dtype(model: str) -> str | None:
+    """The dtype a model's ``config.json`` declares (``torch_dtype``, or ``dtype`` in newer files), if any."""
+    declared = _model_config(model)
     dtype = declared.get("torch_dtype") or declared.get("dtype")
     return str(dtype).removeprefix("torch.") if dtype else None
+
+
+def is_causal_lm(model: str) -> bool:
+    """Whether a local model directory holds a causal LM (``*ForCausalLM``), which a value model can only be as a
+    verifier read by likelihood; False when it cannot be told."""
+    return any(str(a).endswith("ForCausalLM") for a in _model_config(model).get("architectures") or ())
 
 
 def cpuinfo_field(key: str, cpuinfo_path: str = "/proc/cpuinfo") -> str | None:

@@ -207,10 +207,10 @@ class ValueInputConfig(_Strict):
 
 
 class LikelihoodConfig(_Strict):
-    """A verifier served by likelihood: ``value_model`` is a causal LM (e.g. one `forest train-verifier` wrote) that
-    reads each line without its prompt, and the value at a position is its lowest probability of a token of the
-    marked spans written up to there (1 where none is): with the default spans, of the results the line's
-    equations claim."""
+    """A verifier served by likelihood: ``value_model`` is a causal LM (e.g. one `forest train-verifier` wrote; a
+    causal LM is served so without this block too, with the default spans) that reads each line without its
+    prompt, and the value at a position is its lowest probability of a token of the marked spans written up to
+    there (1 where none is): with the default spans, of the results the line's equations claim."""
 
     spans: str = Field(EQUATION.pattern, description="A regular expression: the text the verifier scores, its named "
                        "groups in each match (the whole match when it names none); default: the result and "
@@ -247,9 +247,9 @@ class ForestConfig(_Strict):
     value_workers: int = Field(1, ge=1, description="ValueWorkers to start when value_model is set.")
     value_input: ValueInputConfig | None = Field(None, description="The input format of a value model trained on "
                                                  "another one (an off-the-shelf PRM); None: the policy's tokens.")
-    value_likelihood: LikelihoodConfig | None = Field(None, description="Serve value_model as a verifier, by "
-                                                      "likelihood (a causal LM); None: a reward model on vLLM's "
-                                                      "pooling runner.")
+    value_likelihood: LikelihoodConfig | None = Field(None, description="How a verifier (value_model a causal LM, "
+                                                      "served by likelihood) reads a line; None: the default spans "
+                                                      "for a causal LM, vLLM's pooling runner for a reward model.")
 
     @model_validator(mode="after")
     def _check_value_model(self) -> "ForestConfig":

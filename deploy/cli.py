@@ -107,6 +107,8 @@ def parser() -> argparse.ArgumentParser:
 
     tw = sub.add_parser("train-verifier", help="train a verifier: the policy fine-tuned on the results its "
                                                "solutions' equations claim, served as a value by likelihood")
+    tw.add_argument("--input", nargs="+", metavar="OUT", help="learn from the right finished lines of these build "
+                    "outputs (training seeds only) instead of the problem generator's solutions")
     tw.add_argument("--output", required=True, metavar="DIR", help="verifier model directory to write")
     tw.add_argument("--base", default=DEFAULT_MODEL_DIR, help="the causal LM to fine-tune (the policy)")
     tw.add_argument("--steps", type=int, default=verifier_recipe.STEPS, help="training steps, each on fresh problems "
@@ -217,23 +219,33 @@ def cmd_make_problems(args) -> int:
     return 0
 
 
-def cmd_train_value(args) -> int:
+def _build_lines(command: str, outputs: list[str], check: StepCheck = StepCheck.OFF):
+    """The finished lines of build ``outputs`` for a model trained on them (``dataset.value_labels``); None, with
+    the reason printed, when they cannot give labels or hold a problem of a held-out seed."""
     from dataset.value_labels import ValueDataError, read_value_examples
     from modelkit.arithmetic import held_out_problem
-    from modelkit.value import train_value
 
     try:
-        examples = read_value_examples(args.input, check=StepCheck(args.step_check))
+        examples = read_value_examples(outputs, check=check)
     except ValueDataError as exc:
-        print(f"forest train-value: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        print(f"forest {command}: {exc}", file=sys.stderr)
+        return None
     held_out = sorted({e.problem_id for e in examples if held_out_problem(e.problem_id)})
     if held_out:
-        print(f"forest train-value: {len(held_out)} problems come from held-out seeds (e.g. {held_out[0]}); a value "
-              f"model is trained on training seeds only", file=sys.stderr)
-        return EXIT_USAGE
+        print(f"forest {command}: {len(held_out)} problems come from held-out seeds (e.g. {held_out[0]}); a model is "
+              f"trained on training seeds only", file=sys.stderr)
+        return None
     print(f"{len(examples)} finished lines of {len({e.problem_id for e in examples})} problems, "
           f"{sum(e.correct for e in examples)} right", flush=True)
+    return examples
+
+
+def cmd_train_value(args) -> int:
+    from modelkit.value import train_value
+
+    examples = _build_lines("train-value", args.input, StepCheck(args.step_check))
+    if examples is None:
+        return EXIT_USAGE
     try:
         report = train_value(examples, base=args.base, output=args.output, seed=args.seed, epochs=args.epochs,
                              batch_size=args.batch_size, lr=args.lr, pairwise_weight=args.pairwise_weight,
@@ -251,9 +263,14 @@ def cmd_train_verifier(args) -> int:
 
     from modelkit.verifier import train_verifier
 
+    examples = None
+    if args.input:
+        examples = _build_lines("train-verifier", args.input)
+        if examples is None:
+            return EXIT_USAGE
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     try:
-        report = train_verifier(base=args.base, output=args.output, seed=args.seed, steps=args.steps,
+        report = train_verifier(base=args.base, output=args.output, examples=examples, seed=args.seed, steps=args.steps,
                                 batch_size=args.batch_size, lr=args.lr, threads=args.threads, device=args.device)
     except (ValueError, FileNotFoundError) as exc:
         print(f"forest train-verifier: {exc}", file=sys.stderr)

@@ -197,7 +197,9 @@ async def evaluate_strategy(name: str, problems: list[Problem], pool: WorkerPool
 def _value_model(config: ForestConfig, strategy: Strategy) -> str | None:
     if config.value_model is None or not needs_value_model(strategy, config.search.to_params(**strategy.preset)):
         return None
-    return config.value_model.model + (" (likelihood)" if config.value_likelihood is not None else "")
+    from actors.pool import likelihood
+
+    return config.value_model.model + (" (likelihood)" if likelihood(config) is not None else "")
 
 
 def _reflections(kinds: np.ndarray) -> int:

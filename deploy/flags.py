@@ -48,11 +48,8 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
                    help="end each tree at its first finished line that answers the problem's reference and passes "
                         "the step check (search.stop_when_right; data builds)")
     p.add_argument("--value", help="how a state is valued, e.g. line_confidence or reward_model (search.value)")
-    value_model = p.add_mutually_exclusive_group()
-    value_model.add_argument("--value-model", dest="value_model", help="value model directory (value_model.model)")
-    value_model.add_argument("--verifier", help="a causal LM directory served as the value model by likelihood, "
-                             "e.g. models/forest-verifier (value_model.model, with value_likelihood at its default "
-                             "spans: the results of the line's equations)")
+    p.add_argument("--value-model", dest="value_model", help="value model directory (value_model.model): a reward "
+                   "model, or a causal LM served as a verifier by likelihood (value_likelihood)")
 
 
 def add_build_flags(p: argparse.ArgumentParser) -> None:
@@ -70,8 +67,7 @@ def overrides(args: argparse.Namespace) -> dict:
             "search.granularity": args.granularity, "search.max_path_tokens": args.max_path_tokens,
             "search.budget_tokens": args.budget_tokens, "search.reflection": args.reflection,
             "search.temperature": args.temperature, "search.exploration": args.exploration,
-            "search.value": args.value, "value_model.model": args.value_model or args.verifier,
-            "value_likelihood": {} if args.verifier else None,
+            "search.value": args.value, "value_model.model": args.value_model,
             "search.step_check": args.step_check, "search.retry_temperature": args.retry_temperature,
             "search.stop_when_right": args.stop_when_right,
             "build.input": getattr(args, "input", None), "build.output": getattr(args, "output", None),

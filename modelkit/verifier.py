@@ -6,22 +6,28 @@ solutions with its loss on the claimed digits alone (``search.checks.EQUATION``'
 arithmetic and nothing else changes. A ValueWorker serves it by likelihood (``value_spans`` in the config,
 ``actors.verifier``): a line's value is the verifier's lowest probability of a result the line wrote.
 
-``forest train-verifier --output DIR`` (``make verifier-model``): seeded; every step draws fresh problems of the
-bundled distribution from training seeds; every ``eval_every`` steps the dev loss (on the claimed digits of dev
-problems) and the dev claim accuracy (the share of claims whose every digit is the verifier's first choice, the
-solution read so far given) are measured, the weights with the lowest dev loss are kept, and ``verifier_training.json``
-records every evaluation.
+It learns from right solutions, of one of two sources:
+- ``forest train-verifier --output DIR`` (``make verifier-model``, the bundled verifier): the solutions the problem
+  generator writes, fresh problems of training seeds at every step;
+- ``forest train-verifier --input OUT [OUT ...] --output DIR``: the distinct finished lines of builds whose answer is
+  right (what a user without a generator has), split into train and dev by problem, cycled for the steps.
+
+Seeded; every ``eval_every`` steps the dev loss (on the claimed digits of the dev solutions) and the dev claim
+accuracy (the share of claims whose every digit is the verifier's first choice, the solution read so far given) are
+measured, the weights with the lowest dev loss are kept, and ``verifier_training.json`` records every evaluation.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
-from modelkit.arithmetic import ArithmeticProblem, make_problems
+from modelkit.arithmetic import make_problems
 from modelkit.fit import fit
+from modelkit.value import Example, split_by_problem
 from search.checks import EQUATION, marked_spans
 from search.prompts import TURN_END
 
@@ -32,21 +38,48 @@ STEPS, BATCH_SIZE, LEARNING_RATE, EVAL_EVERY, PATIENCE, WARMUP_STEPS = 1000, 64,
 TRAIN_SEED = 440_000  # the training problems' stream (a training seed: below the held-out ones)
 DEV_SEED = 430_000
 DEV_PROBLEMS = 400
+DEV_SHARE = 0.1  # of a build's problems, when the verifier learns from builds
 IGNORE = -100  # the label transformers' loss skips
 REPORT = "verifier_training.json"
 
 
-def encode(tokenizer, problems: list[ArithmeticProblem]) -> tuple[list[list[int]], list[list[int]]]:
-    """Per problem: the token ids of its solution (the verifier reads a line without its prompt, as it is served),
-    and for each token the index of the claim (a marked span) it overlaps, or -1."""
-    solutions = tokenizer([p.solution + TURN_END for p in problems], add_special_tokens=False,
-                          return_offsets_mapping=True)
+def generator_solutions(n: int, seed: int) -> list[str]:
+    """The problem generator's solutions of ``n`` problems of stream ``seed``, each as a line ends."""
+    return [p.solution + TURN_END for p in make_problems(n, seed)]
+
+
+def right_lines(examples: Sequence[Example], tokenizer, *, seed: int, dev_share: float = DEV_SHARE
+                ) -> tuple[list[str], list[str]]:
+    """(train, dev): the distinct texts of the right finished lines of builds (``dataset.value_labels``, without
+    their prompts), a seeded ``dev_share`` of the problems held out."""
+    right = [e for e in examples if e.correct]
+    if not right:
+        raise ValueError("the builds have no right finished line to learn from")
+    train, dev = split_by_problem(right, dev_share, seed)
+    if not dev:
+        raise ValueError("verifier training needs right lines of at least two problems (one for the dev split)")
+
+    def texts(lines):  # a line that claims nothing has nothing to teach (and a batch of them no loss)
+        decoded = dict.fromkeys(tokenizer.decode(e.token_ids[e.prompt_length:].tolist()) for e in lines)
+        return [text for text in decoded if marked_spans(EQUATION, text)]
+
+    train, dev = texts(train), texts(dev)
+    if not train or not dev:
+        raise ValueError(f"the right lines write no equation to learn from ({len(train)} train and {len(dev)} dev "
+                         f"lines do)")
+    return train, dev
+
+
+def encode(tokenizer, solutions: Sequence[str]) -> tuple[list[list[int]], list[list[int]]]:
+    """Per solution (a line without its prompt, as the verifier is served): its token ids, and for each token the
+    index of the claim (a marked span) it overlaps, or -1."""
+    encoded = tokenizer(list(solutions), add_special_tokens=False, return_offsets_mapping=True)
     claims = []
-    for offsets, problem in zip(solutions["offset_mapping"], problems, strict=True):
-        spans = marked_spans(EQUATION, problem.solution)
+    for offsets, text in zip(encoded["offset_mapping"], solutions, strict=True):
+        spans = marked_spans(EQUATION, text)
         claims.append([next((k for k, (a, b) in enumerate(spans) if start < b and end > a), -1)
                        for start, end in offsets])
-    return solutions["input_ids"], claims
+    return encoded["input_ids"], claims
 
 
 def _tensors(rows: list[list[int]], claims: list[list[int]], pad: int, device):
@@ -84,12 +117,13 @@ def evaluate(model, batches: list[tuple]) -> dict:
     return {"dev_loss": float(np.mean(losses)), "claim_accuracy": right / claims if claims else None}
 
 
-def train_verifier(*, base: str | Path, output: str | Path, seed: int = 0, steps: int = STEPS,
-                   batch_size: int = BATCH_SIZE, lr: float = LEARNING_RATE, eval_every: int = EVAL_EVERY,
-                   patience: int = PATIENCE, dev_problems: int = DEV_PROBLEMS, threads: int | None = None,
-                   device: str = "cpu", progress: bool = True) -> dict:
-    """Fine-tune the causal LM ``base`` on ``steps`` batches of fresh training problems; write the weights with the
-    lowest dev loss and the tokenizer to ``output``; returns the report written to ``verifier_training.json``."""
+def train_verifier(*, base: str | Path, output: str | Path, examples: Sequence[Example] | None = None,
+                   seed: int = 0, steps: int = STEPS, batch_size: int = BATCH_SIZE, lr: float = LEARNING_RATE,
+                   eval_every: int = EVAL_EVERY, patience: int = PATIENCE, dev_problems: int = DEV_PROBLEMS,
+                   threads: int | None = None, device: str = "cpu", progress: bool = True) -> dict:
+    """Fine-tune the causal LM ``base`` for ``steps`` batches on the generator's solutions, or with ``examples``
+    (a build's finished lines) on its right lines; write the weights with the lowest dev loss and the tokenizer to
+    ``output``; returns the report written to ``verifier_training.json``."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -101,30 +135,35 @@ def train_verifier(*, base: str | Path, output: str | Path, seed: int = 0, steps
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    if examples is None:
+        source = {"source": "generator", "train_seed": TRAIN_SEED + seed, "dev_seed": DEV_SEED}
+        train, dev = generator_solutions(steps * batch_size, TRAIN_SEED + seed), generator_solutions(dev_problems,
+                                                                                                    DEV_SEED)
+    else:
+        train, dev = right_lines(examples, tokenizer, seed=seed)
+        source = {"source": "builds", "train_lines": len(train)}
+        train = [train[i % len(train)] for i in range(steps * batch_size)]  # cycled: fit shuffles them
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(base)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model = AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float32).to(device)
     model.train()
-    dev = make_problems(dev_problems, DEV_SEED)
     dev_batches = [_tensors(*encode(tokenizer, dev[i:i + batch_size]), pad, device)
                    for i in range(0, len(dev), batch_size)]
-    report = {"base": str(base), "seed": seed, "train_seed": TRAIN_SEED + seed, "steps": steps,
-              "batch_size": batch_size, "lr": lr, "dev_seed": DEV_SEED, "dev_problems": dev_problems,
-              "device": device, "start": evaluate(model, dev_batches), "history": []}
+    report = {"base": str(base), "seed": seed, **source, "steps": steps, "batch_size": batch_size, "lr": lr,
+              "dev_solutions": len(dev), "device": device, "start": evaluate(model, dev_batches), "history": []}
     log.info("verifier before training: %s", report["start"])
 
-    def loss_of(problems):
-        ids, mask, labels, _ = _tensors(*encode(tokenizer, list(problems)), pad, device)
+    def loss_of(solutions):
+        ids, mask, labels, _ = _tensors(*encode(tokenizer, solutions), pad, device)
         return model(input_ids=ids, attention_mask=mask, labels=labels).loss
 
     def keep():
         model.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
 
-    fit(model, make_problems(steps * batch_size, TRAIN_SEED + seed), loss_of=loss_of,
-        evaluate=lambda: evaluate(model, dev_batches), keep=keep, report=report, report_path=out / REPORT, seed=seed,
-        epochs=1, batch_size=batch_size, lr=lr, warmup_steps=WARMUP_STEPS, eval_every=eval_every, patience=patience,
-        progress=progress, name="verifier", cosine=True)
+    fit(model, train, loss_of=loss_of, evaluate=lambda: evaluate(model, dev_batches), keep=keep, report=report,
+        report_path=out / REPORT, seed=seed, epochs=1, batch_size=batch_size, lr=lr, warmup_steps=WARMUP_STEPS,
+        eval_every=eval_every, patience=patience, progress=progress, name="verifier", cosine=True)
     return report

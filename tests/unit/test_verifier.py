@@ -91,6 +91,9 @@ def test_value_likelihood_is_configured_beside_a_value_model_and_reaches_the_wor
     assert likelihood(config) == Likelihood(config.engine.model, EQUATION.pattern)
     assert config.search_identity()["value_likelihood"] == {"spans": EQUATION.pattern}
     assert likelihood(ForestConfig()) is None and "value_likelihood" not in ForestConfig().search_identity()
+    # a causal LM is a verifier without the block (the default spans); a reward model is not
+    assert likelihood(load_config(None, **{"value_model.model": POLICY})) == likelihood(config)
+    assert likelihood(load_config(None, **{"value_model.model": "models/forest-value"})) is None
     with pytest.raises(ValueError, match="value_likelihood.*set value_model.model"):
         load_config(None, **{"value_likelihood": {}})
     with pytest.raises(ValueError, match="value_input.*reads the line as it is"):
@@ -117,3 +120,39 @@ def test_verifier_training_learns_the_claimed_digits_and_keeps_its_best_weights(
         train_verifier(base=POLICY, output=tmp_path, steps=0)
     with pytest.raises(FileNotFoundError, match="not a model directory"):
         train_verifier(base=tmp_path / "none", output=tmp_path)
+
+
+def test_train_verifier_learns_from_the_right_lines_of_builds_and_refuses_what_it_cannot_use(tmp_path, capsys):
+    import json
+
+    from transformers import AutoTokenizer
+
+    from deploy.cli import main as forest
+    from deploy.flags import EXIT_USAGE
+    from modelkit.verifier import REPORT
+    from tests.unit.handmade_build import node, write_build
+
+    tokenizer = AutoTokenizer.from_pretrained(POLICY)
+
+    def tree(first: str):
+        texts = [first, "</Thought>\n<Output>\n5\n</Output>", "<Thought>\nAnn has 5.\n\n", "</Thought>\n<Output>\n6\n"]
+        ids = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+        return [node(0, -1, [], ""), node(1, 0, ids[0], texts[0]), node(2, 1, ids[1], texts[1], terminal=True),
+                node(3, 0, ids[2], texts[2]), node(4, 3, ids[3], texts[3], terminal=True)]
+
+    problems = [f"p{i}" for i in range(4)]
+    build = write_build(tmp_path / "build", "5", problems=problems,
+                        nodes={p: tree(f"<Thought>\n{i} + {5 - i} = 5\n\n") for i, p in enumerate(problems)})
+    args = ["train-verifier", "--output", str(tmp_path / "v"), "--steps", "2", "--batch-size", "2", "--threads", "2"]
+    assert forest([*args, "--input", build]) == 0
+    report = json.loads((tmp_path / "v" / REPORT).read_text())
+    # the right line of each problem; the one that writes no equation ("Ann has 5.", wrong anyway) is not a lesson
+    assert report["source"] == "builds" and report["train_lines"] + report["dev_solutions"] == 4
+    held_out = write_build(tmp_path / "held-out", "5", problems=("arith-1000000-0",),
+                           nodes={"arith-1000000-0": tree("<Thought>\n2 + 3 = 5\n\n")})
+    assert forest([*args, "--input", held_out]) == EXIT_USAGE
+    assert "held-out seeds" in capsys.readouterr().err
+    no_sums = write_build(tmp_path / "no-sums", "5", problems=problems,
+                          nodes={p: tree("<Thought>\nAnn has 5.\n\n") for p in problems})
+    assert forest([*args, "--input", no_sums]) == EXIT_USAGE
+    assert "write no equation" in capsys.readouterr().err
