@@ -109,6 +109,11 @@ class SearchConfig(_Strict):
                                             "samples a tree search draws from a node after one of its steps failed "
                                             "step_check (unset: temperature): a model that erred at a step often "
                                             "repeats the error at a low temperature.")
+    min_step_score: float | None = Field(DEFAULTS.min_step_score, description="With a value model (search.value: "
+                                         "reward_model or reward_model_rollout): a step whose prefix the value "
+                                         "model scores below this fails as a step_check failure does: its line "
+                                         "answers nothing and its parent samples again (at retry_temperature). "
+                                         "Unset: no such check.")
     stop_when_right: bool = Field(DEFAULTS.stop_when_right, description="A build (problems with reference "
                                   "answers): end a tree at its first finished line that answers the reference and "
                                   "passes step_check; the tree's response is that line. For data builds, where a "
@@ -142,10 +147,11 @@ class SearchConfig(_Strict):
             seed=self.seed, normalize_values=self.normalize_values, unanswered_value=self.unanswered_value,
             widening=self.widening, max_width=self.max_width, dedup=self.dedup, refill_width=self.refill_width,
             reward_weight=self.reward_weight, step_check=self.step_check,
-            retry_temperature=self.retry_temperature, stop_when_right=self.stop_when_right)
+            retry_temperature=self.retry_temperature, stop_when_right=self.stop_when_right,
+            min_step_score=self.min_step_score)
 
 
-LATER_SEARCH_FIELDS = ("step_check", "retry_temperature", "stop_when_right")
+LATER_SEARCH_FIELDS = ("step_check", "retry_temperature", "stop_when_right", "min_step_score")
 """Search settings added after builds had written outputs: left out of a build's identity at their defaults."""
 
 

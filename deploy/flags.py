@@ -44,6 +44,9 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retry-temperature", type=float, dest="retry_temperature",
                    help="temperature of a tree search's samples after a step failed the check "
                         "(search.retry_temperature)")
+    p.add_argument("--min-step-score", type=float, dest="min_step_score",
+                   help="with a value model: a step it scores below this fails like a step_check failure "
+                        "(search.min_step_score)")
     p.add_argument("--stop-when-right", action="store_true", default=None, dest="stop_when_right",
                    help="end each tree at its first finished line that answers the problem's reference and passes "
                         "the step check (search.stop_when_right; data builds)")
@@ -69,6 +72,7 @@ def overrides(args: argparse.Namespace) -> dict:
             "search.temperature": args.temperature, "search.exploration": args.exploration,
             "search.value": args.value, "value_model.model": args.value_model,
             "search.step_check": args.step_check, "search.retry_temperature": args.retry_temperature,
+            "search.min_step_score": args.min_step_score,
             "search.stop_when_right": args.stop_when_right,
             "build.input": getattr(args, "input", None), "build.output": getattr(args, "output", None),
             "build.managers": getattr(args, "managers", None), "build.limit": getattr(args, "limit", None),

@@ -67,7 +67,7 @@ class SearchStats:
     failed_requests: int = 0
     value_requests: int = 0  # value-model (Scorer) requests
     duplicate_tokens: int = 0  # of the generated tokens, those of samples merged into an identical sibling
-    failed_checks: int = 0  # steps that failed ``step_check`` (the first of each line that failed it)
+    failed_checks: int = 0  # steps that failed ``step_check`` or ``min_step_score`` (the first of each line)
     seconds: float = 0.0
 
 
@@ -90,6 +90,7 @@ class _InFlight:
     reserved_tokens: int
     score: bool = False  # a value-model request (no tokens generated) for the line ending at ``node``
     selected: int | None = None  # score: the node the iteration selected (its virtual loss), when not ``node``
+    steps: tuple[int, ...] = ()  # score with min_step_score: the new steps, whose ends are the scored positions
 
     @property
     def owner(self) -> int:
@@ -250,14 +251,20 @@ class _Search:
         if self.tree.nodes["is_terminal"][end] and self._finished_line(end) is None:
             self._complete(end, self.params.unanswered_value, selected=selected)
             return
-        ids = self.tree.prompt_for(end)
-        request = ScoreRequest(ids, (len(ids) - 1,), request_id=f"{self.request_prefix}v{self.stats.value_requests}",
-                               prompt_tokens=len(self.tree.prompt_token_ids))
+        tree = self.tree
+        ids, prompt = tree.prompt_for(end), len(tree.prompt_token_ids)
+        steps = ()
+        if self.params.min_step_score is not None:  # every step the iteration added, checked at its end
+            path = tree.path(end)
+            steps = tuple(path[path.index(selected):])
+        positions = tuple(prompt + tree.path_length(step) - 1 for step in steps) or (len(ids) - 1,)
+        request = ScoreRequest(ids, positions, request_id=f"{self.request_prefix}v{self.stats.value_requests}",
+                               prompt_tokens=prompt)
         self.stats.value_requests += 1
-        self.tree.nodes["pending"][end] = True
+        tree.nodes["pending"][end] = True
         task = asyncio.ensure_future(self.engine.score(request))
         self.inflight[task] = _InFlight(end, expansion=False, reserved_tokens=0, score=True,
-                                        selected=None if selected == end else selected)
+                                        selected=None if selected == end else selected, steps=steps)
 
     def _request(self, node: int, *, n: int, expansion: bool) -> bool:
         """Send an expansion (n samples) or rollout (n=1) request; False, undoing the iteration, if unaffordable.
@@ -316,8 +323,14 @@ class _Search:
                 raise SearchError(f"{self.stats.failed_requests} engine requests failed; last: {exc}") from exc
             return
         if job.score:
-            score = float(np.asarray(result)[-1])
-            value = reward_value(score, self._path_confidence(job.node), self.params.reward_weight)
+            scores = np.asarray(result, dtype=np.float64)
+            failed = next((step for step, score in zip(job.steps, scores, strict=True)
+                           if score < self.params.min_step_score), None) if job.steps else None
+            if failed is not None:
+                self._fail_steps(failed, job.node)
+                value = self.params.unanswered_value
+            else:
+                value = reward_value(float(scores[-1]), self._path_confidence(job.node), self.params.reward_weight)
             self._complete(job.node, value, selected=job.owner)
             return
         chunks = result
@@ -382,6 +395,18 @@ class _Search:
                 tree.nodes["is_terminal"][child] = True
                 return child, False
         return child, thought_ends
+
+    def _fail_steps(self, step: int, end: int) -> None:
+        """``step`` scored below ``min_step_score``: it fails as a step that fails ``step_check`` does (never
+        widened, its parent samples again at ``retry_temperature``), and so does the rest of the line down to
+        ``end``, which answers nothing."""
+        path = self.tree.path(end)
+        self._failed.update(path[path.index(step):])
+        self._retry.add(int(self.tree.nodes["parent"][step]))
+        self._answers[end] = None
+        self.stats.failed_checks += 1
+        if self.right == end:  # stop_when_right saw the line answer before its score came back
+            self.right = None
 
     def _passes_check(self, node: int) -> bool:
         """Whether the line ending at ``node`` passes ``step_check`` (its parent's line did)."""

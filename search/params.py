@@ -151,6 +151,9 @@ class MCTSParams:
     reward_weight: float = 1.0  # value=reward_model: w * score + (1 - w) * the line's mean token confidence
     step_check: StepCheck = StepCheck.OFF  # a step that fails it ends its line unanswered (search.checks)
     retry_temperature: float | None = None  # samples from a node whose step failed step_check (None: temperature)
+    # with a value model: a step whose prefix scores below this fails as a step_check failure does (the value
+    # model as a learned check; each new line is scored at every new step's end)
+    min_step_score: float | None = None
     # with a reference answer (a build's problems): end the search at its first finished line that answers it and
     # passes step_check, so a data build spends no more on a problem once it holds a right line
     stop_when_right: bool = False
@@ -171,5 +174,7 @@ class MCTSParams:
         _require(self.widening >= 0 and math.isfinite(self.widening), "widening", self.widening,
                  "must be a finite number >= 0")
         _require(0 <= self.reward_weight <= 1, "reward_weight", self.reward_weight, "must lie in [0, 1]")
+        _require(self.min_step_score is None or 0 <= self.min_step_score <= 1, "min_step_score",
+                 self.min_step_score, "must lie in [0, 1] or be unset")
         _require(isinstance(self.max_width, int) and self.max_width >= self.children, "max_width", self.max_width,
                  f"must be an integer >= children ({self.children})")

@@ -418,6 +418,32 @@ def test_reward_model_rollout_value_scores_each_finished_line_once():
     assert result.stats.value_requests == len(engine.score_requests) <= result.stats.iterations
 
 
+def test_a_step_scored_below_min_step_score_fails_like_a_step_check_failure():
+    """The value model as a learned check: each new line is scored at every new step's end; a line whose step
+    scores below the floor answers nothing (worth unanswered_value, 0, not the judge's 0.1), that step is never
+    widened, and its parent samples again at the retry temperature."""
+    engine = ScoringSimulatedEngine(TOK, seed=4, steps=2, quality=lambda r: 0.6, answer=_answer_by_first_word,
+                                    judge=_judge_good_branch)
+    result = search(engine, value=ValueKind.REWARD_MODEL_ROLLOUT, budget=Budget(iterations=16), min_step_score=0.5,
+                    retry_temperature=1.0, seed=1)
+    tree, n = result.tree, result.tree.nodes
+    delimiter = TOK.ids["\n\n"]
+    assert any(len(r.positions) > 1 for r in engine.score_requests)  # a rollout: one position per new step
+    for request in engine.score_requests:
+        assert all(request.token_ids[p] == delimiter for p in request.positions[:-1])  # step ends
+        assert request.positions[-1] == len(request.token_ids) - 1
+    starts = tree.children(ROOT)
+    bad = [k for k in starts if first_word(tree.path_token_ids(k)) not in GOOD]
+    assert bad and result.stats.failed_checks >= len(bad)
+    for k in bad:  # a failed step is never widened: only its rollout hangs below it
+        assert n["num_children"][k] <= 1 and tree.mean_value(k) == 0.0
+    assert result.answer == "42" and result.value == pytest.approx(0.9)
+    retried = [r for r in engine.requests if r.temperature == 1.0]
+    assert retried and all(list(r.prompt_token_ids) == PROMPT for r in retried)  # the root sampled again
+    with pytest.raises(ConfigError, match="min_step_score"):
+        MCTSParams(min_step_score=1.5)
+
+
 def test_running_path_totals_match_a_walk_of_the_path():
     """Tree.path_length and Tree.path_confidence (running totals kept per node) against walking the path, with
     forced reflection tokens on some paths."""

@@ -99,6 +99,11 @@ def test_value_likelihood_is_configured_beside_a_value_model_and_reaches_the_wor
     with pytest.raises(ValueError, match="value_input.*reads the line as it is"):
         load_config(None, **{"value_model.model": POLICY, "value_likelihood": {},
                              "value_input.step_separator": "<extra_0>"})
+    gated = load_config(None, **{"value_model.model": POLICY, "search.min_step_score": 0.5})
+    assert gated.search.to_params().min_step_score == 0.5 and gated.search_identity()["search"]["min_step_score"] == 0.5
+    assert "min_step_score" not in config.search_identity()["search"]  # unset: older builds keep their hash
+    with pytest.raises(ValueError, match="min_step_score"):
+        load_config(None, **{"search.min_step_score": 2})
     with pytest.raises(ValidationError, match="not a regular expression"):
         load_config(None, **{"value_model.model": POLICY, "value_likelihood.spans": "= (\\d+"})
 
