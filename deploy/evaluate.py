@@ -135,9 +135,9 @@ def eval_params(config: ForestConfig, strategy: Strategy, budget_tokens: int, se
                                budget=Budget(MAX_MCTS_ITERATIONS, budget_tokens, params.budget.seconds))
 
 
-def accepted_lines(tree, decode, check: StepCheck) -> list[final.Line]:
-    """The tree's finished lines; with a step ``check``, those that pass it (what a strategy chose among). Each
-    line is decoded once."""
+def accepted_lines(tree, decode, check: StepCheck, rejected: frozenset[int] = frozenset()) -> list[final.Line]:
+    """The tree's finished lines but those the search set aside (``rejected`` ends); with a step ``check``, those
+    that pass it (what a strategy chose among). Each line is decoded once."""
     texts: dict[tuple[int, ...], str] = {}
 
     def decode_once(ids) -> str:
@@ -146,7 +146,7 @@ def accepted_lines(tree, decode, check: StepCheck) -> list[final.Line]:
             texts[key] = decode(list(ids))
         return texts[key]
 
-    lines = final.finished_lines(tree, decode_once)
+    lines = [line for line in final.finished_lines(tree, decode_once) if line.leaf not in rejected]
     if check is StepCheck.OFF:
         return lines
     return [line for line in lines if passes(check, decode_once(tree.path_token_ids(line.leaf).tolist()),
@@ -175,7 +175,7 @@ async def evaluate_strategy(name: str, problems: list[Problem], pool: WorkerPool
     right = [answers_match(r.answer, p.answer) for r, p in zip(results, problems, strict=True)]
     low, high = wilson_interval(sum(right), len(problems))
     check = config.search.step_check
-    lines = [accepted_lines(r.tree, tokenizer.decode, check) for r in results]
+    lines = [accepted_lines(r.tree, tokenizer.decode, check, r.rejected) for r in results]
     in_tree = [any(answers_match(line.answer, p.answer) for line in ls) for ls, p in zip(lines, problems, strict=True)]
     rules = None
     if strategy.search is STRATEGIES["mcts"].search:

@@ -81,6 +81,7 @@ class SearchResult:
     value: float  # the chosen line's value (NaN when never valued)
     stop_reason: StopReason
     stats: SearchStats = field(default_factory=SearchStats)
+    rejected: frozenset[int] = frozenset()  # ends of lines set aside: a step failed step_check or min_step_score
 
 
 @dataclass(frozen=True, slots=True)
@@ -573,5 +574,7 @@ class _Search:
         """The result answering through the line that ends at ``leaf`` (``answer`` None: read from its text)."""
         ids = self.tree.path_token_ids(leaf)
         response = self.tokenizer.decode(ids.tolist())
+        terminal = self.tree.nodes["is_terminal"]
         return SearchResult(self.tree, self.tree.path(leaf), ids, response,
-                            extract_answer(response) if answer is None else answer, value, reason, self.stats)
+                            extract_answer(response) if answer is None else answer, value, reason, self.stats,
+                            frozenset(node for node in self._failed if terminal[node]))

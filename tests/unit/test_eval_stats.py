@@ -127,3 +127,5 @@ def test_the_lines_a_report_counts_pass_the_step_check_and_are_decoded_once():
     lines = accepted_lines(tree, decode, StepCheck.ARITHMETIC)
     assert [(line.leaf, line.answer) for line in lines] == [(1, "2 apples"), (2, "2 apples")]
     assert len(decoded) == 3  # the check reads the texts already decoded
+    # lines the search set aside (min_step_score) are not among what it chose from
+    assert [line.leaf for line in accepted_lines(tree, decode, StepCheck.OFF, frozenset({1, 3}))] == [2]

@@ -435,8 +435,11 @@ def test_a_step_scored_below_min_step_score_fails_like_a_step_check_failure():
     starts = tree.children(ROOT)
     bad = [k for k in starts if first_word(tree.path_token_ids(k)) not in GOOD]
     assert bad and result.stats.failed_checks >= len(bad)
-    for k in bad:  # a failed step is never widened: only its rollout hangs below it
+    for k in bad:  # a failed step is never widened: only its rollout hangs below it; its lines are set aside
         assert n["num_children"][k] <= 1 and tree.mean_value(k) == 0.0
+        assert {leaf for leaf in range(tree.num_nodes) if n["is_terminal"][leaf] and k in tree.path(leaf)} \
+            <= result.rejected
+    assert all(first_word(tree.path_token_ids(leaf)) not in GOOD for leaf in result.rejected)
     assert result.answer == "42" and result.value == pytest.approx(0.9)
     retried = [r for r in engine.requests if r.temperature == 1.0]
     assert retried and all(list(r.prompt_token_ids) == PROMPT for r in retried)  # the root sampled again
