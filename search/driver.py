@@ -404,6 +404,7 @@ class _Search:
         path = self.tree.path(end)
         self._failed.update(path[path.index(step):])
         self._retry.add(int(self.tree.nodes["parent"][step]))
+        self.tree.nodes["is_terminal"][end] = True  # a step scored on its own (no rollout) ends its line, as a check
         self._answers[end] = None
         self.stats.failed_checks += 1
         if self.right == end:  # stop_when_right saw the line answer before its score came back

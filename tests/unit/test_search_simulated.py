@@ -443,6 +443,13 @@ def test_a_step_scored_below_min_step_score_fails_like_a_step_check_failure():
     assert result.answer == "42" and result.value == pytest.approx(0.9)
     retried = [r for r in engine.requests if r.temperature == 1.0]
     assert retried and all(list(r.prompt_token_ids) == PROMPT for r in retried)  # the root sampled again
+    # without rollouts each new step is scored on its own, and one that fails ends its line there
+    engine = ScoringSimulatedEngine(TOK, seed=4, steps=1, quality=lambda r: 0.6, answer=_answer_by_first_word,
+                                    judge=_judge_good_branch)
+    result = search(engine, value=ValueKind.REWARD_MODEL, budget=Budget(iterations=24), min_step_score=0.5, seed=1)
+    bad = [k for k in result.tree.children(ROOT) if first_word(result.tree.path_token_ids(k)) not in GOOD]
+    assert bad and set(bad) <= result.rejected and all(result.tree.nodes["is_terminal"][bad])
+    assert result.answer == "42"
     with pytest.raises(ConfigError, match="min_step_score"):
         MCTSParams(min_step_score=1.5)
 
