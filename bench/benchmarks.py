@@ -326,7 +326,7 @@ def bench_cache(config: ForestConfig, *, problems: int, block_sizes: list[int]) 
 def bench_value(config: ForestConfig, *, problems: int) -> list[Figure]:
     """Generated tokens/s with the value model (``mcts-prm``) over tokens/s with the token-confidence value
     (``mcts-step``): does a value request make the generator wait?"""
-    from actors.pool import open_pool
+    from actors.pool import likelihood, open_pool
     from search.params import Budget
 
     if config.value_model is None:
@@ -356,7 +356,7 @@ def bench_value(config: ForestConfig, *, problems: int) -> list[Figure]:
         "value_model_tokens_per_s": round(rates["mcts-prm"]), "confidence_tokens_per_s": round(rates["mcts-step"]),
         "value_requests": sum(r.stats.value_requests for r in prm_results), "trees": len(prompts),
         "budget_tokens": budget.tokens, "value_model": config.value_model.model,
-        "value_by_likelihood": config.value_likelihood is not None,
+        "value_by_likelihood": likelihood(config) is not None,
         "value_device": config.value_model.device, "engine_device": config.engine.device})]
 
 
