@@ -31,7 +31,7 @@ from cluster.config import ForestConfig, LikelihoodConfig
 from cluster.cpus import allowed_cores, keep_off_engine_cores, pin
 from cluster.metrics import add
 from search.driver import SearchResult
-from search.params import MCTSParams
+from search.params import ConfigError, MCTSParams
 from search.protocol import Chunk, EngineDeadError, EngineError, GenerationRequest, ScoreRequest
 from search.strategies import Strategy
 
@@ -134,6 +134,9 @@ def likelihood(config: ForestConfig) -> Likelihood | None:
     spec = config.value_likelihood
     if spec is None and (config.value_model is None or not is_causal_lm(config.value_model.model)):
         return None
+    if config.value_input is not None:  # value_likelihood with value_input is refused by the config already
+        raise ConfigError("value_input", config.value_input.step_separator, f"is a reward model's input format; "
+                          f"{config.value_model.model} is a causal LM, read as a verifier by likelihood")
     return Likelihood(policy_model=config.engine.model, spans=(spec or LikelihoodConfig()).spans)
 
 

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 import psutil
 
+from actors.value_input import LikelihoodInput
 from cluster.config import EngineConfig
 from search.confidence import with_confidences
-from actors.value_input import LikelihoodInput
 from search.protocol import TOP_K, Chunk, EngineDeadError, EngineError, FinishReason, GenerationRequest, ScoreRequest
 
 CPU_EXECUTOR = "uni"  # a CPU engine runs its model in the engine-core process (see _engine_args)

@@ -111,8 +111,8 @@ def parser() -> argparse.ArgumentParser:
                     "outputs (training seeds only) instead of the problem generator's solutions")
     tw.add_argument("--output", required=True, metavar="DIR", help="verifier model directory to write")
     tw.add_argument("--base", default=DEFAULT_MODEL_DIR, help="the causal LM to fine-tune (the policy)")
-    tw.add_argument("--steps", type=int, default=verifier_recipe.STEPS, help="training steps, each on fresh problems "
-                    "of training seeds")
+    tw.add_argument("--steps", type=int, default=verifier_recipe.STEPS, help="training steps (batches): fresh "
+                    "problems of training seeds at each, or the build's right lines over and over")
     tw.add_argument("--seed", type=int, default=0)
     tw.add_argument("--batch-size", type=int, default=verifier_recipe.BATCH_SIZE)
     tw.add_argument("--lr", type=float, default=verifier_recipe.LEARNING_RATE)

@@ -195,10 +195,11 @@ async def evaluate_strategy(name: str, problems: list[Problem], pool: WorkerPool
 
 
 def _value_model(config: ForestConfig, strategy: Strategy) -> str | None:
-    if config.value_model is None or not needs_value_model(strategy, config.search.to_params(**strategy.preset)):
-        return None
+    """What the report names as the strategy's value model: its directory, marked when read by likelihood."""
     from actors.pool import likelihood
 
+    if config.value_model is None or not needs_value_model(strategy, config.search.to_params(**strategy.preset)):
+        return None
     return config.value_model.model + (" (likelihood)" if likelihood(config) is not None else "")
 
 

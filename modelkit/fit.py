@@ -1,8 +1,7 @@
-"""The fine-tuning loop the value model and the policy share: seeded epochs, linear warm-up, clipped AdamW steps,
-dev metrics every ``eval_every`` steps, the best weights kept with an early stop after ``patience`` evaluations
-without a lower dev loss (or the weights after the last epoch), optionally a cosine decay of the learning rate to
-zero over the run, a tqdm bar and a JSON report rewritten at every
-evaluation."""
+"""The fine-tuning loop the value model, the verifier and the policy share: seeded epochs, linear warm-up (and
+optionally a cosine decay to zero), clipped AdamW steps, dev metrics every ``eval_every`` steps, the best weights
+kept with an early stop after ``patience`` evaluations without a lower dev loss (or the weights after the last
+epoch), a tqdm bar and a JSON report rewritten at every evaluation."""
 
 from __future__ import annotations
 

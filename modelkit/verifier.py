@@ -3,8 +3,8 @@
 The policy writes "123 - 82 = 51" as readily as "123 - 82 = 41": its own probability of a written result tells a
 slip from a right sum only in part (docs/value.md). A verifier is the same causal LM trained further on correct
 solutions with its loss on the claimed digits alone (``search.checks.EQUATION``'s named groups), so it learns the
-arithmetic and nothing else changes. A ValueWorker serves it by likelihood (``value_spans`` in the config,
-``actors.verifier``): a line's value is the verifier's lowest probability of a result the line wrote.
+arithmetic and nothing else changes. A ValueWorker serves it by likelihood (``actors.value_input.LikelihoodInput``,
+``value_likelihood`` in the config): a line's value is the verifier's lowest probability of a result the line wrote.
 
 It learns from right solutions, of one of two sources:
 - ``forest train-verifier --output DIR`` (``make verifier-model``, the bundled verifier): the solutions the problem
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 # the recipe of the bundled verifier; the command line's defaults
 STEPS, BATCH_SIZE, LEARNING_RATE, EVAL_EVERY, PATIENCE, WARMUP_STEPS = 1000, 64, 1e-3, 200, 2, 50
 TRAIN_SEED = 440_000  # the training problems' stream (a training seed: below the held-out ones)
-DEV_SEED = 430_000
+DEV_SEED = 430_000  # the dev solutions' stream (a training-side seed too)
 DEV_PROBLEMS = 400
 DEV_SHARE = 0.1  # of a build's problems, when the verifier learns from builds
 IGNORE = -100  # the label transformers' loss skips

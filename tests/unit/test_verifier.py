@@ -94,6 +94,8 @@ def test_value_likelihood_is_configured_beside_a_value_model_and_reaches_the_wor
     # a causal LM is a verifier without the block (the default spans); a reward model is not
     assert likelihood(load_config(None, **{"value_model.model": POLICY})) == likelihood(config)
     assert likelihood(load_config(None, **{"value_model.model": "models/forest-value"})) is None
+    with pytest.raises(ValueError, match="value_input.*is a causal LM, read as a verifier"):
+        likelihood(load_config(None, **{"value_model.model": POLICY, "value_input.step_separator": "<extra_0>"}))
     with pytest.raises(ValueError, match="value_likelihood.*set value_model.model"):
         load_config(None, **{"value_likelihood": {}})
     with pytest.raises(ValueError, match="value_input.*reads the line as it is"):
