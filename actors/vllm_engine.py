@@ -378,11 +378,49 @@ def _prompt_logprobs(flat, count: int) -> np.ndarray:
     return lps
 
 
-class VLLMLikelihood:
+class _ValueEngine:
+    """What the two value-model engines share: their last output, vLLM's errors mapped to Forest's, and the engine's
+    settings, health and shutdown."""
+
+    config: EngineConfig
+    seed: int
+    device: str
+    engine: object  # a vLLM AsyncLLM
+    kind: str  # how errors name the engine
+
+    async def _final(self, outputs, request_id: str):
+        """The last of a request's ``outputs`` (vLLM's async stream); ``EngineDeadError`` or ``EngineError``."""
+        from vllm.v1.engine.exceptions import EngineDeadError as VLLMEngineDead
+
+        final = None
+        try:
+            async for output in outputs:
+                final = output
+        except VLLMEngineDead as exc:
+            raise EngineDeadError(f"vLLM {self.kind} engine (seed {self.seed}) died: {exc}") from exc
+        except (ValueError, TypeError) as exc:
+            raise EngineError(f"bad score request: {exc}") from exc
+        if final is None:
+            raise EngineError(f"score request {request_id} returned no output")
+        return final
+
+    def settings(self) -> dict:
+        return engine_settings(self.engine, self.config, self.device)
+
+    async def check_health(self) -> None:
+        await _check_health(self.engine, self.seed)
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+
+class VLLMLikelihood(_ValueEngine):
     """A verifier (a causal LM) on vLLM's generate runner, implementing ``search.protocol.Scorer``: each request is
     rendered by ``LikelihoodInput`` (the line in the verifier's tokens, the spans it scores), read in one prefill
     with the log-probability of every token (``prompt_logprobs``), and the score at a position is the verifier's
     lowest probability of a marked token written up to there (``LikelihoodInput.scores``)."""
+
+    kind = "verifier"
 
     def __init__(self, config: EngineConfig, reader: LikelihoodInput, *, seed: int, device: str = "cpu"):
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -395,7 +433,6 @@ class VLLMLikelihood:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
-        from vllm.v1.engine.exceptions import EngineDeadError as VLLMEngineDead
 
         line = self.reader.render(request)
         if len(line.token_ids) > self.config.max_model_len - 1:
@@ -404,30 +441,14 @@ class VLLMLikelihood:
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, flat_logprobs=True,
                                 output_kind=RequestOutputKind.FINAL_ONLY)
         request_id = f"{request.request_id or 'score'}-{uuid.uuid4().hex[:8]}"
-        final = None
-        try:
-            async for output in self.engine.generate(TokensPrompt(prompt_token_ids=line.token_ids.tolist()), params,
-                                                     request_id=request_id):
-                final = output
-        except VLLMEngineDead as exc:
-            raise EngineDeadError(f"vLLM verifier engine (seed {self.seed}) died: {exc}") from exc
-        except (ValueError, TypeError) as exc:
-            raise EngineError(f"bad score request: {exc}") from exc
-        if final is None or final.prompt_logprobs is None:
+        prompt = TokensPrompt(prompt_token_ids=line.token_ids.tolist())
+        final = await self._final(self.engine.generate(prompt, params, request_id=request_id), request_id)
+        if final.prompt_logprobs is None:
             raise EngineError(f"score request {request_id} returned no prompt logprobs")
         return line.scores(_prompt_logprobs(final.prompt_logprobs, len(line.token_ids)))
 
-    def settings(self) -> dict:
-        return engine_settings(self.engine, self.config, self.device)
 
-    async def check_health(self) -> None:
-        await _check_health(self.engine, self.seed)
-
-    def shutdown(self) -> None:
-        self.engine.shutdown()
-
-
-class VLLMScorer:
+class VLLMScorer(_ValueEngine):
     """A value model on vLLM's pooling runner, implementing ``search.protocol.Scorer``.
 
     A process reward model answers the ``token_classify`` task: per token, the probabilities of its labels (for
@@ -437,6 +458,8 @@ class VLLMScorer:
     A model that vLLM pools at its step tag only returns rows there (``score_rows``). Requests are batched by vLLM
     like generations.
     """
+
+    kind = "value"
 
     def __init__(self, config: EngineConfig, *, seed: int, device: str = "cpu"):
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -449,7 +472,6 @@ class VLLMScorer:
     async def score(self, request: ScoreRequest) -> np.ndarray:
         from vllm import PoolingParams
         from vllm.inputs import TokensPrompt
-        from vllm.v1.engine.exceptions import EngineDeadError as VLLMEngineDead
 
         ids = np.asarray(request.token_ids)
         positions = np.asarray(request.positions, dtype=np.int64)
@@ -459,26 +481,9 @@ class VLLMScorer:
         if len(positions) == 0 or positions.min() < 0 or positions.max() >= len(ids):
             raise EngineError(f"bad score request: positions {positions.tolist()} outside 0..{len(ids) - 1}")
         request_id = f"{request.request_id or 'score'}-{uuid.uuid4().hex[:8]}"
-        final = None
-        try:
-            async for output in self.engine.encode(TokensPrompt(prompt_token_ids=ids.tolist()),
-                                                   PoolingParams(task="token_classify"), request_id=request_id):
-                final = output
-        except VLLMEngineDead as exc:
-            raise EngineDeadError(f"vLLM value engine (seed {self.seed}) died: {exc}") from exc
-        except (ValueError, TypeError) as exc:
-            raise EngineError(f"bad score request: {exc}") from exc
-        if final is None:
-            raise EngineError(f"score request {request_id} returned no output")
+        outputs = self.engine.encode(TokensPrompt(prompt_token_ids=ids.tolist()), PoolingParams(task="token_classify"),
+                                     request_id=request_id)
+        final = await self._final(outputs, request_id)
         probabilities = np.asarray(final.outputs.data.float().numpy() if hasattr(final.outputs.data, "numpy")
                                    else final.outputs.data, dtype=np.float32)
         return probabilities[score_rows(ids, positions, len(probabilities), self.step_tag), -1]
-
-    def settings(self) -> dict:
-        return engine_settings(self.engine, self.config, self.device)
-
-    async def check_health(self) -> None:
-        await _check_health(self.engine, self.seed)
-
-    def shutdown(self) -> None:
-        self.engine.shutdown()
