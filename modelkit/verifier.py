@@ -27,6 +27,8 @@ import numpy as np
 
 from modelkit.arithmetic import make_problems
 from modelkit.fit import fit
+from modelkit.train import IGNORE, _arrays
+from modelkit.train import _tensors as tensors
 from modelkit.value import Example, split_by_problem
 from search.checks import EQUATION, marked_spans
 from search.prompts import TURN_END
@@ -39,7 +41,6 @@ TRAIN_SEED = 440_000  # the training problems' stream (a training seed: below th
 DEV_SEED = 430_000  # the dev solutions' stream (a training-side seed too)
 DEV_PROBLEMS = 400
 DEV_SHARE = 0.1  # of a build's problems, when the verifier learns from builds
-IGNORE = -100  # the label transformers' loss skips
 REPORT = "verifier_training.json"
 
 
@@ -83,18 +84,10 @@ def encode(tokenizer, solutions: Sequence[str]) -> tuple[list[list[int]], list[l
 
 
 def _tensors(rows: list[list[int]], claims: list[list[int]], pad: int, device):
-    """Right-padded ids, attention mask, labels (the claimed tokens; IGNORE elsewhere) and claim indices."""
-    import torch
-
-    width = max(len(r) for r in rows)
-    ids = np.full((len(rows), width), pad, dtype=np.int64)
-    claim = np.full((len(rows), width), -1, dtype=np.int64)
-    for i, (row, c) in enumerate(zip(rows, claims, strict=True)):
-        ids[i, :len(row)] = row
-        claim[i, :len(c)] = c
-    mask = (np.arange(width) < np.array([len(r) for r in rows])[:, None]).astype(np.int64)
-    labels = np.where(claim >= 0, ids, IGNORE)
-    return tuple(torch.from_numpy(a).to(device) for a in (ids, mask, labels, claim))
+    """Right-padded ids, attention mask, labels (the claimed tokens; IGNORE elsewhere) and claim indices (negative
+    where there is none), padded as the policy's batches are (``modelkit.train``)."""
+    ids, mask, claim = _arrays(rows, claims, pad)
+    return tensors((ids, mask, np.where(claim >= 0, ids, IGNORE), claim), device)
 
 
 def evaluate(model, batches: list[tuple]) -> dict:
