@@ -179,7 +179,7 @@ async def evaluate_strategy(name: str, problems: list[Problem], pool: WorkerPool
     in_tree = [any(answers_match(line.answer, p.answer) for line in ls) for ls, p in zip(lines, problems, strict=True)]
     rules = None
     if strategy.search is STRATEGIES["mcts"].search:
-        rules = {rule.value: float(np.mean([answers_match(_answer(r.tree, ls, rule), p.answer)
+        rules = {rule.value: float(np.mean([answers_match(_answer(r.tree, ls or list(r.set_aside), rule), p.answer)
                                             for r, ls, p in zip(results, lines, problems, strict=True)]))
                  for rule in FinalChoice}
     return StrategyReport(name, len(problems), sum(right), sum(right) / len(problems), low, high,

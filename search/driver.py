@@ -82,6 +82,7 @@ class SearchResult:
     stop_reason: StopReason
     stats: SearchStats = field(default_factory=SearchStats)
     rejected: frozenset[int] = frozenset()  # ends of lines set aside: a step failed step_check or min_step_score
+    set_aside: tuple[final.Line, ...] = ()  # those min_step_score set aside that finished, valued by their scores
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +147,7 @@ class _Search:
         self._answer_tags: set[int] = set()  # generated nodes whose text (with its overlap) holds an answer tag
         self._failed: set[int] = set()  # nodes at or below a step that failed ``step_check``
         self._retry: set[int] = set()  # parents of a failed step: their next samples use ``retry_temperature``
+        self._set_aside: list[final.Line] = []  # SearchResult.set_aside: the answers when no other line finishes
         self.right: int | None = None  # stop_when_right: the end of the first finished line that answered the reference
         self.stops_when_right = params.stop_when_right and reference is not None
 
@@ -328,6 +330,9 @@ class _Search:
             failed = next((step for step, score in zip(job.steps, scores, strict=True)
                            if score < self.params.min_step_score), None) if job.steps else None
             if failed is not None:
+                answer = self._answers.get(job.node)
+                if answer is not None:
+                    self._set_aside.append(final.Line.of(job.node, answer, float(scores[-1])))
                 self._fail_steps(failed, job.node)
                 value = self.params.unanswered_value
             else:
@@ -564,8 +569,9 @@ class _Search:
         tree = self.tree
         if self.right is not None:  # stop_when_right: the right line is the response
             return self._line_result(self.right, reason, self._answers[self.right], tree.mean_value(self.right))
-        line = final.choose(tree, final.finished_lines(tree, self.tokenizer.decode, self._answers),
-                            self.params.final)
+        # every finished line set aside by the value model: the rule chooses among them by their scores
+        line = final.choose(tree, final.finished_lines(tree, self.tokenizer.decode, self._answers)
+                            or self._set_aside, self.params.final)
         if line is None:  # no finished line: the most-visited one, whatever it holds
             leaf = mcts.most_visited_path(tree)[-1]
             return self._line_result(leaf, reason, None, tree.mean_value(leaf))
@@ -578,4 +584,4 @@ class _Search:
         terminal = self.tree.nodes["is_terminal"]
         return SearchResult(self.tree, self.tree.path(leaf), ids, response,
                             extract_answer(response) if answer is None else answer, value, reason, self.stats,
-                            frozenset(node for node in self._failed if terminal[node]))
+                            frozenset(node for node in self._failed if terminal[node]), tuple(self._set_aside))

@@ -30,6 +30,10 @@ class Line:
     key: str  # the normalised answer (what votes and comparisons use)
     value: float
 
+    @classmethod
+    def of(cls, leaf: int, answer: str, value: float) -> Line:
+        return cls(leaf, answer, normalize_answer(answer), value)
+
 
 def line_finished(tree: Tree, node: int, response: str) -> bool:
     """The line ends because the model finished its answer (not because a budget or limit cut it)."""
@@ -51,7 +55,7 @@ def finished_lines(tree: Tree, decode: Callable[[Sequence[int]], str],
             continue
         answer = known[leaf] if leaf in known else line_answer(tree, leaf, decode(tree.path_token_ids(leaf).tolist()))
         if answer is not None:
-            lines.append(Line(leaf, answer, normalize_answer(answer), tree.mean_value(leaf)))
+            lines.append(Line.of(leaf, answer, tree.mean_value(leaf)))
     return lines
 
 

@@ -7,9 +7,10 @@ import itertools
 import numpy as np
 import pytest
 
-from search import (STRATEGIES, Budget, ConfigError, EngineError, Granularity, MCTSParams, NodeKind,
+from search import (STRATEGIES, Budget, ConfigError, EngineError, FinalChoice, Granularity, MCTSParams, NodeKind,
                     ReflectionPolicy, StopReason, ValueKind, best_of_n, build_prompt, greedy, run_mcts,
                     self_consistency)
+from search import final
 from search.baselines import best_of_n_prm
 from search.simulated import ScoringSimulatedEngine, SimulatedEngine, SimulatedTokenizer
 from search.values import reward_value
@@ -452,6 +453,28 @@ def test_a_step_scored_below_min_step_score_fails_like_a_step_check_failure():
     assert result.answer == "42"
     with pytest.raises(ConfigError, match="min_step_score"):
         MCTSParams(min_step_score=1.5)
+
+
+def test_when_min_step_score_sets_every_line_aside_the_best_scored_one_answers():
+    """No line passes the floor: the final rule chooses among the finished lines set aside, by their scores (the
+    rare branches that lead to 42 score 0.4, the others 0.1), not by visits, which the scores no longer steer."""
+    rare = set(TOK.word_ids[:3])  # 3 of the 16 first words
+
+    def answer(response):
+        return "42" if first_word(response) in rare else "7"
+
+    engine = ScoringSimulatedEngine(TOK, seed=5, steps=1, quality=lambda r: 0.6, answer=answer,
+                                    judge=lambda r: 0.4 if first_word(r) in rare else 0.1)
+    result = search(engine, value=ValueKind.REWARD_MODEL_ROLLOUT, budget=Budget(iterations=24), min_step_score=0.5,
+                    retry_temperature=1.0, temperature=1.0, seed=3)
+    aside = {line.leaf: line for line in result.set_aside}
+    assert aside and set(aside) <= result.rejected
+    assert {line.key for line in aside.values()} == {"42", "7"}
+    assert [line.value for line in aside.values() if line.key == "42"] == pytest.approx(
+        [0.4] * sum(line.key == "42" for line in aside.values()))
+    assert result.answer == "42" and result.value == pytest.approx(0.4) and result.path[-1] in aside
+    sums = {key: sum(line.value for line in aside.values() if line.key == key) for key in ("42", "7")}
+    assert final.choose(result.tree, list(result.set_aside), FinalChoice.VOTE).key == max(sums, key=sums.get)
 
 
 def test_running_path_totals_match_a_walk_of_the_path():
