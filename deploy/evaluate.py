@@ -35,6 +35,7 @@ from search.tree import NodeKind
 if TYPE_CHECKING:
     from actors.pool import WorkerPool
     from dataset.problems import Problem
+    from search.driver import SearchResult
 
 MAX_MCTS_ITERATIONS = 1024  # high enough that the token budget, not the iteration count, stops the search
 BOOTSTRAP_DRAWS = 10_000  # resamples of the problems behind a paired difference's interval
@@ -179,7 +180,7 @@ async def evaluate_strategy(name: str, problems: list[Problem], pool: WorkerPool
     in_tree = [any(answers_match(line.answer, p.answer) for line in ls) for ls, p in zip(lines, problems, strict=True)]
     rules = None
     if strategy.search is STRATEGIES["mcts"].search:
-        rules = {rule.value: float(np.mean([answers_match(_answer(r.tree, ls or list(r.set_aside), rule), p.answer)
+        rules = {rule.value: float(np.mean([answers_match(rule_answer(r, ls, rule), p.answer)
                                             for r, ls, p in zip(results, lines, problems, strict=True)]))
                  for rule in FinalChoice}
     return StrategyReport(name, len(problems), sum(right), sum(right) / len(problems), low, high,
@@ -207,8 +208,10 @@ def _reflections(kinds: np.ndarray) -> int:
     return int((kinds == NodeKind.REFLECTION).sum())
 
 
-def _answer(tree, lines, rule: FinalChoice) -> str | None:
-    line = final.choose(tree, lines, rule)
+def rule_answer(result: SearchResult, lines: list[final.Line], rule: FinalChoice) -> str | None:
+    """The answer ``rule`` gives among a search's accepted ``lines``; as the search itself does, among the lines
+    its value model set aside (by their scores) when none is accepted."""
+    line = final.choose(result.tree, lines or list(result.set_aside), rule)
     return None if line is None else line.answer
 
 

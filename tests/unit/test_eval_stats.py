@@ -1,14 +1,16 @@
 """The statistics and tables ``forest eval`` reports, and its strategy list."""
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from deploy.evaluate import (EvalError, StrategyReport, accepted_lines, format_markdown, format_table, mcnemar_p,
-                             paired_difference, parse_budgets, parse_strategies, plot, wilson_interval)
+                             paired_difference, parse_budgets, parse_strategies, plot, rule_answer, wilson_interval)
+from search import final
 from search.metrics import auroc
-from search.params import StepCheck
+from search.params import FinalChoice, StepCheck
 from tests.unit.test_api_models import TOK, handmade_tree
 
 
@@ -129,3 +131,13 @@ def test_the_lines_a_report_counts_pass_the_step_check_and_are_decoded_once():
     assert len(decoded) == 3  # the check reads the texts already decoded
     # lines the search set aside (min_step_score) are not among what it chose from
     assert [line.leaf for line in accepted_lines(tree, decode, StepCheck.OFF, frozenset({1, 3}))] == [2]
+
+
+def test_the_rules_answer_among_the_lines_set_aside_when_none_is_accepted():
+    tree = handmade_tree()
+    set_aside = (final.Line.of(1, "2 apples", 0.2), final.Line.of(3, "3 apples", 0.4))
+    result = SimpleNamespace(tree=tree, set_aside=set_aside)
+    kept = [final.Line.of(2, "2 apples", 0.9)]
+    assert {rule: rule_answer(result, kept, rule) for rule in FinalChoice} == dict.fromkeys(FinalChoice, "2 apples")
+    assert rule_answer(result, [], FinalChoice.BEST_VALUE) == "3 apples"  # by their scores
+    assert rule_answer(SimpleNamespace(tree=tree, set_aside=()), [], FinalChoice.BEST_VALUE) is None
