@@ -211,7 +211,7 @@ def _reflections(kinds: np.ndarray) -> int:
 def rule_answer(result: SearchResult, lines: list[final.Line], rule: FinalChoice) -> str | None:
     """The answer ``rule`` gives among a search's accepted ``lines``; as the search itself does, among the lines
     its value model set aside (by their scores) when none is accepted."""
-    line = final.choose(result.tree, lines or list(result.set_aside), rule)
+    line = final.choose(result.tree, lines, rule, result.set_aside)
     return None if line is None else line.answer
 
 

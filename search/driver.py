@@ -569,9 +569,8 @@ class _Search:
         tree = self.tree
         if self.right is not None:  # stop_when_right: the right line is the response
             return self._line_result(self.right, reason, self._answers[self.right], tree.mean_value(self.right))
-        # no finished line kept: the rule chooses among those the value model set aside, by their scores
-        line = final.choose(tree, final.finished_lines(tree, self.tokenizer.decode, self._answers)
-                            or self._set_aside, self.params.final)
+        line = final.choose(tree, final.finished_lines(tree, self.tokenizer.decode, self._answers),
+                            self.params.final, self._set_aside)
         if line is None:  # no finished line: the most-visited one, whatever it holds
             leaf = mcts.most_visited_path(tree)[-1]
             return self._line_result(leaf, reason, None, tree.mean_value(leaf))

@@ -65,8 +65,10 @@ def _best(lines: list[Line]) -> Line:
                else (False, 0.0, -line.leaf))
 
 
-def choose(tree: Tree, lines: list[Line], rule: FinalChoice) -> Line | None:
-    """The line ``rule`` picks among ``lines`` (None when there is no finished line)."""
+def choose(tree: Tree, lines: Sequence[Line], rule: FinalChoice, set_aside: Sequence[Line] = ()) -> Line | None:
+    """The line ``rule`` picks among ``lines``; when there is none, among the finished lines the value model set
+    aside (``set_aside``, valued by their scores); None when there is neither."""
+    lines = lines or set_aside
     if not lines:
         return None
     if rule is FinalChoice.VOTE:
