@@ -28,7 +28,9 @@ class DatasetWriter:
     """Buffers finished trees and errors; ``flush`` commits everything buffered (after ``flush_trees`` trees by
     itself)."""
 
-    def __init__(self, output: str, *, session: str, flush_trees: int):
+    def __init__(self, output: str, *, session: str, flush_trees: int,
+                 recorded: set[tuple[str, str, str]] | None = None):
+        """``recorded``: (problem_id, stage, message) of the errors already committed by earlier sessions."""
         self.filesystem, self.root = open_output(output)
         for kind in PART_KINDS:
             self.filesystem.create_dir(f"{self.root}/{kind}", recursive=True)
@@ -40,6 +42,7 @@ class DatasetWriter:
         self.errors: list[dict] = []
         self.committed_trees = self.committed_errors = 0
         self.received: set[str] = set()  # problem ids of this session's trees
+        self.recorded = set(recorded or ())  # error keys committed before or received in this session
 
     def add_tree(self, nodes: pa.Table, tree: dict, pairs: list[dict]) -> None:
         """Buffer a finished tree. A problem's second tree is dropped: a manager that died after handing its tree
@@ -55,7 +58,13 @@ class DatasetWriter:
             self.flush()
 
     def add_errors(self, rows: list[dict]) -> None:
-        self.errors.extend(rows)
+        """Buffer error rows, each (problem, stage, message) once: a manager that died after reporting a failure
+        has that problem redone elsewhere, where it fails the same way."""
+        for row in rows:
+            key = (row["problem_id"], row["stage"], row["message"])
+            if key not in self.recorded:
+                self.recorded.add(key)
+                self.errors.append(row)
 
     def flush(self) -> int:
         """Write buffered rows; returns the number of trees committed so far."""

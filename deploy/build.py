@@ -113,12 +113,10 @@ def run_build(config: ForestConfig) -> BuildSummary:
     connect()
     config = resolve_auto(config)
     b = config.build
-    sink = start_sink(b.output, session=session, flush_trees=b.flush_trees)
+    sink = start_sink(b.output, session=session, flush_trees=b.flush_trees, recorded=known)
     managers: list = []
     try:
-        fresh = [error_row(run_id, e.problem_id, "input", e.message) for e in input_errors
-                 if (e.problem_id, "input", e.message) not in known]
-        ray.get(sink.add_errors.remote(fresh))
+        ray.get(sink.add_errors.remote([error_row(run_id, e.problem_id, "input", e.message) for e in input_errors]))
         strategy = get_strategy(b.strategy)
         params = config.search.to_params(**strategy.preset)
         with open_pool(config, name_prefix=f"forest-build-{session}", start=bool(todo),

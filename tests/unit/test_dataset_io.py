@@ -123,3 +123,16 @@ def test_writer_writes_through_a_filesystem_uri(tmp_path):
     sink.flush()
     assert recorded_errors(uri) == {("x", "input", "m")} and committed_problem_ids(uri) == set()
     assert list((tmp_path / "out" / "errors").glob("part-u-*.parquet"))
+
+
+def test_the_writer_records_each_error_once(tmp_path):
+    """A manager that dies after reporting a failure has the problem redone elsewhere, where it fails again."""
+    out = str(tmp_path / "out")
+    earlier = {"run_id": "r", "problem_id": "bad", "stage": "input", "message": "empty"}
+    failed = {"run_id": "r", "problem_id": "long", "stage": "prompt", "message": "prompt has 3000 tokens"}
+    sink = DatasetWriter(out, session="s1", flush_trees=100, recorded={("bad", "input", "empty")})
+    sink.add_errors([earlier, failed])
+    sink.add_errors([failed, {**failed, "stage": "search"}])
+    sink.flush()
+    errors = pq.read_table(tmp_path / "out" / "errors").to_pylist()
+    assert sorted((e["problem_id"], e["stage"]) for e in errors) == [("long", "prompt"), ("long", "search")]
