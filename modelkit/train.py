@@ -71,7 +71,7 @@ def _rows(tokenizer, examples: list[tuple[str, TrainingExample]]) -> tuple[list[
     return rows, labels
 
 
-def _arrays(rows: list[list[int]], labels: list[list[int]], pad: int):
+def padded_arrays(rows: list[list[int]], labels: list[list[int]], pad: int):
     """Right-padded input ids, attention mask and labels as numpy arrays (filled row by row: converting a nested
     list is several times slower)."""
     import numpy as np
@@ -93,11 +93,11 @@ def _pieces(rows: list[list[int]], labels: list[list[int]], pad: int, parts: int
     import numpy as np
 
     order = np.argsort([len(row) for row in rows], kind="stable")
-    return [_arrays([rows[i] for i in part], [labels[i] for i in part], pad)
+    return [padded_arrays([rows[i] for i in part], [labels[i] for i in part], pad)
             for part in np.array_split(order, min(parts, len(rows)))]
 
 
-def _tensors(arrays, device):
+def to_tensors(arrays, device):
     import torch
 
     return tuple(torch.from_numpy(a).to(device) for a in arrays)
@@ -105,7 +105,7 @@ def _tensors(arrays, device):
 
 def _batch(tokenizer, examples: list[tuple[str, TrainingExample]], device):
     """The model's inputs for ``examples``: ids, attention mask and labels (see ``_rows``)."""
-    return _tensors(_arrays(*_rows(tokenizer, examples), tokenizer.pad_token_id), device)
+    return to_tensors(padded_arrays(*_rows(tokenizer, examples), tokenizer.pad_token_id), device)
 
 
 def _draw_batch(seed: int, step: int, batch_size: int, reflection_rate: float, dist: Distribution
@@ -298,7 +298,7 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
         for arrays, count in zip(pieces, scored, strict=True):
             if not count:  # nothing scored in this piece: its mean loss would be 0/0
                 continue
-            ids, mask, target = _tensors(arrays, device)
+            ids, mask, target = to_tensors(arrays, device)
             with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=bf16):
                 loss = forward(input_ids=ids, attention_mask=mask, labels=target).loss * (count / total)
             loss.backward()

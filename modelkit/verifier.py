@@ -27,8 +27,7 @@ import numpy as np
 
 from modelkit.arithmetic import make_problems
 from modelkit.fit import fit
-from modelkit.train import IGNORE, _arrays
-from modelkit.train import _tensors as tensors
+from modelkit.train import IGNORE, padded_arrays, to_tensors
 from modelkit.value import Example, split_by_problem
 from search.checks import EQUATION, marked_spans
 from search.prompts import TURN_END
@@ -83,11 +82,11 @@ def encode(tokenizer, solutions: Sequence[str]) -> tuple[list[list[int]], list[l
     return encoded["input_ids"], claims
 
 
-def _tensors(rows: list[list[int]], claims: list[list[int]], pad: int, device):
+def _claim_tensors(rows: list[list[int]], claims: list[list[int]], pad: int, device):
     """Right-padded ids, attention mask, labels (the claimed tokens; IGNORE elsewhere) and claim indices (negative
     where there is none), padded as the policy's batches are (``modelkit.train``)."""
-    ids, mask, claim = _arrays(rows, claims, pad)
-    return tensors((ids, mask, np.where(claim >= 0, ids, IGNORE), claim), device)
+    ids, mask, claim = padded_arrays(rows, claims, pad)
+    return to_tensors((ids, mask, np.where(claim >= 0, ids, IGNORE), claim), device)
 
 
 def evaluate(model, batches: list[tuple]) -> dict:
@@ -142,14 +141,14 @@ def train_verifier(*, base: str | Path, output: str | Path, examples: Sequence[E
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model = AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float32).to(device)
     model.train()
-    dev_batches = [_tensors(*encode(tokenizer, dev[i:i + batch_size]), pad, device)
+    dev_batches = [_claim_tensors(*encode(tokenizer, dev[i:i + batch_size]), pad, device)
                    for i in range(0, len(dev), batch_size)]
     report = {"base": str(base), "seed": seed, **source, "steps": steps, "batch_size": batch_size, "lr": lr,
               "dev_solutions": len(dev), "device": device, "start": evaluate(model, dev_batches), "history": []}
     log.info("verifier before training: %s", report["start"])
 
     def loss_of(solutions):
-        ids, mask, labels, _ = _tensors(*encode(tokenizer, solutions), pad, device)
+        ids, mask, labels, _ = _claim_tensors(*encode(tokenizer, solutions), pad, device)
         return model(input_ids=ids, attention_mask=mask, labels=labels).loss
 
     def keep():
