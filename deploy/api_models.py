@@ -264,7 +264,7 @@ def search_summary(result: SearchResult) -> dict:
     value = None if result.value != result.value else result.value  # NaN -> null
     return {"iterations": result.stats.iterations, "nodes": result.tree.num_nodes, "value": value,
             "stop_reason": result.stop_reason.value, "seconds": round(result.stats.seconds, 4),
-            "cached_prompt_tokens": result.stats.cached_prompt_tokens}
+            "cached_prompt_tokens": result.stats.cached_prompt_tokens, "failed_checks": result.stats.failed_checks}
 
 
 def tree_json(tree: Tree, decode, best_path: list[int]) -> dict:

@@ -243,6 +243,40 @@ def test_openai_stop_and_logprobs_on_the_bundled_model(arith_worker, arith_confi
         serve.shutdown()
 
 
+def test_serve_answers_with_the_bundled_verifier_gating_the_search(arith_worker, arith_config):
+    """The README's best preset online: with the bundled verifier as the value model and ``min_step_score``, the
+    endpoint lists and runs ``forest-mcts-prm`` over HTTP (a ValueWorker started by the Serve app)."""
+    import httpx
+    from ray import serve
+
+    from cluster.config import EngineConfig
+    from deploy.serve import app_for
+
+    verifier = EngineConfig(model=str(REPO / "models" / "forest-verifier"), device="cpu", dtype="float32",
+                            max_model_len=1024, enforce_eager=True, cpu_kvcache_gib=1)
+    search = arith_config.search.model_copy(update={"min_step_score": 0.5, "retry_temperature": 1.0})
+    config = arith_config.model_copy(update={"value_model": verifier, "search": search})
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(app_for(config), name="verifier", route_prefix="/")
+    try:
+        base = f"http://127.0.0.1:{port}/v1"
+        models = {m["id"] for m in httpx.get(f"{base}/models", timeout=60).json()["data"]}
+        assert {"forest-mcts-prm", "forest-best_of_n-prm"} <= models
+        body = {"model": "forest-mcts-prm", "budget_tokens": 512,
+                "messages": [{"role": "user", "content": "Ann has 12 eggs. Then Ann finds 3 more. "
+                                                         "How many eggs does Ann have now?"}]}
+        response = httpx.post(f"{base}/chat/completions", json=body, timeout=600)
+        assert response.status_code == 200, response.text
+        data = response.json()
+        assert data["choices"][0]["message"]["content"]
+        assert 0 < data["usage"]["completion_tokens"] <= 512
+        summary = data["forest"]
+        assert summary["iterations"] >= 1 and 0 <= summary["value"] <= 1 and summary["failed_checks"] >= 0
+    finally:
+        serve.shutdown()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
