@@ -4,8 +4,9 @@
 
 Trained until the dev loss stops improving: every ``--eval-every`` steps the loss on a fixed dev set (a seed no
 training stream uses) is measured and dev problems are decoded greedily with transformers; the learning rate halves
-when the dev loss stops improving and training ends at the next plateau (or at ``--max-steps``). The weights with
-the best dev loss are kept, and ``training.json`` beside them records every evaluation (``--plot`` draws them).
+when the dev loss stops improving (and, back at the best weights, when it spikes) and training ends at the next
+plateau (or at ``--max-steps``). The weights with the best dev loss are kept, and ``training.json`` beside them
+records every evaluation (``--plot`` draws them).
 The problems are meant to be hard for a converged model (products, remainders and carries computed in one step,
 compounding over up to five steps). A share of training solutions slip, write Marco-o1's reflection phrase and
 redo the work (the slip itself is not trained on), so a forced reflection means something to the model.
@@ -18,12 +19,14 @@ are single tokens, so carries are learnable, and mistakes happen on digits, wher
 from __future__ import annotations
 
 import argparse
+import enum
 import json
 import logging
+import math
 import random
 import time
 from collections import deque
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from modelkit.arithmetic import (DEFAULT_DISTRIBUTION, HELD_OUT_SEED_START, Distribution, TrainingExample,
@@ -37,6 +40,7 @@ DEV_SEED = HELD_OUT_SEED_START - 1  # never a training stream: those are seeded 
 IGNORE = -100  # the label transformers' loss skips
 WARMUP_STEPS = 100
 MIN_IMPROVEMENT = 0.005  # a dev loss at least 0.5% below the best so far counts as better
+DIVERGENCE = 2.0  # a dev loss this many times the best so far: the run diverged (docs/model.md: a loss spike)
 DEV_GREEDY_PROBLEMS = 128
 MAX_NEW_TOKENS = 512  # room for a slip, a reflection and a redo of the longest problems
 PREFETCH_PER_WORKER = 4  # batches each data worker keeps ready
@@ -222,6 +226,52 @@ def dev_report(model, tokenizer, problems, *, temperatures=REPORT_TEMPERATURES, 
     return report
 
 
+class Verdict(enum.Enum):
+    """What an evaluation's dev loss means for the run (``Schedule.observe``)."""
+
+    BEST = "best"  # the lowest dev loss so far: keep these weights
+    GO_ON = "go_on"
+    ROLL_BACK = "roll_back"  # a divergence: go back to the kept weights, at the halved rate, with fresh moments
+    CONVERGED = "converged"  # a plateau after the last halving: stop
+    DIVERGED = "diverged"  # a divergence with no halving left: stop
+
+
+@dataclass
+class Schedule:
+    """The learning rate's halvings and the end of training, decided from each evaluation's dev loss.
+
+    The rate halves when ``patience`` evaluations in a row fail to beat the last mark by ``MIN_IMPROVEMENT``; after
+    ``max_decays`` halvings, the next such plateau ends training. A dev loss ``DIVERGENCE`` times the best one (or
+    not a number) is a divergence: a run at the edge of stability can spike and take hundreds of steps to recover,
+    so it goes back to the kept weights at half the rate (one of the halvings; with none left, training ends)."""
+
+    rate: float
+    patience: int
+    max_decays: int
+    best: float = math.inf
+    mark: float = math.inf  # the dev loss that the next one must beat by MIN_IMPROVEMENT to count as progress
+    stale: int = 0
+    decays: int = 0
+
+    def observe(self, loss: float) -> Verdict:
+        if math.isfinite(self.best) and not loss <= self.best * DIVERGENCE:
+            if self.decays == self.max_decays:
+                return Verdict.DIVERGED
+            self.decays, self.stale, self.rate = self.decays + 1, 0, self.rate / 2
+            return Verdict.ROLL_BACK
+        verdict = Verdict.BEST if loss < self.best else Verdict.GO_ON
+        self.best = min(self.best, loss)
+        if loss < self.mark * (1 - MIN_IMPROVEMENT):
+            self.mark, self.stale = loss, 0
+        else:
+            self.stale += 1
+        if self.stale >= self.patience:
+            if self.decays == self.max_decays:
+                return Verdict.CONVERGED
+            self.decays, self.stale, self.rate = self.decays + 1, 0, self.rate / 2
+        return verdict
+
+
 def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batch_size: int = BATCH_SIZE,
           lr: float = LEARNING_RATE, hidden_size: int = HIDDEN_SIZE, layers: int = LAYERS, vocab_size: int = 512,
           reflection_rate: float = REFLECTION_RATE, eval_every: int = EVAL_EVERY, patience: int = PATIENCE,
@@ -236,10 +286,10 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
     ``training.json`` records where the run resumed. ``workers`` processes draw and tokenize batches ahead of the
     training loop (the same batches as without them).
 
-    The learning rate is constant after warm-up and halves whenever ``patience`` evaluations in a row fail to
-    lower the best dev loss; after ``max_decays`` halvings, one more such plateau ends training (or ``max_steps``
-    does, or ``max_seconds`` of training). The weights with the best dev loss are the ones kept; with
-    ``report_problems``, ``dev_report`` then measures them on that many dev problems.
+    The learning rate is constant after warm-up and halves as ``Schedule`` decides (on plateaus, and on a
+    divergence, after going back to the kept weights with a new warm-up); training ends at the plateau after
+    ``max_decays`` halvings (or ``max_steps`` does, or ``max_seconds`` of training). The weights with the best dev
+    loss are the ones kept; with ``report_problems``, ``dev_report`` then measures them on that many dev problems.
 
     ``bf16`` runs the training forward pass under bfloat16 autocast (the weights, the dev loss and the saved model
     stay float32); ``compile_model`` trains through ``torch.compile`` (dynamic shapes: every batch has its own
@@ -269,7 +319,10 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
         model = Qwen2ForCausalLM.from_pretrained(out, torch_dtype=torch.float32).to(device)
     forward = torch.compile(model, dynamic=True) if compile_model else model  # shares the weights
     device_type = torch.device(device).type  # autocast's name for the device
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    def new_optimizer():
+        return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+
+    optimizer = new_optimizer()
     dev = make_problems(max(dev_problems, report_problems), DEV_SEED, dist)
     dev_batches = [_batch(tokenizer, [(p.question, TrainingExample(p.solution)) for p in dev[i:i + batch_size]],
                           device) for i in range(0, dev_problems, batch_size)]
@@ -278,20 +331,20 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
               "distribution": asdict(dist), "dev_seed": DEV_SEED, "dev_problems": dev_problems, "device": device,
               "threads": torch.get_num_threads(), "bf16": bf16, "compiled": compile_model,
               "micro_batches": micro_batches, "history": []}
-    best, stale, decays, rate, first = float("inf"), 0, 0, lr, 1
-    plateau_mark = best  # the dev loss that the next one must beat by MIN_IMPROVEMENT to count as progress
+    schedule, first = Schedule(lr, patience, max_decays), 1
     train_losses, started = [], time.monotonic()
     if previous:
         first = previous["steps"] + 1
         report["history"] = [h for h in previous["history"] if h["step"] <= previous["steps"]]
         report["resumed"] = [*previous.get("resumed", []), previous["steps"]]
-        best = plateau_mark = previous["dev_loss"]
+        schedule.best = schedule.mark = previous["dev_loss"]
         started -= previous.get("seconds", report["history"][-1]["seconds"])
+    warm_from = first  # the warm-up restarts here after a resume or a roll-back (the moments start afresh)
     batches = _batches(tokenizer, out, range(first, max_steps + 1), workers, seed, (batch_size, reflection_rate, dist),
                        micro_batches)
     for step, pieces in zip(range(first, max_steps + 1), batches, strict=False):
         for group in optimizer.param_groups:
-            group["lr"] = rate * min(1.0, (step - first + 1) / WARMUP_STEPS)
+            group["lr"] = schedule.rate * min(1.0, (step - warm_from + 1) / WARMUP_STEPS)
         optimizer.zero_grad(set_to_none=True)
         scored = [int((target[:, 1:] != IGNORE).sum()) for _, _, target in pieces]  # the tokens each loss averages
         total, step_loss = sum(scored), 0.0
@@ -313,26 +366,26 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
         accuracy = greedy_accuracy(model, tokenizer, dev[:DEV_GREEDY_PROBLEMS])
         report["history"].append({
             "step": step, "train_loss": round(sum(train_losses) / len(train_losses), 4), "dev_loss": round(loss_now, 4),
-            "dev_greedy_accuracy": accuracy, "lr": rate, "seconds": round(time.monotonic() - started, 1)})
+            "dev_greedy_accuracy": accuracy, "lr": schedule.rate, "seconds": round(time.monotonic() - started, 1)})
         train_losses = []
         log.info("step %d: train loss %.4f, dev loss %.4f, dev greedy accuracy %.3f, lr %.2g (%.0f s)", step,
-                 report["history"][-1]["train_loss"], loss_now, accuracy, rate, time.monotonic() - started)
-        if loss_now < best:
-            best = loss_now
+                 report["history"][-1]["train_loss"], loss_now, accuracy, schedule.rate, time.monotonic() - started)
+        verdict = schedule.observe(loss_now)
+        if verdict is Verdict.BEST:
             report.update(steps=step, dev_loss=round(loss_now, 4), dev_greedy_accuracy=accuracy)
             model.save_pretrained(out, safe_serialization=True)  # the best weights so far
             GenerationConfig(eos_token_id=eos_id).save_pretrained(out)
-        if loss_now < plateau_mark * (1 - MIN_IMPROVEMENT):
-            plateau_mark, stale = loss_now, 0
-        else:
-            stale += 1
+        elif verdict is Verdict.ROLL_BACK:
+            log.info("dev loss %.4f is over %g times the best (%.4f at step %d): back to those weights, lr %.2g",
+                     loss_now, DIVERGENCE, schedule.best, report["steps"], schedule.rate)
+            model.load_state_dict(Qwen2ForCausalLM.from_pretrained(out, torch_dtype=torch.float32).state_dict())
+            optimizer, warm_from = new_optimizer(), step + 1
+            report["rolled_back"] = [*report.get("rolled_back", []), step]
         (out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
-        if stale >= patience:
-            if decays == max_decays:
-                log.info("dev loss stopped improving (best %.4f at step %d): stopping", best, report["steps"])
-                report["stopped"] = "converged"
-                break
-            decays, stale, rate = decays + 1, 0, rate / 2
+        if verdict in (Verdict.CONVERGED, Verdict.DIVERGED):
+            log.info("dev loss %s (best %.4f at step %d): stopping", verdict.value, schedule.best, report["steps"])
+            report["stopped"] = verdict.value
+            break
         if out_of_time:
             log.info("stopping at the time limit (%.0f s)", max_seconds)
             report["stopped"] = "max_seconds"

@@ -225,3 +225,40 @@ def test_dev_report_measures_greedy_by_steps_and_sampling(tmp_path):
     assert report["problems"] == 3 and report["greedy"] == 0.0  # random weights answer nothing right
     assert set(report["greedy_by_steps"]) == {str(p.changes) for p in problems}
     assert set(report["sampled"]["1.0"]) == {"one_sample", "pass@2", "reflects"}
+
+
+def test_the_schedule_halves_on_plateaus_and_rolls_back_a_spike():
+    from modelkit.train import Schedule, Verdict
+
+    schedule = Schedule(rate=1.0, patience=2, max_decays=2)
+    verdicts = [schedule.observe(loss) for loss in (1.0, 0.5, 0.499, 0.498)]
+    assert verdicts == [Verdict.BEST, Verdict.BEST, Verdict.BEST, Verdict.BEST]
+    assert (schedule.rate, schedule.decays) == (0.5, 1)  # two evaluations less than 0.5% better: a plateau
+    assert schedule.observe(1.5) is Verdict.ROLL_BACK and (schedule.rate, schedule.decays) == (0.25, 2)
+    assert schedule.best == 0.498  # the spike does not count as the run's dev loss
+    assert schedule.observe(0.4) is Verdict.BEST and schedule.observe(0.41) is Verdict.GO_ON
+    assert schedule.observe(0.42) is Verdict.CONVERGED  # a plateau after the last halving
+    assert Schedule(1.0, 2, 0, best=0.1).observe(float("nan")) is Verdict.DIVERGED  # no halving left
+
+
+def test_a_diverging_run_goes_back_to_its_best_weights_at_half_the_rate(tmp_path, monkeypatch):
+    """A dev loss over DIVERGENCE times the best (faked here) rolls the model back to the kept weights, with fresh
+    optimizer moments and a new warm-up, and training.json says where."""
+    import torch
+
+    import modelkit.train as training
+
+    losses, weights = iter([1.0, 0.5, 5.0, 0.6, 0.45]), []
+
+    def fake_dev_loss(model, tokenizer, batches):
+        weights.append(torch.cat([p.detach().flatten().clone() for p in model.parameters()]))
+        return next(losses)
+
+    monkeypatch.setattr(training, "dev_loss", fake_dev_loss)
+    report = training.train(tmp_path, max_steps=5, hidden_size=64, layers=1, batch_size=4, eval_every=1,
+                            dev_problems=4, threads=1, lr=1.0)
+    assert report["rolled_back"] == [3] and [h["lr"] for h in report["history"]] == [1.0, 1.0, 1.0, 0.5, 0.5]
+    assert (report["steps"], report["dev_loss"]) == (5, 0.45) and report["stopped"] == "max_steps"
+    step_2, step_3, step_4 = weights[1:4]
+    # step 4 is one warm-up step (lr 0.5/100) from step 2's weights, step 3 one step of lr 3/100 away
+    assert (step_4 - step_2).abs().max() < (step_3 - step_2).abs().max() / 2
