@@ -319,7 +319,8 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
         model = Qwen2ForCausalLM.from_pretrained(out, torch_dtype=torch.float32).to(device)
     forward = torch.compile(model, dynamic=True) if compile_model else model  # shares the weights
     device_type = torch.device(device).type  # autocast's name for the device
-    def new_optimizer():
+
+    def new_optimizer():  # also after a roll-back: the moments of the diverged steps are dropped
         return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
 
     optimizer = new_optimizer()
@@ -337,6 +338,8 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
         first = previous["steps"] + 1
         report["history"] = [h for h in previous["history"] if h["step"] <= previous["steps"]]
         report["resumed"] = [*previous.get("resumed", []), previous["steps"]]
+        if previous.get("rolled_back"):
+            report["rolled_back"] = [s for s in previous["rolled_back"] if s <= previous["steps"]]
         schedule.best = schedule.mark = previous["dev_loss"]
         started -= previous.get("seconds", report["history"][-1]["seconds"])
     warm_from = first  # the warm-up restarts here after a resume or a roll-back (the moments start afresh)

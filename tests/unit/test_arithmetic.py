@@ -248,17 +248,18 @@ def test_a_diverging_run_goes_back_to_its_best_weights_at_half_the_rate(tmp_path
 
     import modelkit.train as training
 
-    losses, weights = iter([1.0, 0.5, 5.0, 0.6, 0.45]), []
+    losses, weights = iter([1.0, 0.5, 5.0, 0.6, 0.45, 0.44]), []
 
     def fake_dev_loss(model, tokenizer, batches):
         weights.append(torch.cat([p.detach().flatten().clone() for p in model.parameters()]))
         return next(losses)
 
     monkeypatch.setattr(training, "dev_loss", fake_dev_loss)
-    report = training.train(tmp_path, max_steps=5, hidden_size=64, layers=1, batch_size=4, eval_every=1,
-                            dev_problems=4, threads=1, lr=1.0)
+    settings = dict(hidden_size=64, layers=1, batch_size=4, eval_every=1, dev_problems=4, threads=1, lr=1.0)
+    report = training.train(tmp_path, max_steps=5, **settings)
     assert report["rolled_back"] == [3] and [h["lr"] for h in report["history"]] == [1.0, 1.0, 1.0, 0.5, 0.5]
     assert (report["steps"], report["dev_loss"]) == (5, 0.45) and report["stopped"] == "max_steps"
     step_2, step_3, step_4 = weights[1:4]
     # step 4 is one warm-up step (lr 0.5/100) from step 2's weights, step 3 one step of lr 3/100 away
     assert (step_4 - step_2).abs().max() < (step_3 - step_2).abs().max() / 2
+    assert training.train(tmp_path, max_steps=6, resume=True, **settings)["rolled_back"] == [3]
