@@ -255,21 +255,23 @@ class Schedule:
 
     def observe(self, loss: float) -> Verdict:
         if math.isfinite(self.best) and not loss <= self.best * DIVERGENCE:
-            if self.decays == self.max_decays:
-                return Verdict.DIVERGED
-            self.decays, self.stale, self.rate = self.decays + 1, 0, self.rate / 2
-            return Verdict.ROLL_BACK
+            return Verdict.ROLL_BACK if self._halve() else Verdict.DIVERGED
         verdict = Verdict.BEST if loss < self.best else Verdict.GO_ON
         self.best = min(self.best, loss)
         if loss < self.mark * (1 - MIN_IMPROVEMENT):
             self.mark, self.stale = loss, 0
         else:
             self.stale += 1
-        if self.stale >= self.patience:
-            if self.decays == self.max_decays:
-                return Verdict.CONVERGED
-            self.decays, self.stale, self.rate = self.decays + 1, 0, self.rate / 2
+        if self.stale >= self.patience and not self._halve():
+            return Verdict.CONVERGED
         return verdict
+
+    def _halve(self) -> bool:
+        """Halve the rate when a halving is left; False when none is."""
+        if self.decays == self.max_decays:
+            return False
+        self.decays, self.stale, self.rate = self.decays + 1, 0, self.rate / 2
+        return True
 
 
 def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batch_size: int = BATCH_SIZE,
@@ -315,8 +317,12 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config).to(device)
     previous = json.loads((out / "training.json").read_text()) if resume else None
+
+    def kept_model():  # the weights with the best dev loss so far, as saved in ``out``
+        return Qwen2ForCausalLM.from_pretrained(out, torch_dtype=torch.float32).to(device)
+
     if previous:
-        model = Qwen2ForCausalLM.from_pretrained(out, torch_dtype=torch.float32).to(device)
+        model = kept_model()
     forward = torch.compile(model, dynamic=True) if compile_model else model  # shares the weights
     device_type = torch.device(device).type  # autocast's name for the device
 
@@ -381,7 +387,7 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
         elif verdict is Verdict.ROLL_BACK:
             log.info("dev loss %.4f is over %g times the best (%.4f at step %d): back to those weights, lr %.2g",
                      loss_now, DIVERGENCE, schedule.best, report["steps"], schedule.rate)
-            model.load_state_dict(Qwen2ForCausalLM.from_pretrained(out, torch_dtype=torch.float32).state_dict())
+            model.load_state_dict(kept_model().state_dict())
             optimizer, warm_from = new_optimizer(), step + 1
             report["rolled_back"] = [*report.get("rolled_back", []), step]
         (out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -398,7 +404,7 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
     batches.close()  # ends the data workers
     report["seconds"] = round(time.monotonic() - started, 1)
     if report_problems:
-        best_model = Qwen2ForCausalLM.from_pretrained(out, torch_dtype=torch.float32).to(device)
+        best_model = kept_model()
         report["dev_report"] = dev_report(best_model, tokenizer, dev[:report_problems])
         log.info("dev report of the kept weights: %s", json.dumps(report["dev_report"]))
     (out / "training.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -4,6 +4,7 @@ and a build written to a local S3-compatible server (moto) through a pyarrow fil
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import subprocess
@@ -44,6 +45,14 @@ def arith_worker(ray_cluster, arith_config):
     ray_cluster.kill(worker)
 
 
+def bundled_value_engine(name: str):
+    """A bundled value model (``models/<name>``) on one CPU engine in float32, beside the policy's."""
+    from cluster.config import EngineConfig
+
+    return EngineConfig(model=str(REPO / "models" / name), device="cpu", dtype="float32", max_model_len=1024,
+                        enforce_eager=True, cpu_kvcache_gib=1)
+
+
 def test_eval_compares_every_strategy_at_one_budget(arith_worker, arith_config):
     from dataset.problems import Problem
     from modelkit.arithmetic import HELD_OUT_SEED_START, make_problems
@@ -80,14 +89,11 @@ def test_eval_counts_forced_reflections(arith_worker, arith_config):
 
 def test_eval_searches_with_the_bundled_value_model(arith_worker, arith_config):
     """best_of_n-prm and mcts-prm on the bundled policy and value model: a ValueWorker is started for the run."""
-    from cluster.config import EngineConfig
     from dataset.problems import Problem
     from deploy.evaluate import run_eval
     from modelkit.arithmetic import HELD_OUT_SEED_START, make_problems
 
-    value_model = EngineConfig(model=str(REPO / "models" / "forest-value"), device="cpu", dtype="float32",
-                               max_model_len=1024, enforce_eager=True, cpu_kvcache_gib=1)
-    config = arith_config.model_copy(update={"value_model": value_model})
+    config = arith_config.model_copy(update={"value_model": bundled_value_engine("forest-value")})
     problems = [Problem(p.id, p.question, p.answer) for p in make_problems(8, HELD_OUT_SEED_START + 13)]
     reports = run_eval(config, problems, ["best_of_n-prm", "mcts-prm"], budgets=[512], concurrency=8)
     for r in reports:
@@ -206,15 +212,9 @@ def test_openai_stop_and_logprobs_on_the_bundled_model(arith_worker, arith_confi
     answer text, ``logprobs`` returns the answer's tokens with the engine's logprobs (greedy: each token its own
     top-1), ``n`` returns distinct lines."""
     from openai import OpenAI
-    from ray import serve
 
-    from deploy.serve import app_for
-
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(app_for(arith_config), name="arith", route_prefix="/")
-    try:
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=300)
+    with served(arith_config, "arith") as base:
+        client = OpenAI(base_url=base, api_key="unused", max_retries=0, timeout=300)
         messages = [{"role": "user", "content": [{"type": "text", "text": "Ann has 12 eggs. Then Ann finds 3 more."},
                                                  {"type": "text", "text": "How many eggs does Ann have now?"}]}]
         plain = client.chat.completions.create(model="forest-greedy", messages=messages)
@@ -239,28 +239,16 @@ def test_openai_stop_and_logprobs_on_the_bundled_model(arith_worker, arith_confi
                                                  extra_body={"budget_tokens": 1024})
         texts = [c.message.model_extra["reasoning_content"] + c.message.content for c in several.choices]
         assert len(several.choices) == 3 and len(set(texts)) == 3
-    finally:
-        serve.shutdown()
 
 
 def test_serve_answers_with_the_bundled_verifier_gating_the_search(arith_worker, arith_config):
     """The README's best preset online: with the bundled verifier as the value model and ``min_step_score``, the
     endpoint lists and runs ``forest-mcts-prm`` over HTTP (a ValueWorker started by the Serve app)."""
     import httpx
-    from ray import serve
 
-    from cluster.config import EngineConfig
-    from deploy.serve import app_for
-
-    verifier = EngineConfig(model=str(REPO / "models" / "forest-verifier"), device="cpu", dtype="float32",
-                            max_model_len=1024, enforce_eager=True, cpu_kvcache_gib=1)
     search = arith_config.search.model_copy(update={"min_step_score": 0.5, "retry_temperature": 1.0})
-    config = arith_config.model_copy(update={"value_model": verifier, "search": search})
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(app_for(config), name="verifier", route_prefix="/")
-    try:
-        base = f"http://127.0.0.1:{port}/v1"
+    config = arith_config.model_copy(update={"value_model": bundled_value_engine("forest-verifier"), "search": search})
+    with served(config, "verifier") as base:
         models = {m["id"] for m in httpx.get(f"{base}/models", timeout=60).json()["data"]}
         assert {"forest-mcts-prm", "forest-best_of_n-prm"} <= models
         body = {"model": "forest-mcts-prm", "budget_tokens": 512,
@@ -273,6 +261,20 @@ def test_serve_answers_with_the_bundled_verifier_gating_the_search(arith_worker,
         assert 0 < data["usage"]["completion_tokens"] <= 512
         summary = data["forest"]
         assert summary["iterations"] >= 1 and 0 <= summary["value"] <= 1 and summary["failed_checks"] >= 0
+
+
+@contextlib.contextmanager
+def served(config, name: str):
+    """The Forest Serve app for ``config`` on a free local port, for the block: yields its ``/v1`` base URL."""
+    from ray import serve
+
+    from deploy.serve import app_for
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(app_for(config), name=name, route_prefix="/")
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
     finally:
         serve.shutdown()
 
