@@ -8,6 +8,8 @@
   managers (one process each).
 - ``value``: generated tokens/s of MCTS valued by the value model (``mcts-prm``, a ValueWorker beside the
   generator) over MCTS valued by token confidence (``mcts-step``): the same problems, worker and budget, one run.
+- ``train``: seconds per training step of the bundled model's recipe (``modelkit.train``) whole, in micro-batches,
+  and in micro-batches under bfloat16 autocast: the same weights and batches, the steps taken in turns.
 - ``memory``: bytes per stored token in active trees, and the manager's peak RSS per 1,000 active trees, both over the
   raw array bytes (token id, logprob, top-5 ids and logprobs: 48 bytes a token).
 
@@ -31,7 +33,7 @@ from cluster.config import ForestConfig
 from search.protocol import TOP_K
 from search.strategies import STRATEGIES
 
-BENCHES = ("engine", "designs", "cache", "value", "manager", "memory")
+BENCHES = ("engine", "designs", "cache", "value", "manager", "memory", "train")
 BENCH_SEED = 2_000_000  # a held-out problem stream (see modelkit.arithmetic)
 WARM_UP_TOKENS = 8  # one small request loads the engine's kernels before a timed run
 SIMULATED_ITERATIONS = 32  # iterations per simulated tree (manager and memory benches)
@@ -41,6 +43,7 @@ UNBOUNDED_IN_FLIGHT = 1 << 30  # the simulated engine has no batch limit
 RAW_TOKEN_BYTES = 4 + 4 + TOP_K * (4 + 4)  # token id, sampled logprob, top-5 ids and logprobs
 DEFAULT_BENCH_PROBLEMS = 32  # trees of the designs, cache and value benches
 ENGINE_BENCH_TREES_PER_ACTIVE = 12
+TRAIN_BENCH_STEPS, TRAIN_BENCH_BATCH, TRAIN_BENCH_MICRO_BATCHES = 16, 64, 8  # the train bench's defaults
 """The engine bench's default trees, as a multiple of ``build.max_active_trees``. A run ends with a drain: once the
 last tree has started, fewer trees than the limit remain and the engine's batch empties (about 3 s of an 18 s run
 at 3x on 2 CPU cores). A build of thousands of trees drains once; at 12x the drain weighs about as little as there
@@ -477,9 +480,29 @@ def bench_memory(*, active: int, granularity: str) -> list[Figure]:
     ]
 
 
+def bench_train(config: ForestConfig, *, steps: int, batch_size: int, micro_batches: int, device: str,
+                dist) -> list[Figure]:
+    """Training steps of ``modelkit.train`` (the bundled model's size, tokenizer and recipe) timed whole, in
+    ``micro_batches`` pieces, and in pieces under bfloat16 autocast."""
+    from transformers import PreTrainedTokenizerFast
+
+    from modelkit.train import step_seconds
+
+    settings = {"whole": (False, 1), "pieces": (False, micro_batches), "pieces_bf16": (True, micro_batches)}
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(config.engine.model)
+    seconds = step_seconds(tokenizer, settings, batch_size=batch_size, dist=dist, steps=steps, device=device)
+    context = {"seconds_per_step": {k: round(v, 3) for k, v in seconds.items()},
+               "examples_per_s": {k: round(batch_size / v, 1) for k, v in seconds.items()},
+               "batch_size": batch_size, "micro_batches": micro_batches, "steps": steps, "device": device,
+               "distribution": dataclasses.asdict(dist)}
+    return [Figure("train", "micro_batches_speedup", round(seconds["whole"] / seconds["pieces"], 3), context),
+            Figure("train", "bf16_speedup", round(seconds["pieces"] / seconds["pieces_bf16"], 3), context)]
+
+
 def run_bench(name: str, config: ForestConfig | None, *, problems: int | None, block_sizes: list[int], trees: int,
               active: int, granularity: str, managers: list[int], per_token_problems: int = 4,
-              repeats: int = 1) -> list[Figure]:
+              repeats: int = 1, train_steps: int = TRAIN_BENCH_STEPS, batch_size: int = TRAIN_BENCH_BATCH,
+              micro_batches: int = TRAIN_BENCH_MICRO_BATCHES, device: str = "cpu", dist=None) -> list[Figure]:
     """The figures of bench ``name``, each with this machine's CPU model and core count in its context."""
     if name in ("engine", "designs", "cache", "value"):
         from cluster.runtime import connect
@@ -494,6 +517,10 @@ def run_bench(name: str, config: ForestConfig | None, *, problems: int | None, b
         figures = bench_designs(config, problems=problems, per_token_problems=per_token_problems)
     elif name == "cache":
         figures = bench_cache(config, problems=problems, block_sizes=block_sizes)
+    elif name == "train":
+        from modelkit.arithmetic import DEFAULT_DISTRIBUTION
+        figures = bench_train(config, steps=train_steps, batch_size=batch_size, micro_batches=micro_batches,
+                              device=device, dist=dist or DEFAULT_DISTRIBUTION)
     elif name == "manager":
         figures = bench_manager(trees=trees, active=active, granularity=granularity, managers=managers)
     else:

@@ -7,7 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from bench.benchmarks import BENCHES, DEFAULT_BENCH_PROBLEMS, ENGINE_BENCH_TREES_PER_ACTIVE
+from bench.benchmarks import (BENCHES, DEFAULT_BENCH_PROBLEMS, ENGINE_BENCH_TREES_PER_ACTIVE, TRAIN_BENCH_BATCH,
+                              TRAIN_BENCH_MICRO_BATCHES, TRAIN_BENCH_STEPS)
 from cluster.config import DEFAULT_MODEL_DIR
 from deploy.flags import DEFAULT_CONFIG, EXIT_USAGE, add_build_flags, add_run_flags, load, run
 from deploy.model_report import DEFAULT_SAMPLES
@@ -173,6 +174,12 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--active", type=int, default=1000, help="manager/memory: trees active at once")
     bench.add_argument("--granularity", default="mini_step:64", help="manager/memory: action granularity")
     bench.add_argument("--managers", default="1,2,4", help="manager: manager counts to run")
+    bench.add_argument("--steps", type=int, default=TRAIN_BENCH_STEPS, help="train: timed steps per setting")
+    bench.add_argument("--batch-size", type=int, default=TRAIN_BENCH_BATCH, help="train: problems per step")
+    bench.add_argument("--micro-batches", type=int, default=TRAIN_BENCH_MICRO_BATCHES,
+                       help="train: pieces of each batch in the micro-batch settings")
+    bench.add_argument("--device", default="cpu", help="train: cpu or cuda")
+    add_distribution_flag(bench)
     bench.add_argument("--json", action="store_true", help="one JSON line per figure")
     view = sub.add_parser("view", help="write self-contained HTML pages of a build: an index of every tree and "
                                        "one page per tree (or, with --tree, one tree's page)")
@@ -406,14 +413,20 @@ def cmd_bench(args) -> int:
     from cluster.config import load_config
     from bench.benchmarks import run_bench
 
-    if args.repeats < 1:
-        print(f"forest bench: --repeats must be >= 1, got {args.repeats}", file=sys.stderr)
+    for flag in ("repeats", "steps", "batch_size", "micro_batches"):
+        if getattr(args, flag) < 1:
+            print(f"forest bench: --{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}",
+                  file=sys.stderr)
+            return 2
+    dist = parse_distribution(args, "bench")
+    if dist is None:
         return 2
     config = load_config(args.config, **{"engine.model": args.model})
     figures = run_bench(args.bench, config, problems=args.problems, trees=args.trees, active=args.active,
                         block_sizes=[int(b) for b in args.block_sizes.split(",")], granularity=args.granularity,
                         managers=[int(m) for m in args.managers.split(",")], per_token_problems=args.per_token_problems,
-                        repeats=args.repeats)
+                        repeats=args.repeats, train_steps=args.steps, batch_size=args.batch_size,
+                        micro_batches=args.micro_batches, device=args.device, dist=dist)
     for figure in figures:
         print(figure.line(args.json), flush=True)
     return 0

@@ -274,6 +274,46 @@ class Schedule:
         return True
 
 
+def _model_config(tokenizer, hidden_size: int, layers: int):
+    """The bundled model's architecture at a given size: a Qwen2 with heads of 64 dimensions and tied embeddings."""
+    from transformers import Qwen2Config
+
+    return Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=4 * hidden_size,
+        num_hidden_layers=layers, num_attention_heads=hidden_size // 64, num_key_value_heads=hidden_size // 64,
+        head_dim=64, max_position_embeddings=4096, tie_word_embeddings=True,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"), bos_token_id=None,
+        pad_token_id=tokenizer.pad_token_id, torch_dtype="float32")
+
+
+def _train_step(model, forward, optimizer, pieces, device: str, bf16: bool) -> float:
+    """One optimizer step on a batch's pieces (``_pieces``), each piece's mean token loss weighted by its share of
+    the batch's scored tokens (so the gradient is the whole batch's); returns the batch's mean token loss.
+    ``forward`` is ``model`` or its compiled form."""
+    import torch
+
+    optimizer.zero_grad(set_to_none=True)
+    scored = [int((target[:, 1:] != IGNORE).sum()) for _, _, target in pieces]  # the tokens each loss averages
+    total, step_loss = sum(scored), 0.0
+    for arrays, count in zip(pieces, scored, strict=True):
+        if not count:  # nothing scored in this piece: its mean loss would be 0/0
+            continue
+        ids, mask, target = to_tensors(arrays, device)
+        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+            loss = forward(input_ids=ids, attention_mask=mask, labels=target).loss * (count / total)
+        loss.backward()
+        step_loss = step_loss + loss.detach()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    return float(step_loss)
+
+
+def _new_optimizer(model, lr: float):
+    import torch
+
+    return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+
+
 def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batch_size: int = BATCH_SIZE,
           lr: float = LEARNING_RATE, hidden_size: int = HIDDEN_SIZE, layers: int = LAYERS, vocab_size: int = 512,
           reflection_rate: float = REFLECTION_RATE, eval_every: int = EVAL_EVERY, patience: int = PATIENCE,
@@ -299,7 +339,7 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
     token-weighted gradients: the gradient of the whole batch, with less padding computed. All three only change
     speed and rounding; they are recorded in ``training.json``."""
     import torch
-    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+    from transformers import GenerationConfig, Qwen2ForCausalLM
 
     if threads:
         torch.set_num_threads(threads)
@@ -309,13 +349,8 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer(out, _tokenizer_corpus(seed, dist), vocab_size=vocab_size, split_digits=True)
     eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=4 * hidden_size,
-        num_hidden_layers=layers, num_attention_heads=hidden_size // 64, num_key_value_heads=hidden_size // 64,
-        head_dim=64, max_position_embeddings=4096, tie_word_embeddings=True, eos_token_id=eos_id,
-        bos_token_id=None, pad_token_id=tokenizer.pad_token_id, torch_dtype="float32")
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config).to(device)
+    model = Qwen2ForCausalLM(_model_config(tokenizer, hidden_size, layers)).to(device)
     previous = json.loads((out / "training.json").read_text()) if resume else None
 
     def kept_model():  # the weights with the best dev loss so far, as saved in ``out``
@@ -324,12 +359,8 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
     if previous:
         model = kept_model()
     forward = torch.compile(model, dynamic=True) if compile_model else model  # shares the weights
-    device_type = torch.device(device).type  # autocast's name for the device
 
-    def new_optimizer():  # also after a roll-back: the moments of the diverged steps are dropped
-        return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
-
-    optimizer = new_optimizer()
+    optimizer = _new_optimizer(model, lr)
     dev = make_problems(max(dev_problems, report_problems), DEV_SEED, dist)
     dev_batches = [_batch(tokenizer, [(p.question, TrainingExample(p.solution)) for p in dev[i:i + batch_size]],
                           device) for i in range(0, dev_problems, batch_size)]
@@ -337,7 +368,8 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
               "layers": layers, "parameters": model.num_parameters(), "reflection_rate": reflection_rate,
               "distribution": asdict(dist), "dev_seed": DEV_SEED, "dev_problems": dev_problems, "device": device,
               "threads": torch.get_num_threads(), "bf16": bf16, "compiled": compile_model,
-              "micro_batches": micro_batches, "history": []}
+              "micro_batches": micro_batches, "eval_every": eval_every, "patience": patience, "max_decays": max_decays,
+              "history": []}
     schedule, first = Schedule(lr, patience, max_decays), 1
     train_losses, started = [], time.monotonic()
     if previous:
@@ -354,20 +386,7 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
     for step, pieces in zip(range(first, max_steps + 1), batches, strict=False):
         for group in optimizer.param_groups:
             group["lr"] = schedule.rate * min(1.0, (step - warm_from + 1) / WARMUP_STEPS)
-        optimizer.zero_grad(set_to_none=True)
-        scored = [int((target[:, 1:] != IGNORE).sum()) for _, _, target in pieces]  # the tokens each loss averages
-        total, step_loss = sum(scored), 0.0
-        for arrays, count in zip(pieces, scored, strict=True):
-            if not count:  # nothing scored in this piece: its mean loss would be 0/0
-                continue
-            ids, mask, target = to_tensors(arrays, device)
-            with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=bf16):
-                loss = forward(input_ids=ids, attention_mask=mask, labels=target).loss * (count / total)
-            loss.backward()
-            step_loss = step_loss + loss.detach()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        train_losses.append(float(step_loss))
+        train_losses.append(_train_step(model, forward, optimizer, pieces, device, bf16))
         out_of_time = max_seconds is not None and time.monotonic() - started >= max_seconds
         if step % eval_every and step != max_steps and not out_of_time:
             continue
@@ -388,7 +407,7 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
             log.info("dev loss %.4f is over %g times the best (%.4f at step %d): back to those weights, lr %.2g",
                      loss_now, DIVERGENCE, schedule.best, report["steps"], schedule.rate)
             model.load_state_dict(kept_model().state_dict())
-            optimizer, warm_from = new_optimizer(), step + 1
+            optimizer, warm_from = _new_optimizer(model, lr), step + 1  # the diverged moments are dropped
             report["rolled_back"] = [*report.get("rolled_back", []), step]
         (out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
         if verdict in (Verdict.CONVERGED, Verdict.DIVERGED):
@@ -409,6 +428,33 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
         log.info("dev report of the kept weights: %s", json.dumps(report["dev_report"]))
     (out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def step_seconds(tokenizer, settings: dict[str, tuple[bool, int]], *, batch_size: int = BATCH_SIZE,
+                 dist: Distribution = DEFAULT_DISTRIBUTION, steps: int, device: str = "cpu",
+                 hidden_size: int = HIDDEN_SIZE, layers: int = LAYERS, seed: int = 0) -> dict[str, float]:
+    """Mean seconds of one training step under each setting (name: (bf16, micro_batches)): the same initial
+    weights and the same batches of the training stream for every setting, each step taken by every setting in
+    turn so that a noisy machine slows them alike. Step 0, the first of each setting, is not timed (allocations,
+    kernel choice)."""
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    runs = {}
+    for name in settings:
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(_model_config(tokenizer, hidden_size, layers)).to(device)
+        runs[name] = (model, _new_optimizer(model, LEARNING_RATE))
+    elapsed = dict.fromkeys(settings, 0.0)
+    for step in range(steps + 1):
+        rows = _rows(tokenizer, _draw_batch(seed, step, batch_size, REFLECTION_RATE, dist))
+        for name, (bf16, parts) in settings.items():
+            pieces = _pieces(*rows, tokenizer.pad_token_id, parts)
+            model, optimizer = runs[name]
+            started = time.perf_counter()
+            _train_step(model, model, optimizer, pieces, device, bf16)  # returns a float: the step has ended
+            elapsed[name] += (time.perf_counter() - started) if step else 0.0
+    return {name: seconds / steps for name, seconds in elapsed.items()}
 
 
 def plot_history(report: dict, path: str | Path) -> list[Path]:

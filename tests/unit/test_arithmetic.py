@@ -142,11 +142,12 @@ def test_distribution_settings_parse_and_bad_ones_say_what_is_wrong(tmp_path, ca
 
 def test_training_keeps_the_best_weights_and_resumes(tmp_path):
     """A tiny run: every evaluation recorded, the best dev loss kept; a resumed run continues the history."""
-    from modelkit.train import train
+    from modelkit.train import MAX_DECAYS, PATIENCE, train
 
     settings = dict(hidden_size=64, layers=1, batch_size=4, eval_every=1, dev_problems=4, threads=1)
     first = train(tmp_path, max_steps=2, **settings)
     assert [h["step"] for h in first["history"]] == [1, 2] and first["stopped"] == "max_steps"
+    assert (first["eval_every"], first["patience"], first["max_decays"]) == (1, PATIENCE, MAX_DECAYS)  # the recipe
     best = min(first["history"], key=lambda h: h["dev_loss"])
     assert (first["steps"], first["dev_loss"]) == (best["step"], best["dev_loss"])
     assert json.loads((tmp_path / "training.json").read_text())["steps"] == first["steps"]

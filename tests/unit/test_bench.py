@@ -5,6 +5,7 @@ import asyncio
 import json
 
 import numpy as np
+import pytest
 
 from bench.benchmarks import (
     ENGINE_BENCH_TREES_PER_ACTIVE,
@@ -118,6 +119,26 @@ def test_engine_bench_refuses_zero_repeats(capsys):
 
     assert main(["bench", "engine", "--repeats", "0"]) == 2
     assert "--repeats must be >= 1" in capsys.readouterr().err
+
+
+def test_the_train_bench_times_the_bundled_recipe_whole_in_pieces_and_under_bf16(capsys):
+    from cluster.config import load_config
+    from deploy.cli import main
+    from deploy.flags import DEFAULT_CONFIG
+    from modelkit.arithmetic import Distribution
+
+    harder = Distribution.parse(["max_count=9999", "max_bags=49", "max_bag_size=49"])
+    pieces, bf16 = run_bench("train", load_config(DEFAULT_CONFIG), problems=None, block_sizes=[], trees=0, active=0,
+                             granularity="", managers=[], train_steps=2, batch_size=8, micro_batches=4, dist=harder)
+    assert (pieces.figure, bf16.figure) == ("micro_batches_speedup", "bf16_speedup")
+    seconds = pieces.context["seconds_per_step"]
+    assert set(seconds) == {"whole", "pieces", "pieces_bf16"} and all(s > 0 for s in seconds.values())
+    assert pieces.value == pytest.approx(seconds["whole"] / seconds["pieces"], rel=0.01)
+    assert pieces.context["distribution"]["max_count"] == 9999 and pieces.context["cores"] >= 1
+    assert main(["bench", "train", "--micro-batches", "0"]) == 2
+    assert "--micro-batches must be >= 1, got 0" in capsys.readouterr().err
+    assert main(["bench", "train", "--distribution", "max_piles=x"]) == 2
+    assert "forest bench: --distribution: max_piles takes an integer" in capsys.readouterr().err
 
 
 def test_the_fastest_setting_is_the_best_median_not_the_best_single_rate():
