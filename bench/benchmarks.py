@@ -43,11 +43,11 @@ UNBOUNDED_IN_FLIGHT = 1 << 30  # the simulated engine has no batch limit
 RAW_TOKEN_BYTES = 4 + 4 + TOP_K * (4 + 4)  # token id, sampled logprob, top-5 ids and logprobs
 DEFAULT_BENCH_PROBLEMS = 32  # trees of the designs, cache and value benches
 ENGINE_BENCH_TREES_PER_ACTIVE = 12
-TRAIN_BENCH_STEPS, TRAIN_BENCH_BATCH, TRAIN_BENCH_MICRO_BATCHES = 16, 64, 8  # the train bench's defaults
 """The engine bench's default trees, as a multiple of ``build.max_active_trees``. A run ends with a drain: once the
 last tree has started, fewer trees than the limit remain and the engine's batch empties (about 3 s of an 18 s run
 at 3x on 2 CPU cores). A build of thousands of trees drains once; at 12x the drain weighs about as little as there
 (docs/benchmarks.md: Forest over plain vLLM 0.90-0.94 at 3x against 0.99 at 12x, measured in one script)."""
+TRAIN_BENCH_STEPS, TRAIN_BENCH_BATCH, TRAIN_BENCH_MICRO_BATCHES = 16, 64, 8  # the train bench's defaults
 SETTING_REPLAY_SHARE = 4
 """The engine settings replay the first 1/this of Forest's recorded requests: each setting's rate needs the same
 requests as the others, not all of them, and float32 replays are slow."""

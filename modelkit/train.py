@@ -308,6 +308,15 @@ def _train_step(model, forward, optimizer, pieces, device: str, bf16: bool) -> f
     return float(step_loss)
 
 
+def _set_up_torch(device: str, threads: int | None) -> None:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    if device.startswith("cuda"):
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls: the GPU's steps are compute-bound at large batches
+
+
 def _new_optimizer(model, lr: float):
     import torch
 
@@ -341,10 +350,7 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
     import torch
     from transformers import GenerationConfig, Qwen2ForCausalLM
 
-    if threads:
-        torch.set_num_threads(threads)
-    if device.startswith("cuda"):
-        torch.set_float32_matmul_precision("high")  # TF32 matmuls: the GPU's steps are compute-bound at large batches
+    _set_up_torch(device, threads)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer(out, _tokenizer_corpus(seed, dist), vocab_size=vocab_size, split_digits=True)
@@ -440,6 +446,7 @@ def step_seconds(tokenizer, settings: dict[str, tuple[bool, int]], *, batch_size
     import torch
     from transformers import Qwen2ForCausalLM
 
+    _set_up_torch(device, None)
     runs = {}
     for name in settings:
         torch.manual_seed(seed)
