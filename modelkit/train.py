@@ -354,7 +354,6 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer(out, _tokenizer_corpus(seed, dist), vocab_size=vocab_size, split_digits=True)
-    eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(_model_config(tokenizer, hidden_size, layers)).to(device)
     previous = json.loads((out / "training.json").read_text()) if resume else None
@@ -408,7 +407,7 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
         if verdict is Verdict.BEST:
             report.update(steps=step, dev_loss=round(loss_now, 4), dev_greedy_accuracy=accuracy)
             model.save_pretrained(out, safe_serialization=True)  # the best weights so far
-            GenerationConfig(eos_token_id=eos_id).save_pretrained(out)
+            GenerationConfig(eos_token_id=model.config.eos_token_id).save_pretrained(out)
         elif verdict is Verdict.ROLL_BACK:
             log.info("dev loss %.4f is over %g times the best (%.4f at step %d): back to those weights, lr %.2g",
                      loss_now, DIVERGENCE, schedule.best, report["steps"], schedule.rate)
