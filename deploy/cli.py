@@ -156,6 +156,11 @@ def parser() -> argparse.ArgumentParser:
     add_distribution_flag(mr)
     mr.add_argument("--plot", metavar="PREFIX", help="also draw accuracy by steps to PREFIX.png and PREFIX.svg")
     mr.add_argument("--json", action="store_true", help="print the report as one JSON line")
+    tc = sub.add_parser("training-curves", help="draw several modelkit.train runs' dev loss and dev greedy accuracy "
+                                                "against steps on shared axes")
+    tc.add_argument("runs", nargs="+", metavar="LABEL=PATH",
+                    help="a label and a run's model directory (or its training.json)")
+    tc.add_argument("--plot", required=True, metavar="PREFIX", help="write PREFIX.png and PREFIX.svg")
     bench = sub.add_parser("bench", help="performance benchmarks, printed as ratios measured in one run")
     bench.add_argument("bench", choices=BENCHES, help="which benchmark (see docs/benchmarks.md)")
     bench.add_argument("--config", default=DEFAULT_CONFIG,
@@ -409,6 +414,27 @@ def cmd_model_report(args) -> int:
     return 0
 
 
+def cmd_training_curves(args) -> int:
+    from modelkit.train import plot_runs, read_report
+
+    runs = {}
+    for spec in args.runs:
+        label, sep, path = spec.partition("=")
+        if not sep or not label or not path:
+            print(f"forest training-curves: expected LABEL=PATH, got {spec!r}", file=sys.stderr)
+            return EXIT_USAGE
+        if label in runs:
+            print(f"forest training-curves: the label {label!r} is given twice", file=sys.stderr)
+            return EXIT_USAGE
+        try:
+            runs[label] = read_report(path)
+        except ValueError as e:
+            print(f"forest training-curves: {e}", file=sys.stderr)
+            return EXIT_USAGE
+    print("plot: " + ", ".join(map(str, plot_runs(runs, args.plot))))
+    return 0
+
+
 def cmd_bench(args) -> int:
     from cluster.config import load_config
     from bench.benchmarks import run_bench
@@ -497,7 +523,7 @@ def cmd_build(args) -> int:
 
 COMMANDS = {"make-model": cmd_make_model, "make-problems": cmd_make_problems, "eval": cmd_eval,
             "train-value": cmd_train_value, "train-verifier": cmd_train_verifier, "train-policy": cmd_train_policy,
-            "model-report": cmd_model_report, "bench": cmd_bench,
+            "model-report": cmd_model_report, "training-curves": cmd_training_curves, "bench": cmd_bench,
             "build": cmd_build, "search": cmd_search, "serve": cmd_serve, "view": cmd_view}
 
 

@@ -480,6 +480,49 @@ def plot_history(report: dict, path: str | Path) -> list[Path]:
     acc_ax.plot(steps, [h["dev_greedy_accuracy"] for h in history], marker="o", color="C2")
     acc_ax.set(xlabel="step", ylabel="accuracy", ylim=(0, 1),
                title=f"Greedy accuracy, {DEV_GREEDY_PROBLEMS} dev problems")
+    return _save_figure(fig, path)
+
+
+def read_report(path: str | Path) -> dict:
+    """A run's ``training.json``, given it or the model directory holding it; ValueError naming what is wrong."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "training.json"
+    try:
+        report = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file (a model directory with training.json, or the file)") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON ({e})") from None
+    if not isinstance(report, dict) or not report.get("history"):
+        raise ValueError(f"{path}: no evaluations under 'history' (not a modelkit.train report?)")
+    return report
+
+
+def plot_runs(runs: dict[str, dict], path: str | Path) -> list[Path]:
+    """Several runs' dev loss and dev greedy accuracy against steps on shared axes (``runs``: label -> report), as
+    ``path``.png and .svg; a run's resumed steps are marked."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for index, (label, report) in enumerate(runs.items()):
+        color = f"C{index}"
+        steps = [h["step"] for h in report["history"]]
+        loss_ax.plot(steps, [h["dev_loss"] for h in report["history"]], marker=".", color=color, label=label)
+        acc_ax.plot(steps, [h["dev_greedy_accuracy"] for h in report["history"]], marker=".", color=color)
+        for step in report.get("resumed", []):
+            loss_ax.axvline(step, color=color, linestyle=":", linewidth=1)
+    loss_ax.set(xlabel="step", ylabel="dev token loss", yscale="log", title="Dev loss (dotted: resumed)")
+    loss_ax.legend(fontsize="small")
+    acc_ax.set(xlabel="step", ylabel="accuracy", ylim=(0, 1), title="Dev greedy accuracy")
+    return _save_figure(fig, path)
+
+
+def _save_figure(fig, path: str | Path) -> list[Path]:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     written = []
     for suffix in (".png", ".svg"):

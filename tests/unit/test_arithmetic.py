@@ -264,3 +264,29 @@ def test_a_diverging_run_goes_back_to_its_best_weights_at_half_the_rate(tmp_path
     # step 4 is one warm-up step (lr 0.5/100) from step 2's weights, step 3 one step of lr 3/100 away
     assert (step_4 - step_2).abs().max() < (step_3 - step_2).abs().max() / 2
     assert training.train(tmp_path, max_steps=6, resume=True, **settings)["rolled_back"] == [3]
+
+
+def test_training_curves_draws_runs_side_by_side_and_names_bad_input(tmp_path, capsys):
+    """``forest training-curves``: runs read from a model directory or a training.json, drawn as PNG and SVG;
+    a spec without a label, a repeated label, a missing report and a file that is not a report exit 2 saying so."""
+    def report(losses, resumed=()):
+        return {"history": [{"step": 100 * (i + 1), "dev_loss": loss, "dev_greedy_accuracy": 0.1 * i}
+                            for i, loss in enumerate(losses)], "resumed": list(resumed)}
+
+    (tmp_path / "gpu").mkdir()
+    (tmp_path / "gpu" / "training.json").write_text(json.dumps(report([0.4, 0.2, 0.1])))
+    (tmp_path / "cpu.json").write_text(json.dumps(report([0.5, 0.3], resumed=[100])))
+    prefix = tmp_path / "curves"
+    assert main(["training-curves", f"gpu={tmp_path / 'gpu'}", f"cpu={tmp_path / 'cpu.json'}",
+                 "--plot", str(prefix)]) == 0
+    assert f"{prefix}.png" in capsys.readouterr().out
+    assert (tmp_path / "curves.png").stat().st_size > 0 and (tmp_path / "curves.svg").stat().st_size > 0
+
+    (tmp_path / "other.json").write_text(json.dumps({"seed": 0}))
+    for args, message in [([str(tmp_path / "cpu.json")], "expected LABEL=PATH"),
+                          ([f"a={tmp_path / 'cpu.json'}", f"a={tmp_path / 'gpu'}"], "the label 'a' is given twice"),
+                          ([f"a={tmp_path / 'missing'}"], "missing: no such file"),
+                          ([f"a={tmp_path / 'other.json'}"], "no evaluations under 'history'")]:
+        assert main(["training-curves", *args, "--plot", str(tmp_path / "x")]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
