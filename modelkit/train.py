@@ -465,13 +465,9 @@ def step_seconds(tokenizer, settings: dict[str, tuple[bool, int]], *, batch_size
 
 def plot_history(report: dict, path: str | Path) -> list[Path]:
     """Loss (train and dev) and dev greedy accuracy against steps, as ``path``.png and .svg."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     history = report["history"]
     steps = [h["step"] for h in history]
-    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (loss_ax, acc_ax) = _loss_and_accuracy_axes()
     loss_ax.plot(steps, [h["train_loss"] for h in history], label="train (mean since last point)")
     loss_ax.plot(steps, [h["dev_loss"] for h in history], label="dev")
     loss_ax.axvline(report["steps"], color="grey", linestyle=":", label=f"kept (step {report['steps']})")
@@ -502,11 +498,7 @@ def read_report(path: str | Path) -> dict:
 def plot_runs(runs: dict[str, dict], path: str | Path) -> list[Path]:
     """Several runs' dev loss and dev greedy accuracy against steps on shared axes (``runs``: label -> report), as
     ``path``.png and .svg; a run's resumed steps are marked."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (loss_ax, acc_ax) = _loss_and_accuracy_axes()
     for index, (label, report) in enumerate(runs.items()):
         color = f"C{index}"
         steps = [h["step"] for h in report["history"]]
@@ -518,6 +510,15 @@ def plot_runs(runs: dict[str, dict], path: str | Path) -> list[Path]:
     loss_ax.legend(fontsize="small")
     acc_ax.set(xlabel="step", ylabel="accuracy", ylim=(0, 1), title="Dev greedy accuracy")
     return _save_figure(fig, path)
+
+
+def _loss_and_accuracy_axes():
+    """A figure of two panels side by side (loss, accuracy) on the display-less Agg backend."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(1, 2, figsize=(10, 3.8))
 
 
 def _save_figure(fig, path: str | Path) -> list[Path]:
