@@ -483,12 +483,13 @@ def bench_memory(*, active: int, granularity: str) -> list[Figure]:
 def bench_train(config: ForestConfig, *, steps: int, batch_size: int, micro_batches: int, device: str,
                 dist) -> list[Figure]:
     """Training steps of ``modelkit.train`` (the bundled model's size, tokenizer and recipe) timed whole, in
-    ``micro_batches`` pieces, and in pieces under bfloat16 autocast."""
+    ``micro_batches`` pieces, in pieces under bfloat16 autocast, and in pieces through ``torch.compile``."""
     from transformers import PreTrainedTokenizerFast
 
     from modelkit.train import step_seconds
 
-    settings = {"whole": (False, 1), "pieces": (False, micro_batches), "pieces_bf16": (True, micro_batches)}
+    settings = {"whole": (False, 1, False), "pieces": (False, micro_batches, False),
+                "pieces_bf16": (True, micro_batches, False), "pieces_compiled": (False, micro_batches, True)}
     tokenizer = PreTrainedTokenizerFast.from_pretrained(config.engine.model)
     seconds = step_seconds(tokenizer, settings, batch_size=batch_size, dist=dist, steps=steps, device=device)
     context = {"seconds_per_step": {k: round(v, 3) for k, v in seconds.items()},
@@ -496,7 +497,8 @@ def bench_train(config: ForestConfig, *, steps: int, batch_size: int, micro_batc
                "batch_size": batch_size, "micro_batches": micro_batches, "steps": steps, "device": device,
                "distribution": dataclasses.asdict(dist)}
     return [Figure("train", "micro_batches_speedup", round(seconds["whole"] / seconds["pieces"], 3), context),
-            Figure("train", "bf16_speedup", round(seconds["pieces"] / seconds["pieces_bf16"], 3), context)]
+            Figure("train", "bf16_speedup", round(seconds["pieces"] / seconds["pieces_bf16"], 3), context),
+            Figure("train", "compile_speedup", round(seconds["pieces"] / seconds["pieces_compiled"], 3), context)]
 
 
 def run_bench(name: str, config: ForestConfig | None, *, problems: int | None, block_sizes: list[int], trees: int,

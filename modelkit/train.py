@@ -435,13 +435,13 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
     return report
 
 
-def step_seconds(tokenizer, settings: dict[str, tuple[bool, int]], *, batch_size: int = BATCH_SIZE,
+def step_seconds(tokenizer, settings: dict[str, tuple[bool, int, bool]], *, batch_size: int = BATCH_SIZE,
                  dist: Distribution = DEFAULT_DISTRIBUTION, steps: int, device: str = "cpu",
                  hidden_size: int = HIDDEN_SIZE, layers: int = LAYERS, seed: int = 0) -> dict[str, float]:
-    """Mean seconds of one training step under each setting (name: (bf16, micro_batches)): the same initial
-    weights and the same batches of the training stream for every setting, each step taken by every setting in
-    turn so that a noisy machine slows them alike. Step 0, the first of each setting, is not timed (allocations,
-    kernel choice)."""
+    """Mean seconds of one training step under each setting (name: (bf16, micro_batches, compiled)): the same
+    initial weights and the same batches of the training stream for every setting, each step taken by every setting
+    in turn so that a noisy machine slows them alike. Step 0, the first of each setting, is not timed (allocations,
+    kernel choice, and a compiled setting's compilation)."""
     import torch
     from transformers import Qwen2ForCausalLM
 
@@ -450,15 +450,16 @@ def step_seconds(tokenizer, settings: dict[str, tuple[bool, int]], *, batch_size
     for name in settings:
         torch.manual_seed(seed)
         model = Qwen2ForCausalLM(_model_config(tokenizer, hidden_size, layers)).to(device)
-        runs[name] = (model, _new_optimizer(model, LEARNING_RATE))
+        forward = torch.compile(model, dynamic=True) if settings[name][2] else model  # as ``train`` compiles
+        runs[name] = (model, forward, _new_optimizer(model, LEARNING_RATE))
     elapsed = dict.fromkeys(settings, 0.0)
     for step in range(steps + 1):
         rows = _rows(tokenizer, _draw_batch(seed, step, batch_size, REFLECTION_RATE, dist))
-        for name, (bf16, parts) in settings.items():
+        for name, (bf16, parts, _) in settings.items():
             pieces = _pieces(*rows, tokenizer.pad_token_id, parts)
-            model, optimizer = runs[name]
+            model, forward, optimizer = runs[name]
             started = time.perf_counter()
-            _train_step(model, model, optimizer, pieces, device, bf16)  # returns a float: the step has ended
+            _train_step(model, forward, optimizer, pieces, device, bf16)  # returns a float: the step has ended
             elapsed[name] += (time.perf_counter() - started) if step else 0.0
     return {name: seconds / steps for name, seconds in elapsed.items()}
 

@@ -121,19 +121,23 @@ def test_engine_bench_refuses_zero_repeats(capsys):
     assert "--repeats must be >= 1" in capsys.readouterr().err
 
 
-def test_the_train_bench_times_the_bundled_recipe_whole_in_pieces_and_under_bf16(capsys):
+def test_the_train_bench_times_the_bundled_recipe_whole_in_pieces_under_bf16_and_compiled(capsys):
     from cluster.config import load_config
     from deploy.cli import main
     from deploy.flags import DEFAULT_CONFIG
     from modelkit.arithmetic import Distribution
 
     harder = Distribution.parse(["max_count=9999", "max_bags=49", "max_bag_size=49"])
-    pieces, bf16 = run_bench("train", load_config(DEFAULT_CONFIG), problems=None, block_sizes=[], trees=0, active=0,
-                             granularity="", managers=[], train_steps=2, batch_size=8, micro_batches=4, dist=harder)
-    assert (pieces.figure, bf16.figure) == ("micro_batches_speedup", "bf16_speedup")
+    pieces, bf16, compiled = run_bench("train", load_config(DEFAULT_CONFIG), problems=None, block_sizes=[], trees=0,
+                                       active=0, granularity="", managers=[], train_steps=2, batch_size=8,
+                                       micro_batches=4, dist=harder)
+    assert (pieces.figure, bf16.figure, compiled.figure) == ("micro_batches_speedup", "bf16_speedup",
+                                                             "compile_speedup")
     seconds = pieces.context["seconds_per_step"]
-    assert set(seconds) == {"whole", "pieces", "pieces_bf16"} and all(s > 0 for s in seconds.values())
+    assert set(seconds) == {"whole", "pieces", "pieces_bf16", "pieces_compiled"}
+    assert all(s > 0 for s in seconds.values())
     assert pieces.value == pytest.approx(seconds["whole"] / seconds["pieces"], rel=0.01)
+    assert compiled.value == pytest.approx(seconds["pieces"] / seconds["pieces_compiled"], rel=0.01)
     assert pieces.context["distribution"]["max_count"] == 9999 and pieces.context["cores"] >= 1
     assert main(["bench", "train", "--micro-batches", "0"]) == 2
     assert "--micro-batches must be >= 1, got 0" in capsys.readouterr().err
