@@ -50,6 +50,7 @@ REPORT_SAMPLES = 8  # samples per problem and temperature in the dev report: pas
 MAX_STEPS, BATCH_SIZE, LEARNING_RATE, EVAL_EVERY, PATIENCE, MAX_DECAYS = 20000, 32, 3e-3, 300, 3, 2
 REFLECTION_RATE = 0.15  # share of training solutions that slip, reflect and redo
 HIDDEN_SIZE, LAYERS = 128, 4
+SPEED_SETTINGS = ("device", "threads", "bf16", "compiled", "micro_batches")  # change speed and rounding only
 
 
 def _tokenizer_corpus(seed: int, dist: Distribution) -> list[str]:
@@ -308,6 +309,16 @@ def _train_step(model, forward, optimizer, pieces, device: str, bf16: bool) -> f
     return float(step_loss)
 
 
+def _kept_segments(previous: dict) -> list[dict]:
+    """The speed settings of the pieces of a run up to its kept step (``training.json``'s ``segments``: one per
+    invocation, from the step it started at). A report written before segments were recorded only tells the
+    settings of its last piece, which started after its last resume."""
+    if "segments" not in previous:
+        start = previous["resumed"][-1] + 1 if previous.get("resumed") else 1
+        return [{"from_step": start, **{key: previous[key] for key in SPEED_SETTINGS}}]
+    return [s for s in previous["segments"] if s["from_step"] <= previous["steps"]]
+
+
 def _set_up_torch(device: str, threads: int | None) -> None:
     import torch
 
@@ -369,18 +380,20 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
     dev = make_problems(max(dev_problems, report_problems), DEV_SEED, dist)
     dev_batches = [_batch(tokenizer, [(p.question, TrainingExample(p.solution)) for p in dev[i:i + batch_size]],
                           device) for i in range(0, dev_problems, batch_size)]
+    speed = dict(zip(SPEED_SETTINGS, (device, torch.get_num_threads(), bf16, compile_model, micro_batches),
+                     strict=True))  # what this invocation runs with; the pieces of a resumed run may differ
     report = {"seed": seed, "batch_size": batch_size, "lr": lr, "warmup": WARMUP_STEPS, "hidden_size": hidden_size,
               "layers": layers, "parameters": model.num_parameters(), "reflection_rate": reflection_rate,
-              "distribution": asdict(dist), "dev_seed": DEV_SEED, "dev_problems": dev_problems, "device": device,
-              "threads": torch.get_num_threads(), "bf16": bf16, "compiled": compile_model,
-              "micro_batches": micro_batches, "eval_every": eval_every, "patience": patience, "max_decays": max_decays,
-              "history": []}
+              "distribution": asdict(dist), "dev_seed": DEV_SEED, "dev_problems": dev_problems, **speed,
+              "eval_every": eval_every, "patience": patience, "max_decays": max_decays, "history": [],
+              "segments": [{"from_step": 1, **speed}]}
     schedule, first = Schedule(lr, patience, max_decays), 1
     train_losses, started = [], time.monotonic()
     if previous:
         first = previous["steps"] + 1
         report["history"] = [h for h in previous["history"] if h["step"] <= previous["steps"]]
         report["resumed"] = [*previous.get("resumed", []), previous["steps"]]
+        report["segments"] = [*_kept_segments(previous), {"from_step": first, **speed}]
         if previous.get("rolled_back"):
             report["rolled_back"] = [s for s in previous["rolled_back"] if s <= previous["steps"]]
         schedule.best = schedule.mark = previous["dev_loss"]

@@ -151,9 +151,24 @@ def test_training_keeps_the_best_weights_and_resumes(tmp_path):
     best = min(first["history"], key=lambda h: h["dev_loss"])
     assert (first["steps"], first["dev_loss"]) == (best["step"], best["dev_loss"])
     assert json.loads((tmp_path / "training.json").read_text())["steps"] == first["steps"]
-    again = train(tmp_path, max_steps=3, resume=True, **settings)
+    assert first["segments"] == [{"from_step": 1, "device": "cpu", "threads": 1, "bf16": False, "compiled": False,
+                                  "micro_batches": 1}]
+    again = train(tmp_path, max_steps=3, resume=True, bf16=True, **settings)
     assert again["resumed"] == [first["steps"]]
     assert [h["step"] for h in again["history"]][-1] == 3
+    assert [(s["from_step"], s["bf16"]) for s in again["segments"]] == [(1, False), (first["steps"] + 1, True)]
+    assert again["bf16"] is True  # the top-level settings are the last piece's
+
+
+def test_a_resumed_report_keeps_the_settings_of_the_pieces_up_to_its_kept_step():
+    from modelkit.train import _kept_segments
+
+    speed = {"device": "cpu", "threads": 2, "bf16": False, "compiled": False, "micro_batches": 8}
+    segments = [{"from_step": 1, **speed, "bf16": True}, {"from_step": 2934, **speed}, {"from_step": 3601, **speed}]
+    assert _kept_segments({"steps": 3500, "segments": segments}) == segments[:2]  # steps after 3,500 were dropped
+    older = {"steps": 3500, "resumed": [2933, 3000], **speed}  # written before segments were recorded
+    assert _kept_segments(older) == [{"from_step": 3001, **speed}]
+    assert _kept_segments({"steps": 300, **speed}) == [{"from_step": 1, **speed}]
 
 
 def test_bf16_autocast_and_compiled_training_learn_like_the_plain_run(tmp_path):
