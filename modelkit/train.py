@@ -309,6 +309,14 @@ def _train_step(model, forward, optimizer, pieces, device: str, bf16: bool) -> f
     return float(step_loss)
 
 
+def _forward(model, compiled: bool):
+    """What a training step calls: ``model``, or its ``torch.compile`` form (sharing its weights; dynamic shapes:
+    every batch has its own length)."""
+    import torch
+
+    return torch.compile(model, dynamic=True) if compiled else model
+
+
 def _kept_segments(previous: dict) -> list[dict]:
     """The speed settings of the pieces of a run up to its kept step (``training.json``'s ``segments``: one per
     invocation, from the step it started at). A report written before segments were recorded only tells the
@@ -374,7 +382,7 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
 
     if previous:
         model = kept_model()
-    forward = torch.compile(model, dynamic=True) if compile_model else model  # shares the weights
+    forward = _forward(model, compile_model)
 
     optimizer = _new_optimizer(model, lr)
     dev = make_problems(max(dev_problems, report_problems), DEV_SEED, dist)
@@ -463,7 +471,7 @@ def step_seconds(tokenizer, settings: dict[str, tuple[bool, int, bool]], *, batc
     for name in settings:
         torch.manual_seed(seed)
         model = Qwen2ForCausalLM(_model_config(tokenizer, hidden_size, layers)).to(device)
-        forward = torch.compile(model, dynamic=True) if settings[name][2] else model  # as ``train`` compiles
+        forward = _forward(model, settings[name][2])
         runs[name] = (model, forward, _new_optimizer(model, LEARNING_RATE))
     elapsed = dict.fromkeys(settings, 0.0)
     for step in range(steps + 1):
