@@ -29,6 +29,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from modelkit.fit import fit
+from modelkit.train import IGNORE
 from modelkit.value import split_by_problem
 from search.checks import passes
 from search.params import StepCheck
@@ -37,7 +38,6 @@ from search.prompts import DEFAULT_SYSTEM_PROMPT, build_prompt
 log = logging.getLogger(__name__)
 
 REPORT = "policy_training.json"
-IGNORE = -100  # the label transformers' loss skips
 EPOCHS, BATCH_SIZE, LEARNING_RATE, EVAL_EVERY, PATIENCE, DEV_SHARE = 3, 16, 1e-4, 25, 3, 0.1
 WARMUP_STEPS = 10
 # Right lines of a problem that the supervised pass keeps (None: every distinct one). A build's distinct right lines
