@@ -206,6 +206,29 @@ def test_micro_batches_give_the_gradient_of_the_whole_batch_with_less_padding(tm
     assert four["micro_batches"] == 4
 
 
+def test_a_step_in_pieces_computes_the_gradient_of_the_whole_batch(tmp_path):
+    """The gradient itself, before the optimizer moves anything: a wrong weight per piece would show here."""
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    from modelkit.make_model import train_tokenizer
+    from modelkit.train import _batches, _model_config, _tokenizer_corpus, _train_step
+
+    tokenizer = train_tokenizer(tmp_path, _tokenizer_corpus(0, HARDER)[:300], vocab_size=300, split_digits=True)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(_model_config(tokenizer, 64, 1))
+    frozen = torch.optim.SGD(model.parameters(), lr=0.0)  # the step leaves the weights as they are
+
+    def gradient(parts: int):
+        pieces, = _batches(tokenizer, tmp_path, range(1, 2), 0, 0, (16, 0.5, HARDER), parts)
+        loss = _train_step(model, model, frozen, pieces, "cpu", bf16=False)
+        return loss, torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    (whole_loss, whole), (pieces_loss, pieces) = gradient(1), gradient(4)
+    assert pieces_loss == pytest.approx(whole_loss, rel=1e-6)
+    assert float((pieces - whole).norm() / whole.norm()) < 1e-5
+
+
 def test_data_workers_draw_the_same_batches_in_the_same_order(tmp_path):
     """Each step's batch comes from its own stream, so worker processes change nothing but the speed."""
     from modelkit.make_model import train_tokenizer
