@@ -6,6 +6,9 @@ BIN := $(VENV)/bin
 MODEL := models/forest-arith
 MODEL_DEVICE ?= cpu
 MODEL_ARGS ?=  # more modelkit.train flags, e.g. "--workers 12 --report-problems 256 --distribution max_bags=99"
+MODEL_C := models/forest-arith-c
+MODEL_C_SECONDS ?= 7200
+RANGES_C := start=10-999 changes=1-6 max_count=9999 max_gain=999 max_bags=99 max_bag_size=99 max_factor=9 max_piles=99
 VALUE_MODEL := models/forest-value
 VALUE_DATA := out/value-data
 VALUE_PROBLEMS ?= 2000
@@ -16,7 +19,7 @@ LOOP_PROBLEMS ?= 1600
 LOOP_SEED := 300000
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: demo test unit install lock browser clean model value-model verifier-model data-loop
+.PHONY: demo test unit install lock browser clean model model-c value-model verifier-model data-loop
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,6 +45,13 @@ lock:
 model: $(BIN)/.installed
 	$(BIN)/python -m modelkit.train --output $(MODEL) --device $(MODEL_DEVICE) --threads 2 --plot docs/model-training \
 	    $(MODEL_ARGS)
+
+# train the hardest ranges of docs/model.md (C) in $(MODEL_C) on 2 CPU cores, $(MODEL_C_SECONDS) seconds a call: the
+# first call starts the run, each later one resumes it from its kept weights (a run in progress is committed there)
+model-c: $(BIN)/.installed
+	$(BIN)/python -m modelkit.train --output $(MODEL_C) $(if $(wildcard $(MODEL_C)/training.json),--resume) \
+	    --device cpu --threads 2 --micro-batches 8 --batch-size 64 --for-seconds $(MODEL_C_SECONDS) \
+	    --plot docs/model-c-training --distribution $(RANGES_C) $(MODEL_ARGS)
 
 # retrain the bundled value model in $(VALUE_MODEL): MCTS trees over $(VALUE_PROBLEMS) problems of training seed
 # $(VALUE_SEED) (never a held-out seed), then a process reward model on their step labels (docs/value.md)

@@ -346,8 +346,8 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
           lr: float = LEARNING_RATE, hidden_size: int = HIDDEN_SIZE, layers: int = LAYERS, vocab_size: int = 512,
           reflection_rate: float = REFLECTION_RATE, eval_every: int = EVAL_EVERY, patience: int = PATIENCE,
           max_decays: int = MAX_DECAYS, dev_problems: int = 256, dist: Distribution = DEFAULT_DISTRIBUTION,
-          max_seconds: float | None = None, report_problems: int = 0, workers: int = 0,
-          threads: int | None = None, device: str = "cpu", resume: bool = False, bf16: bool = False,
+          max_seconds: float | None = None, for_seconds: float | None = None, report_problems: int = 0,
+          workers: int = 0, threads: int | None = None, device: str = "cpu", resume: bool = False, bf16: bool = False,
           compile_model: bool = False, micro_batches: int = 1) -> dict:
     """Train until the dev loss stops improving; returns the report written to ``training.json``.
 
@@ -358,7 +358,8 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
 
     The learning rate is constant after warm-up and halves as ``Schedule`` decides (on plateaus, and on a
     divergence, after going back to the kept weights with a new warm-up); training ends at the plateau after
-    ``max_decays`` halvings (or ``max_steps`` does, or ``max_seconds`` of training). The weights with the best dev
+    ``max_decays`` halvings (or ``max_steps`` does, or ``max_seconds`` of training in all, the pieces a resumed run
+    was trained in before included, or ``for_seconds`` of this invocation's). The weights with the best dev
     loss are the ones kept; with ``report_problems``, ``dev_report`` then measures them on that many dev problems.
 
     ``bf16`` runs the training forward pass under bfloat16 autocast (the weights, the dev loss and the saved model
@@ -397,6 +398,7 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
               "segments": [{"from_step": 1, **speed}]}
     schedule, first = Schedule(lr, patience, max_decays), 1
     train_losses, started = [], time.monotonic()
+    invoked = started  # ``started`` moves back by a resumed run's earlier seconds
     if previous:
         first = previous["steps"] + 1
         report["history"] = [h for h in previous["history"] if h["step"] <= previous["steps"]]
@@ -413,7 +415,9 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
         for group in optimizer.param_groups:
             group["lr"] = schedule.rate * min(1.0, (step - warm_from + 1) / WARMUP_STEPS)
         train_losses.append(_train_step(model, forward, optimizer, pieces, device, bf16))
-        out_of_time = max_seconds is not None and time.monotonic() - started >= max_seconds
+        now = time.monotonic()
+        out_of_time = ("max_seconds" if max_seconds is not None and now - started >= max_seconds else
+                       "for_seconds" if for_seconds is not None and now - invoked >= for_seconds else None)
         if step % eval_every and step != max_steps and not out_of_time:
             continue
         loss_now = dev_loss(model, tokenizer, dev_batches)
@@ -441,8 +445,8 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
             report["stopped"] = verdict.value
             break
         if out_of_time:
-            log.info("stopping at the time limit (%.0f s)", max_seconds)
-            report["stopped"] = "max_seconds"
+            log.info("stopping at the time limit (%s)", out_of_time)
+            report["stopped"] = out_of_time
             break
     else:
         report["stopped"] = "max_steps"
@@ -573,7 +577,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-decays", type=int, default=MAX_DECAYS, help="halvings before a plateau stops training")
     p.add_argument("--distribution", nargs="+", default=[], metavar="KEY=VALUE",
                    help="train on other ranges than the bundled model's (forest make-problems --distribution)")
-    p.add_argument("--max-seconds", type=float, help="stop after this much training, keeping the best weights")
+    p.add_argument("--max-seconds", type=float, help="stop after this much training in all (a resumed run's earlier "
+                   "pieces included), keeping the best weights")
+    p.add_argument("--for-seconds", type=float, help="stop after this much training in this invocation")
     p.add_argument("--report-problems", type=int, default=0, help="measure the kept weights on this many dev "
                    "problems: greedy by steps; one-sample accuracy, pass@8 and reflections per temperature")
     p.add_argument("--workers", type=int, default=0, help="processes that prepare batches ahead (0: none)")
@@ -596,7 +602,8 @@ def main(argv: list[str] | None = None) -> int:
     report = train(args.output, seed=args.seed, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
                    hidden_size=args.hidden_size, layers=args.layers, reflection_rate=args.reflection_rate,
                    eval_every=args.eval_every, patience=args.patience, max_decays=args.max_decays,
-                   dist=dist, max_seconds=args.max_seconds, report_problems=args.report_problems, workers=args.workers,
+                   dist=dist, max_seconds=args.max_seconds, for_seconds=args.for_seconds,
+                   report_problems=args.report_problems, workers=args.workers,
                    threads=args.threads, device=args.device, resume=args.resume, bf16=args.bf16,
                    compile_model=args.compile, micro_batches=args.micro_batches)
     if args.plot:

@@ -158,6 +158,9 @@ def test_training_keeps_the_best_weights_and_resumes(tmp_path):
     assert [h["step"] for h in again["history"]][-1] == 3
     assert [(s["from_step"], s["bf16"]) for s in again["segments"]] == [(1, False), (first["steps"] + 1, True)]
     assert again["bf16"] is True  # the top-level settings are the last piece's
+    # --for-seconds limits this invocation alone (--max-seconds counts the earlier pieces too)
+    briefly = train(tmp_path, max_steps=10, resume=True, max_seconds=1e6, for_seconds=0, **settings)
+    assert briefly["stopped"] == "for_seconds" and briefly["history"][-1]["step"] == again["steps"] + 1
 
 
 def test_a_resumed_report_keeps_the_settings_of_the_pieces_up_to_its_kept_step():
