@@ -35,6 +35,14 @@ HARDER = Distribution(start=(10, 999), changes=(1, 6), max_count=9999, max_gain=
                       max_factor=9, max_piles=25)
 
 
+def _harder_tokenizer(path):
+    """A small tokenizer of the training corpus of HARDER, written to ``path`` (where the training reads it)."""
+    from modelkit.make_model import train_tokenizer
+    from modelkit.train import _tokenizer_corpus
+
+    return train_tokenizer(path, _tokenizer_corpus(0, HARDER)[:300], vocab_size=300, split_digits=True)
+
+
 @pytest.mark.parametrize("dist", [DEFAULT_DISTRIBUTION, HARDER], ids=["default", "harder"])
 def test_problems_are_reproducible_and_solutions_are_right(dist):
     first, again = make_problems(300, 5, dist), make_problems(300, 5, dist)
@@ -189,10 +197,9 @@ def test_bf16_autocast_and_compiled_training_learn_like_the_plain_run(tmp_path):
 
 
 def test_micro_batches_give_the_gradient_of_the_whole_batch_with_less_padding(tmp_path):
-    from modelkit.make_model import train_tokenizer
-    from modelkit.train import _batches, _tokenizer_corpus, train
+    from modelkit.train import _batches, train
 
-    tokenizer = train_tokenizer(tmp_path, _tokenizer_corpus(0, HARDER)[:300], vocab_size=300, split_digits=True)
+    tokenizer = _harder_tokenizer(tmp_path)
     (whole,), = _batches(tokenizer, tmp_path, range(1, 2), 0, 0, (16, 0.5, HARDER))
     pieces, = _batches(tokenizer, tmp_path, range(1, 2), 0, 0, (16, 0.5, HARDER), 4)
     assert len(pieces) == 4 and sum(len(ids) for ids, _, _ in pieces) == len(whole[0])
@@ -214,10 +221,9 @@ def test_a_step_in_pieces_computes_the_gradient_of_the_whole_batch(tmp_path):
     import torch
     from transformers import Qwen2ForCausalLM
 
-    from modelkit.make_model import train_tokenizer
-    from modelkit.train import _batches, _model_config, _tokenizer_corpus, _train_step
+    from modelkit.train import _batches, _model_config, _train_step
 
-    tokenizer = train_tokenizer(tmp_path, _tokenizer_corpus(0, HARDER)[:300], vocab_size=300, split_digits=True)
+    tokenizer = _harder_tokenizer(tmp_path)
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(_model_config(tokenizer, 64, 1))
     frozen = torch.optim.SGD(model.parameters(), lr=0.0)  # the step leaves the weights as they are
@@ -234,10 +240,9 @@ def test_a_step_in_pieces_computes_the_gradient_of_the_whole_batch(tmp_path):
 
 def test_data_workers_draw_the_same_batches_in_the_same_order(tmp_path):
     """Each step's batch comes from its own stream, so worker processes change nothing but the speed."""
-    from modelkit.make_model import train_tokenizer
-    from modelkit.train import _batches, _tokenizer_corpus
+    from modelkit.train import _batches
 
-    tokenizer = train_tokenizer(tmp_path, _tokenizer_corpus(0, HARDER)[:300], vocab_size=300, split_digits=True)
+    tokenizer = _harder_tokenizer(tmp_path)
     draw = (3, 0.5, HARDER)
 
     def lists(batches):  # each step's pieces of (ids, mask, labels) arrays as plain lists, comparable with ==
