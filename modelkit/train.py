@@ -352,9 +352,10 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
     """Train until the dev loss stops improving; returns the report written to ``training.json``.
 
     ``resume`` continues a run in ``output`` from its kept weights and their step, with the batches that follow
-    it; the optimizer's moments and the learning rate start afresh (they are not saved) with a new warm-up, and
-    ``training.json`` records where the run resumed. ``workers`` processes draw and tokenize batches ahead of the
-    training loop (the same batches as without them).
+    it; the optimizer's moments start afresh (they are not saved) with a new warm-up, the learning rate continues
+    at the rate and number of halvings the schedule had reached (so that a run trained in pieces can still
+    converge), and ``training.json`` records where the run resumed. ``workers`` processes draw and tokenize
+    batches ahead of the training loop (the same batches as without them).
 
     The learning rate is constant after warm-up and halves as ``Schedule`` decides (on plateaus, and on a
     divergence, after going back to the kept weights with a new warm-up); training ends at the plateau after
@@ -407,6 +408,8 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
         if previous.get("rolled_back"):
             report["rolled_back"] = [s for s in previous["rolled_back"] if s <= previous["steps"]]
         schedule.best = schedule.mark = previous["dev_loss"]
+        if "schedule" in previous:  # absent from runs written before the schedule was saved: none had halved
+            schedule.rate, schedule.decays = previous["schedule"]["rate"], previous["schedule"]["decays"]
         started -= previous.get("seconds", report["history"][-1]["seconds"])
     warm_from = first  # the warm-up restarts here after a resume or a roll-back (the moments start afresh)
     batches = _batches(tokenizer, out, range(first, max_steps + 1), workers, seed, (batch_size, reflection_rate, dist),
@@ -439,6 +442,7 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
             model.load_state_dict(kept_model().state_dict())
             optimizer, warm_from = _new_optimizer(model, lr), step + 1  # the diverged moments are dropped
             report["rolled_back"] = [*report.get("rolled_back", []), step]
+        report["schedule"] = {"rate": schedule.rate, "decays": schedule.decays}  # where a resumed run continues
         (out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
         if verdict in (Verdict.CONVERGED, Verdict.DIVERGED):
             log.info("dev loss %s (best %.4f at step %d): stopping", verdict.value, schedule.best, report["steps"])
@@ -585,7 +589,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=0, help="processes that prepare batches ahead (0: none)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--resume", action="store_true", help="continue the run in --output from its kept weights")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --output from its kept weights and learning rate")
     p.add_argument("--bf16", action="store_true", help="train under bfloat16 autocast (weights stay float32)")
     p.add_argument("--compile", action="store_true", help="train through torch.compile")
     p.add_argument("--micro-batches", type=int, default=1, help="split each batch into this many pieces of similar "

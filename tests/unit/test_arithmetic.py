@@ -169,6 +169,13 @@ def test_training_keeps_the_best_weights_and_resumes(tmp_path):
     # --for-seconds limits this invocation alone (--max-seconds counts the earlier pieces too)
     briefly = train(tmp_path, max_steps=10, resume=True, max_seconds=1e6, for_seconds=0, **settings)
     assert briefly["stopped"] == "for_seconds" and briefly["history"][-1]["step"] == again["steps"] + 1
+    assert briefly["schedule"] == {"rate": briefly["lr"], "decays": 0}
+    # a run whose rate had halved twice resumes at that rate with no halving left: its next plateau ends it
+    halved = {**briefly, "schedule": {"rate": briefly["lr"] / 4, "decays": MAX_DECAYS}}
+    (tmp_path / "training.json").write_text(json.dumps(halved))
+    resumed = train(tmp_path, max_steps=10, resume=True, for_seconds=0, **settings)
+    assert resumed["history"][-1]["lr"] == briefly["lr"] / 4
+    assert resumed["schedule"]["decays"] == MAX_DECAYS
 
 
 def test_a_resumed_report_keeps_the_settings_of_the_pieces_up_to_its_kept_step():
