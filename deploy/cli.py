@@ -394,7 +394,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_model_report(args) -> int:
-    from deploy.model_report import format_report, plot_report, report_json, run_model_report
+    from deploy.model_report import format_report, plot_report, report_json, report_title, run_model_report
     from modelkit.arithmetic import make_problems
 
     if args.n < 1 or args.samples < 1:
@@ -410,7 +410,9 @@ def cmd_model_report(args) -> int:
           f"model {config.engine.model} ({config.engine.dtype}), problems from seed {args.seed}\n"
           + format_report(report))
     if args.plot:
-        print("plot: " + ", ".join(plot_report(report, args.plot)), file=sys.stderr if args.json else sys.stdout)
+        title = report_title(config.engine.model, report.overall.problems, args.seed)
+        print("plot: " + ", ".join(plot_report(report, args.plot, title=title)),
+              file=sys.stderr if args.json else sys.stdout)
     return 0
 
 

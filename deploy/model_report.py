@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cluster.config import ForestConfig
-from modelkit.arithmetic import ArithmeticProblem
+from modelkit.arithmetic import HELD_OUT_SEED_START, ArithmeticProblem
 from search.prompts import OUTPUT_END, REFLECTION_PHRASE, answers_match, extract_answer, prompt_token_ids
 from search.protocol import GenerationRequest
 
@@ -136,7 +136,13 @@ def format_report(report: ModelReport) -> str:
     return "\n".join(lines)
 
 
-def plot_report(report: ModelReport, path_prefix: str) -> list[str]:
+def report_title(model: str, problems: int, seed: int) -> str:
+    """The figure's title: which weights, and whether the problems' stream is held-out or development."""
+    kind = "held-out" if seed >= HELD_OUT_SEED_START else "development"
+    return f"{model} on {problems} {kind} problems (seed {seed:,})"
+
+
+def plot_report(report: ModelReport, path_prefix: str, *, title: str) -> list[str]:
     """Greedy, one-sample and pass@k accuracy against the number of worked steps: ``PREFIX.png`` and ``.svg``."""
     from deploy.plots import new_figure, save_figure
 
@@ -148,7 +154,7 @@ def plot_report(report: ModelReport, path_prefix: str) -> list[str]:
                           (f"pass@{report.samples}", [r.pass_at_k for r in report.by_length])):
         axes.plot(steps, [100 * v for v in values], marker="o", label=label)
     axes.set(xlabel="worked steps in the problem", ylabel="accuracy (%)", ylim=(0, 100), xticks=steps,
-             title=f"Bundled model on {report.overall.problems} held-out problems")
+             title=title)
     axes.grid(alpha=0.3)
     axes.legend()
     return save_figure(figure, path_prefix)

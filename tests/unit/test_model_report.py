@@ -2,8 +2,8 @@
 
 import pytest
 
-from deploy.model_report import format_report, summarize
-from modelkit.arithmetic import make_problems
+from deploy.model_report import format_report, plot_report, report_title, summarize
+from modelkit.arithmetic import HELD_OUT_SEED_START, make_problems
 from search.prompts import REFLECTION_PHRASE
 
 
@@ -33,6 +33,17 @@ def test_summary_counts_greedy_samples_and_pass_at_k_by_length():
     assert (by[2].greedy, by[2].pass_at_k) == (0.0, 0.0)
     table = format_report(report)
     assert "pass@2" in table and table.splitlines()[-1].split()[0] == "all"
+
+
+def test_the_figure_says_whose_weights_and_which_problems(tmp_path):
+    """A report on development seeds must not be drawn as one on held-out problems."""
+    assert report_title("m", 500, HELD_OUT_SEED_START) == "m on 500 held-out problems (seed 1,000,000)"
+    assert report_title("m", 500, 500_000) == "m on 500 development problems (seed 500,000)"
+    problems = make_problems(20, seed=3)
+    report = summarize(problems, [None] * 20, [[_answer("-1")]] * 20, samples=1, temperature=0.3, top_p=1.0, max_tokens=256,
+                       greedy_tokens=[1] * 20)
+    png, svg = plot_report(report, str(tmp_path / "fig"), title=report_title("models/x", 20, 500_000))
+    assert png.endswith(".png") and "development problems" in open(svg).read()
 
 
 def test_model_report_cli_rejects_bad_counts_before_starting_anything(capsys):
