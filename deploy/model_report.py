@@ -136,6 +136,9 @@ def format_report(report: ModelReport) -> str:
     return "\n".join(lines)
 
 
+TITLE_FONT_SIZE = 10  # the title names a model path, often longer than the default size fits in 6 inches
+
+
 def report_title(model: str, problems: int, seed: int) -> str:
     """The figure's title: which weights, and whether the problems' stream is held-out or development."""
     kind = "held-out" if seed >= HELD_OUT_SEED_START else "development"
@@ -153,8 +156,8 @@ def plot_report(report: ModelReport, path_prefix: str, *, title: str) -> list[st
                            [r.one_sample for r in report.by_length]),
                           (f"pass@{report.samples}", [r.pass_at_k for r in report.by_length])):
         axes.plot(steps, [100 * v for v in values], marker="o", label=label)
-    axes.set(xlabel="worked steps in the problem", ylabel="accuracy (%)", ylim=(0, 100), xticks=steps,
-             title=title)
+    axes.set(xlabel="worked steps in the problem", ylabel="accuracy (%)", ylim=(0, 100), xticks=steps)
+    axes.set_title(title, fontsize=TITLE_FONT_SIZE)
     axes.grid(alpha=0.3)
     axes.legend()
     return save_figure(figure, path_prefix)

@@ -40,8 +40,8 @@ def test_the_figure_says_whose_weights_and_which_problems(tmp_path):
     assert report_title("m", 500, HELD_OUT_SEED_START) == "m on 500 held-out problems (seed 1,000,000)"
     assert report_title("m", 500, 500_000) == "m on 500 development problems (seed 500,000)"
     problems = make_problems(20, seed=3)
-    report = summarize(problems, [None] * 20, [[_answer("-1")]] * 20, samples=1, temperature=0.3, top_p=1.0, max_tokens=256,
-                       greedy_tokens=[1] * 20)
+    report = summarize(problems, [None] * 20, [[_answer("-1")]] * 20, samples=1, temperature=0.3, top_p=1.0,
+                       max_tokens=256, greedy_tokens=[1] * 20)
     png, svg = plot_report(report, str(tmp_path / "fig"), title=report_title("models/x", 20, 500_000))
     assert png.endswith(".png") and "development problems" in open(svg).read()
 
