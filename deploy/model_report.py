@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cluster.config import ForestConfig
-from modelkit.arithmetic import HELD_OUT_SEED_START, ArithmeticProblem
+from modelkit.arithmetic import ArithmeticProblem, held_out_seed
 from search.prompts import OUTPUT_END, REFLECTION_PHRASE, answers_match, extract_answer, prompt_token_ids
 from search.protocol import GenerationRequest
 
@@ -141,7 +141,7 @@ TITLE_FONT_SIZE = 10  # the title names a model path, often longer than the defa
 
 def report_title(model: str, problems: int, seed: int) -> str:
     """The figure's title: which weights, and whether the problems' stream is held-out or development."""
-    kind = "held-out" if seed >= HELD_OUT_SEED_START else "development"
+    kind = "held-out" if held_out_seed(seed) else "development"
     return f"{model} on {problems} {kind} problems (seed {seed:,})"
 
 

@@ -188,10 +188,15 @@ def _response(steps: list[str], answer: str) -> str:
     return THOUGHT_OPEN + STEP_DELIMITER.join(steps) + f"\n</Thought>\n<Output>\n{answer}\n</Output>"
 
 
+def held_out_seed(seed: int) -> bool:
+    """Whether ``seed``'s problem stream is held out (for final tables only, never for training or tuning)."""
+    return seed >= HELD_OUT_SEED_START
+
+
 def held_out_problem(problem_id: str) -> bool:
     """Whether ``problem_id`` (``arith-<seed>-<i>``, as ``make_problems`` names them) comes from a held-out seed."""
     parts = problem_id.split("-")
-    return len(parts) == 3 and parts[0] == "arith" and parts[1].isdigit() and int(parts[1]) >= HELD_OUT_SEED_START
+    return len(parts) == 3 and parts[0] == "arith" and parts[1].isdigit() and held_out_seed(int(parts[1]))
 
 
 def make_problems(n: int, seed: int, dist: Distribution = DEFAULT_DISTRIBUTION) -> list[ArithmeticProblem]:
