@@ -5,7 +5,9 @@ known): one greedy response and ``--samples`` responses at the configured sampli
 ``search.max_path_tokens`` tokens. Reported, overall and by number of steps: greedy accuracy, the accuracy of one
 sample (the mean over the samples, an unbiased estimate), pass@k (some sample is right), and how often a response
 reflects on its own (writes the reflection phrase unprompted). These say whether a search has something to find:
-pass@k far above greedy, and sampling not much worse than greedy.
+pass@k far above greedy, and sampling not much worse than greedy. By kind of worked step (a gain, a split, ...):
+how many greedy and sampled responses reach a step of that kind with every earlier step right, and what share of
+those write it wrong; this says which steps the model fails at, so which ranges make a distribution hard.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cluster.config import ForestConfig
-from modelkit.arithmetic import ArithmeticProblem, held_out_seed
+from modelkit.arithmetic import STEP_KINDS, ArithmeticProblem, first_wrong_step, held_out_seed
 from search.prompts import OUTPUT_END, REFLECTION_PHRASE, answers_match, extract_answer, prompt_token_ids
 from search.protocol import GenerationRequest
 
@@ -42,6 +44,18 @@ class LengthRow:
 
 
 @dataclass(frozen=True, slots=True)
+class StepKindRow:
+    """Responses that reach a worked step of ``kind`` with every earlier step right, and how many of those write
+    it wrong (greedy responses, then sampled ones)."""
+
+    kind: str
+    greedy_reached: int
+    greedy_wrong: int
+    sampled_reached: int
+    sampled_wrong: int
+
+
+@dataclass(frozen=True, slots=True)
 class ModelReport:
     samples: int
     temperature: float
@@ -50,6 +64,7 @@ class ModelReport:
     mean_greedy_tokens: float
     overall: LengthRow
     by_length: list[LengthRow]
+    by_step_kind: list[StepKindRow]
 
     def row(self) -> dict:
         return dataclasses.asdict(self)
@@ -58,6 +73,29 @@ class ModelReport:
 def _summary(changes: int, greedy: list[bool], sampled: list[list[bool]], reflecting: list[list[bool]]) -> LengthRow:
     return LengthRow(changes, len(greedy), float(np.mean(greedy)), float(np.mean(sampled)),
                      float(np.mean([any(s) for s in sampled])), float(np.mean(reflecting)))
+
+
+def _first_wrong_counts(problems: list[ArithmeticProblem], responses: list[list[str]]
+                        ) -> tuple[collections.Counter, collections.Counter]:
+    """(reached, wrong) by step kind over every response of every problem."""
+    reached, wrong = collections.Counter(), collections.Counter()
+    for problem, texts in zip(problems, responses, strict=True):
+        for text in texts:
+            first = first_wrong_step(problem, text)
+            kinds = problem.kinds if first is None else problem.kinds[:first + 1]
+            reached.update(kinds)
+            if first is not None:
+                wrong[problem.kinds[first]] += 1
+    return reached, wrong
+
+
+def by_step_kind(problems: list[ArithmeticProblem], greedy: list[str | None], sampled: list[list[str]]
+                 ) -> list[StepKindRow]:
+    """Where responses first go wrong, by kind of worked step (the kinds some problem has, in a fixed order)."""
+    g_reached, g_wrong = _first_wrong_counts(problems, [[text or ""] for text in greedy])
+    s_reached, s_wrong = _first_wrong_counts(problems, sampled)
+    return [StepKindRow(kind, g_reached[kind], g_wrong[kind], s_reached[kind], s_wrong[kind])
+            for kind in STEP_KINDS if any(kind in p.kinds for p in problems)]
 
 
 def summarize(problems: list[ArithmeticProblem], greedy: list[str | None], sampled: list[list[str]], *,
@@ -75,7 +113,8 @@ def summarize(problems: list[ArithmeticProblem], greedy: list[str | None], sampl
     by_length = [_summary(changes, [greedy_right[i] for i in idx], [sample_right[i] for i in idx],
                           [reflecting[i] for i in idx]) for changes, idx in sorted(groups.items())]
     return ModelReport(samples, temperature, top_p, max_tokens, float(np.mean(greedy_tokens)),
-                       _summary(0, greedy_right, sample_right, reflecting), by_length)
+                       _summary(0, greedy_right, sample_right, reflecting), by_length,
+                       by_step_kind(problems, greedy, sampled))
 
 
 def run_model_report(config: ForestConfig, problems: list[ArithmeticProblem], *, samples: int = DEFAULT_SAMPLES,
@@ -133,7 +172,17 @@ def format_report(report: ModelReport) -> str:
         label = "all" if r.changes == 0 else str(r.changes)
         lines.append(f"{label:>5} {r.problems:>8} {100 * r.greedy:>6.1f}% {100 * r.one_sample:>7.1f}% "
                      f"{100 * r.pass_at_k:>6.1f}% {100 * r.reflecting:>7.1f}%")
+    lines += ["", "the first wrong step, by kind: responses that reach a step of the kind with every earlier step "
+              "right, and the share of those that write it wrong",
+              f"{'kind':>10} {'greedy':>7} {'wrong':>6} {'sampled':>8} {'wrong':>6}"]
+    for r in report.by_step_kind:
+        lines.append(f"{r.kind:>10} {r.greedy_reached:>7} {_share(r.greedy_wrong, r.greedy_reached):>6} "
+                     f"{r.sampled_reached:>8} {_share(r.sampled_wrong, r.sampled_reached):>6}")
     return "\n".join(lines)
+
+
+def _share(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.1f}%" if whole else "-"
 
 
 TITLE_FONT_SIZE = 10  # the title names a model path, often longer than the default size fits in 6 inches

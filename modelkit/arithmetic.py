@@ -31,7 +31,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from search.prompts import REFLECTION_PHRASE
+from search.prompts import REFLECTION_PHRASE, split_response
 
 HELD_OUT_SEED_START = 1_000_000
 
@@ -44,6 +44,9 @@ MIN_COUNT_TO_LOSE = 12  # losses and splits are drawn only from this count up
 MULTIPLY_VERBS = {2: "doubles", 3: "triples"}  # other factors read "multiplies them by N"
 STEP_DELIMITER = "\n\n"
 THOUGHT_OPEN = "<Thought>\n"
+START, CONCLUSION = "start", "conclusion"  # the kinds of the first and the last worked step
+CHANGE_KINDS = ("gain", "loss", "bags", "multiply", "split")  # the kinds of the steps in between
+STEP_KINDS = (START, *CHANGE_KINDS, CONCLUSION)
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,21 +109,22 @@ class ArithmeticProblem:
     solution: str  # the assistant's correct response: <Thought> steps, then <Output>
     changes: int  # how many worked steps (its length, for accuracy by length)
     steps: tuple[str, ...] = ()  # the worked steps, start and conclusion included
+    kinds: tuple[str, ...] = ()  # each worked step's kind: START, one of CHANGE_KINDS, CONCLUSION
 
     def row(self) -> dict:
         return {"id": self.id, "question": self.question, "answer": self.answer, "changes": self.changes}
 
 
 def _change(rng: random.Random, name: str, item: str, total: int, dist: Distribution = DEFAULT_DISTRIBUTION
-            ) -> tuple[str, str, int]:
-    """One change to ``total``: (question sentence, worked step, new total). Only changes that keep the count in
-    range are drawn."""
+            ) -> tuple[str, str, int, str]:
+    """One change to ``total``: (question sentence, worked step, new total, kind). Only changes that keep the
+    count in range are drawn."""
     room = dist.max_count - total
     kinds = []
     if room >= MIN_GAIN:
         kinds.append("gain")
     if room >= MIN_GAIN * MIN_GAIN:  # two bags of two
-        kinds.append("gain_bags")
+        kinds.append("bags")
     if total >= MIN_COUNT_TO_LOSE:
         kinds += ["loss", "loss", "split"]
     if total * MIN_GAIN <= dist.max_count:
@@ -129,17 +133,18 @@ def _change(rng: random.Random, name: str, item: str, total: int, dist: Distribu
     if kind == "gain":
         n = rng.randint(MIN_GAIN, min(dist.max_gain, room))
         return (f"Then {name} {rng.choice(GAINS).format(n=n)}.", f"{name} gains {n}, so {total} + {n} = {total + n}.",
-                total + n)
+                total + n, kind)
     if kind == "loss":
         n = rng.randint(MIN_GAIN, min(dist.max_gain, total - 1))
         return (f"Then {name} {rng.choice(LOSSES).format(n=n)}.", f"{name} loses {n}, so {total} - {n} = {total - n}.",
-                total - n)
-    if kind == "gain_bags":
+                total - n, kind)
+    if kind == "bags":
         bags = rng.randint(MIN_GAIN, min(dist.max_bags, room // MIN_GAIN))
         size = rng.randint(MIN_GAIN, min(dist.max_bag_size, room // bags))
         gained = bags * size
         return (f"Then {name} buys {bags} bags of {size} {item}.",
-                f"{name} gains {bags} × {size} = {gained}, so {total} + {gained} = {total + gained}.", total + gained)
+                f"{name} gains {bags} × {size} = {gained}, so {total} + {gained} = {total + gained}.",
+                total + gained, kind)
     if kind == "multiply":
         factors = range(MIN_GAIN, min(dist.max_factor, dist.max_count // total) + 1)
         # the largest factor first, and no draw when there is one choice: streams of the default ranges stay as
@@ -149,12 +154,12 @@ def _change(rng: random.Random, name: str, item: str, total: int, dist: Distribu
             sentence, did = f"Then {name} {MULTIPLY_VERBS[factor]} the {item}.", f"{MULTIPLY_VERBS[factor]} them"
         else:
             sentence, did = f"Then {name} ends up with {factor} times as many {item}.", f"multiplies them by {factor}"
-        return sentence, f"{name} {did}, so {total} × {factor} = {total * factor}.", total * factor
+        return sentence, f"{name} {did}, so {total} × {factor} = {total * factor}.", total * factor, kind
     piles = rng.randint(MIN_GAIN, min(dist.max_piles, total // MIN_GAIN))
     kept, left = divmod(total, piles)
     return (f"Then {name} splits the {item} into {piles} equal piles, gives the rest away and keeps one pile.",
             f"{name} keeps one of {piles} piles, so {total} ÷ {piles} = {kept} remainder {left}, which leaves {kept}.",
-            kept)
+            kept, kind)
 
 
 def _distractor(rng: random.Random, name: str, item: str) -> str:
@@ -171,21 +176,36 @@ def make_problem(rng: random.Random, problem_id: str, dist: Distribution = DEFAU
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     total = rng.randint(*dist.start)
     sentences = [f"{name} has {total} {item}."]
-    steps = [f"{name} starts with {total} {item}."]
+    steps, kinds = [f"{name} starts with {total} {item}."], [START]
     changes = rng.randint(*dist.changes)
     for _ in range(changes):
-        sentence, step, total = _change(rng, name, item, total, dist)
+        sentence, step, total, kind = _change(rng, name, item, total, dist)
         sentences.append(sentence)
         steps.append(step)
+        kinds.append(kind)
     for _ in range(rng.randint(0, dist.max_distractors)):  # anywhere after the first sentence
         sentences.insert(rng.randint(1, len(sentences)), _distractor(rng, name, item))
     question = " ".join(sentences) + f" How many {item} does {name} have now?"
     steps.append(f"So {name} has {total} {item}.")
-    return ArithmeticProblem(problem_id, question, str(total), _response(steps, str(total)), changes, tuple(steps))
+    kinds.append(CONCLUSION)
+    return ArithmeticProblem(problem_id, question, str(total), _response(steps, str(total)), changes, tuple(steps),
+                             tuple(kinds))
 
 
 def _response(steps: list[str], answer: str) -> str:
     return THOUGHT_OPEN + STEP_DELIMITER.join(steps) + f"\n</Thought>\n<Output>\n{answer}\n</Output>"
+
+
+def first_wrong_step(problem: ArithmeticProblem, response: str) -> int | None:
+    """The index in ``problem.steps`` of the first worked step that ``response`` writes differently (or leaves
+    out); None when it writes them all as the solution does. A reflection phrase in place of a step is a
+    wrong step there."""
+    reasoning, _ = split_response(response)
+    written = reasoning.split(STEP_DELIMITER)
+    for i, step in enumerate(problem.steps):
+        if i >= len(written) or written[i].strip() != step:
+            return i
+    return None
 
 
 def held_out_seed(seed: int) -> bool:

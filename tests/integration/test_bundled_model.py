@@ -179,6 +179,9 @@ def test_model_report_decodes_greedily_and_samples_on_the_worker(arith_worker, a
     assert report.overall.greedy > 0, "the bundled model is trained: greedy decoding solves some problems"
     assert report.overall.one_sample <= report.overall.pass_at_k
     assert 0 < report.mean_greedy_tokens <= arith_config.search.max_path_tokens
+    kinds = {r.kind: r for r in report.by_step_kind}
+    assert kinds["start"].greedy_reached == 8 and kinds["start"].sampled_reached == 24
+    assert "the first wrong step, by kind" in format_report(report)
     assert "pass@3" in format_report(report)
 
 

@@ -8,8 +8,8 @@ import re
 import pytest
 
 from deploy.cli import main
-from modelkit.arithmetic import (DEFAULT_DISTRIBUTION, HELD_OUT_SEED_START, Distribution, _change, make_problems,
-                                 make_training_example)
+from modelkit.arithmetic import (CHANGE_KINDS, CONCLUSION, DEFAULT_DISTRIBUTION, HELD_OUT_SEED_START, START,
+                                 Distribution, _change, first_wrong_step, make_problems, make_training_example)
 from modelkit.train import DEV_SEED
 from search.prompts import REFLECTION_PHRASE, extract_answer, split_response
 
@@ -120,7 +120,8 @@ def test_every_change_keeps_the_count_in_range(total, dist):
     rng = random.Random(total)
     total = min(total, dist.max_count)
     for _ in range(300):
-        _, step, after = _change(rng, "Ann", "pens", total, dist)
+        _, step, after, kind = _change(rng, "Ann", "pens", total, dist)
+        assert kind in CHANGE_KINDS
         assert 0 <= after <= dist.max_count and _check_step(step, total) == after
 
 
@@ -343,3 +344,18 @@ def test_training_curves_draws_runs_side_by_side_and_names_bad_input(tmp_path, c
         assert main(["training-curves", *args, "--plot", str(tmp_path / "x")]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_each_worked_step_is_named_by_its_kind():
+    """``kinds`` lines up with ``steps``; the solution itself has no wrong step, a changed one is found."""
+    operators = {"gain": {"+"}, "loss": {"-"}, "bags": {"×", "+"}, "multiply": {"×"}, "split": {"÷"}}
+    for problem in make_problems(200, seed=9, dist=HARDER):
+        assert len(problem.kinds) == len(problem.steps) == problem.changes + 2
+        assert (problem.kinds[0], problem.kinds[-1]) == (START, CONCLUSION)
+        for kind, step in zip(problem.kinds[1:-1], problem.steps[1:-1], strict=True):
+            assert set(re.findall(r" ([-+×÷]) ", step)) == operators[kind], (kind, step)
+        assert first_wrong_step(problem, problem.solution) is None
+        wrong = problem.solution.replace(problem.steps[-2], problem.steps[-2] + "0")
+        assert first_wrong_step(problem, wrong) == len(problem.steps) - 2
+    assert {k for p in make_problems(200, seed=9, dist=HARDER) for k in p.kinds[1:-1]} == set(operators)
+    assert set(operators) == set(CHANGE_KINDS)

@@ -1,9 +1,11 @@
 """`forest model-report`'s figures from decoded responses: greedy, one-sample and pass@k accuracy by length."""
 
+import collections
+
 import pytest
 
-from deploy.model_report import format_report, plot_report, report_title, summarize
-from modelkit.arithmetic import HELD_OUT_SEED_START, make_problems
+from deploy.model_report import by_step_kind, format_report, plot_report, report_title, summarize
+from modelkit.arithmetic import HELD_OUT_SEED_START, STEP_DELIMITER, THOUGHT_OPEN, make_problems
 from search.prompts import REFLECTION_PHRASE
 
 
@@ -32,7 +34,34 @@ def test_summary_counts_greedy_samples_and_pass_at_k_by_length():
     assert (by[1].greedy, by[1].one_sample, by[1].pass_at_k) == (0.5, 0.5, 1.0)
     assert (by[2].greedy, by[2].pass_at_k) == (0.0, 0.0)
     table = format_report(report)
-    assert "pass@2" in table and table.splitlines()[-1].split()[0] == "all"
+    assert "pass@2" in table and table.splitlines()[len(report.by_length) + 2].split()[0] == "all"
+
+
+def _written(steps) -> str:
+    return THOUGHT_OPEN + STEP_DELIMITER.join(steps) + "\n</Thought>\n<Output>\n1\n</Output>"
+
+
+def test_by_step_kind_counts_where_responses_first_go_wrong():
+    """A response counts as reaching each step up to its first wrong one, and as wrong at that step's kind."""
+    (problem,) = [p for p in make_problems(60, seed=5) if p.changes == 3][:1]
+    steps, kinds = list(problem.steps), problem.kinds
+    slipped = list(steps)
+    slipped[2] = slipped[2].replace(" = ", " = 1", 1)  # the second change, written wrong
+    greedy = [_written(steps)]  # every step as the solution writes it
+    sampled = [[_written(slipped), _written(steps[:1]), _written(steps[:-1] + ["So it is 3."])]]
+    rows = {r.kind: r for r in by_step_kind([problem], greedy, sampled)}
+    assert set(rows) == set(kinds)
+    assert all(r.greedy_reached == kinds.count(k) and r.greedy_wrong == 0 for k, r in rows.items())
+    # the samples go wrong at the second change, the first change and the conclusion: they reach the kinds of
+    # steps 0-2, 0-1 and all of them
+    reached = collections.Counter(kinds[:3]) + collections.Counter(kinds[:2]) + collections.Counter(kinds)
+    wrong = collections.Counter([kinds[2], kinds[1], kinds[-1]])
+    assert {k: r.sampled_reached for k, r in rows.items()} == dict(reached)
+    assert {k: r.sampled_wrong for k, r in rows.items() if r.sampled_wrong} == dict(wrong)
+    report = summarize([problem], greedy, sampled, samples=3, temperature=0.3, top_p=1.0, max_tokens=256,
+                       greedy_tokens=[1])
+    assert report.by_step_kind == list(rows.values())
+    assert "the first wrong step, by kind" in format_report(report)
 
 
 def test_the_figure_says_whose_weights_and_which_problems(tmp_path):
