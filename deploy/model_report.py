@@ -7,7 +7,8 @@ sample (the mean over the samples, an unbiased estimate), pass@k (some sample is
 reflects on its own (writes the reflection phrase unprompted). These say whether a search has something to find:
 pass@k far above greedy, and sampling not much worse than greedy. By kind of worked step (a gain, a split, ...):
 how many greedy and sampled responses reach a step of that kind with every earlier step right, and what share of
-those write it wrong; this says which steps the model fails at, so which ranges make a distribution hard.
+those write it wrong (and of those, how many still leave the right count, as a split with a wrong remainder does);
+this says which steps the model fails at, so which ranges make a distribution hard.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cluster.config import ForestConfig
-from modelkit.arithmetic import STEP_KINDS, ArithmeticProblem, first_wrong_step, held_out_seed
+from modelkit.arithmetic import STEP_KINDS, ArithmeticProblem, first_wrong_step, held_out_seed, step_count
 from search.prompts import OUTPUT_END, REFLECTION_PHRASE, answers_match, extract_answer, prompt_token_ids
 from search.protocol import GenerationRequest
 
@@ -45,14 +46,16 @@ class LengthRow:
 
 @dataclass(frozen=True, slots=True)
 class StepKindRow:
-    """Responses that reach a worked step of ``kind`` with every earlier step right, and how many of those write
-    it wrong (greedy responses, then sampled ones)."""
+    """Responses that reach a worked step of ``kind`` with every earlier step right, how many of those write it
+    wrong, and how many of the wrong ones still leave the right count (greedy responses, then sampled ones)."""
 
     kind: str
     greedy_reached: int
     greedy_wrong: int
+    greedy_right_count: int
     sampled_reached: int
     sampled_wrong: int
+    sampled_right_count: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,25 +79,27 @@ def _summary(changes: int, greedy: list[bool], sampled: list[list[bool]], reflec
 
 
 def _first_wrong_counts(problems: list[ArithmeticProblem], responses: list[list[str]]
-                        ) -> tuple[collections.Counter, collections.Counter]:
-    """(reached, wrong) by step kind over every response of every problem."""
-    reached, wrong = collections.Counter(), collections.Counter()
+                        ) -> tuple[collections.Counter, collections.Counter, collections.Counter]:
+    """(reached, wrong, wrong but leaving the right count) by step kind over every response of every problem."""
+    reached, wrong, right_count = collections.Counter(), collections.Counter(), collections.Counter()
     for problem, texts in zip(problems, responses, strict=True):
         for text in texts:
             first = first_wrong_step(problem, text)
-            kinds = problem.kinds if first is None else problem.kinds[:first + 1]
-            reached.update(kinds)
+            reached.update(problem.kinds if first is None else problem.kinds[:first[0] + 1])
             if first is not None:
-                wrong[problem.kinds[first]] += 1
-    return reached, wrong
+                index, written = first
+                wrong[problem.kinds[index]] += 1
+                right_count[problem.kinds[index]] += step_count(written) == step_count(problem.steps[index])
+    return reached, wrong, right_count
 
 
 def by_step_kind(problems: list[ArithmeticProblem], greedy: list[str | None], sampled: list[list[str]]
                  ) -> list[StepKindRow]:
     """Where responses first go wrong, by kind of worked step (the kinds some problem has, in a fixed order)."""
-    g_reached, g_wrong = _first_wrong_counts(problems, [[text or ""] for text in greedy])
-    s_reached, s_wrong = _first_wrong_counts(problems, sampled)
-    return [StepKindRow(kind, g_reached[kind], g_wrong[kind], s_reached[kind], s_wrong[kind])
+    g_reached, g_wrong, g_count = _first_wrong_counts(problems, [[text or ""] for text in greedy])
+    s_reached, s_wrong, s_count = _first_wrong_counts(problems, sampled)
+    return [StepKindRow(kind, g_reached[kind], g_wrong[kind], g_count[kind], s_reached[kind], s_wrong[kind],
+                        s_count[kind])
             for kind in STEP_KINDS if any(kind in p.kinds for p in problems)]
 
 
@@ -173,11 +178,14 @@ def format_report(report: ModelReport) -> str:
         lines.append(f"{label:>5} {r.problems:>8} {100 * r.greedy:>6.1f}% {100 * r.one_sample:>7.1f}% "
                      f"{100 * r.pass_at_k:>6.1f}% {100 * r.reflecting:>7.1f}%")
     lines += ["", "the first wrong step, by kind: responses that reach a step of the kind with every earlier step "
-              "right, and the share of those that write it wrong",
-              f"{'kind':>10} {'greedy':>7} {'wrong':>6} {'sampled':>8} {'wrong':>6}"]
+              "right, the share of those that write it wrong, and the share of the wrong ones that still leave the "
+              "right count",
+              f"{'kind':>10} {'greedy':>7} {'wrong':>6} {'count ok':>8} {'sampled':>8} {'wrong':>6} {'count ok':>8}"]
     for r in report.by_step_kind:
         lines.append(f"{r.kind:>10} {r.greedy_reached:>7} {_share(r.greedy_wrong, r.greedy_reached):>6} "
-                     f"{r.sampled_reached:>8} {_share(r.sampled_wrong, r.sampled_reached):>6}")
+                     f"{_share(r.greedy_right_count, r.greedy_wrong):>8} {r.sampled_reached:>8} "
+                     f"{_share(r.sampled_wrong, r.sampled_reached):>6} "
+                     f"{_share(r.sampled_right_count, r.sampled_wrong):>8}")
     return "\n".join(lines)
 
 

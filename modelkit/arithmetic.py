@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -196,16 +197,23 @@ def _response(steps: list[str], answer: str) -> str:
     return THOUGHT_OPEN + STEP_DELIMITER.join(steps) + f"\n</Thought>\n<Output>\n{answer}\n</Output>"
 
 
-def first_wrong_step(problem: ArithmeticProblem, response: str) -> int | None:
+def first_wrong_step(problem: ArithmeticProblem, response: str) -> tuple[int, str] | None:
     """The index in ``problem.steps`` of the first worked step that ``response`` writes differently (or leaves
-    out); None when it writes them all as the solution does. A reflection phrase in place of a step is a
-    wrong step there."""
+    out), and what it writes there; None when it writes them all as the solution does. A reflection phrase in
+    place of a step is a wrong step there."""
     reasoning, _ = split_response(response)
     written = reasoning.split(STEP_DELIMITER)
     for i, step in enumerate(problem.steps):
         if i >= len(written) or written[i].strip() != step:
-            return i
+            return i, written[i].strip() if i < len(written) else ""
     return None
+
+
+def step_count(step: str) -> str | None:
+    """The count a worked step leaves (its last number): a wrong step with the right count, such as a split with a
+    wrong remainder, does not change the answer."""
+    numbers = re.findall(r"\d+", step)
+    return numbers[-1] if numbers else None
 
 
 def held_out_seed(seed: int) -> bool:

@@ -46,9 +46,11 @@ def test_by_step_kind_counts_where_responses_first_go_wrong():
     (problem,) = [p for p in make_problems(60, seed=5) if p.changes == 3][:1]
     steps, kinds = list(problem.steps), problem.kinds
     slipped = list(steps)
-    slipped[2] = slipped[2].replace(" = ", " = 1", 1)  # the second change, written wrong
+    slipped[2] = slipped[2].replace(" = ", " = 1", 1)  # the second change, written wrong ...
+    slipped[2] = slipped[2].rstrip(".") + " 0."  # ... and with a wrong count
     greedy = [_written(steps)]  # every step as the solution writes it
-    sampled = [[_written(slipped), _written(steps[:1]), _written(steps[:-1] + ["So it is 3."])]]
+    right_count = steps[:-1] + [f"So it is {problem.answer}."]  # a wrong conclusion that keeps the count
+    sampled = [[_written(slipped), _written(steps[:1]), _written(right_count)]]
     rows = {r.kind: r for r in by_step_kind([problem], greedy, sampled)}
     assert set(rows) == set(kinds)
     assert all(r.greedy_reached == kinds.count(k) and r.greedy_wrong == 0 for k, r in rows.items())
@@ -58,6 +60,8 @@ def test_by_step_kind_counts_where_responses_first_go_wrong():
     wrong = collections.Counter([kinds[2], kinds[1], kinds[-1]])
     assert {k: r.sampled_reached for k, r in rows.items()} == dict(reached)
     assert {k: r.sampled_wrong for k, r in rows.items() if r.sampled_wrong} == dict(wrong)
+    assert {k: r.sampled_right_count for k, r in rows.items() if r.sampled_right_count} == {kinds[-1]: 1}
+    assert all(r.greedy_right_count == 0 for r in rows.values())
     report = summarize([problem], greedy, sampled, samples=3, temperature=0.3, top_p=1.0, max_tokens=256,
                        greedy_tokens=[1])
     assert report.by_step_kind == list(rows.values())
