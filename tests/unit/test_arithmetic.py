@@ -9,8 +9,8 @@ import pytest
 
 from deploy.cli import main
 from modelkit.arithmetic import (CHANGE_KINDS, CONCLUSION, DEFAULT_DISTRIBUTION, HELD_OUT_SEED_START, START,
-                                 Distribution, _change, first_wrong_step, make_problems, make_training_example,
-                                 step_count)
+                                 STEP_DELIMITER, Distribution, _change, first_wrong_step, make_problems,
+                                 make_training_example, step_count)
 from modelkit.train import DEV_SEED
 from search.prompts import REFLECTION_PHRASE, extract_answer, split_response
 
@@ -358,7 +358,7 @@ def test_each_worked_step_is_named_by_its_kind():
         assert first_wrong_step(problem, problem.solution) is None
         wrong = problem.solution.replace(problem.steps[-2], problem.steps[-2] + "0")
         assert first_wrong_step(problem, wrong) == (len(problem.steps) - 2, problem.steps[-2] + "0")
-        assert first_wrong_step(problem, problem.solution.split("\n\n")[0]) == (1, "")
+        assert first_wrong_step(problem, problem.solution.split(STEP_DELIMITER)[0]) == (1, "")
         assert step_count(problem.steps[-2]) == step_count(problem.steps[-1]) == problem.answer
     assert {k for p in make_problems(200, seed=9, dist=HARDER) for k in p.kinds[1:-1]} == set(operators)
     assert set(operators) == set(CHANGE_KINDS)
