@@ -204,15 +204,16 @@ def first_wrong_step(problem: ArithmeticProblem, response: str) -> tuple[int, st
     reasoning, _ = split_response(response)
     written = reasoning.split(STEP_DELIMITER)
     for i, step in enumerate(problem.steps):
-        if i >= len(written) or written[i].strip() != step:
-            return i, written[i].strip() if i < len(written) else ""
+        text = written[i].strip() if i < len(written) else ""
+        if text != step:
+            return i, text
     return None
 
 
 def step_count(step: str) -> str | None:
     """The count a worked step leaves (its last number): a wrong step with the right count, such as a split with a
     wrong remainder, does not change the answer."""
-    numbers = re.findall(r"\d+", step)
+    numbers = re.findall(r"-?\d+", step)  # a slip carried forward can leave a negative count
     return numbers[-1] if numbers else None
 
 
@@ -252,18 +253,13 @@ def _mistaken_steps(rng: random.Random, problem: ArithmeticProblem) -> tuple[lis
         steps = list(problem.steps[:-1])
         at = rng.randint(1, problem.changes)
         head, _, tail = steps[at].partition(", so ")
-        count = _wrong(rng, _result(steps[at]))
+        count = _wrong(rng, int(step_count(steps[at])))
         steps[at] = _redo(steps[at], int(tail.split()[0]), result=count)
         for i in range(at + 1, len(steps)):
             steps[i] = _redo(steps[i], count)
-            count = _result(steps[i])
+            count = int(step_count(steps[i]))
         if count >= 0:  # a slip that would make a later count negative is not plausible: draw another
             return steps, at
-
-
-def _result(step: str) -> int:
-    """The count a change step ends with."""
-    return int(step.rstrip(".").split()[-1])
 
 
 def _redo(step: str, count: int, *, result: int | None = None) -> str:

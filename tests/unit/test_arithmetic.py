@@ -362,3 +362,4 @@ def test_each_worked_step_is_named_by_its_kind():
         assert step_count(problem.steps[-2]) == step_count(problem.steps[-1]) == problem.answer
     assert {k for p in make_problems(200, seed=9, dist=HARDER) for k in p.kinds[1:-1]} == set(operators)
     assert set(operators) == set(CHANGE_KINDS)
+    assert step_count("Ann loses 79, so 49 - 79 = -30.") == "-30"  # a slip carried forward, not a right 30
