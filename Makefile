@@ -8,6 +8,9 @@ MODEL_DEVICE ?= cpu
 MODEL_ARGS ?=  # more modelkit.train flags, e.g. "--workers 12 --report-problems 256 --distribution max_bags=99"
 MODEL_C := models/forest-arith-c
 MODEL_C_SECONDS ?= 7200
+MODEL_D := models/forest-arith-d
+MODEL_D_SECONDS ?= 7200
+LONG_FORM_RATE := 0.3
 RANGES_C := start=10-999 changes=1-6 max_count=9999 max_gain=999 max_bags=99 max_bag_size=99 max_factor=9 max_piles=99
 VALUE_MODEL := models/forest-value
 VALUE_DATA := out/value-data
@@ -19,7 +22,7 @@ LOOP_PROBLEMS ?= 1600
 LOOP_SEED := 300000
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: demo test unit install lock browser clean model model-c value-model verifier-model data-loop
+.PHONY: demo test unit install lock browser clean model model-c model-d value-model verifier-model data-loop
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -52,6 +55,14 @@ model-c: $(BIN)/.installed
 	$(BIN)/python -m modelkit.train --output $(MODEL_C) $(if $(wildcard $(MODEL_C)/training.json),--resume) \
 	    --device cpu --threads 2 --micro-batches 8 --batch-size 64 --for-seconds $(MODEL_C_SECONDS) \
 	    --plot docs/model-c-training --distribution $(RANGES_C) $(MODEL_ARGS)
+
+# ranges C with $(LONG_FORM_RATE) of the hard steps written the long way (docs/model.md), in $(MODEL_D): the first call
+# starts from the kept weights of $(MODEL_C), each later one resumes, $(MODEL_D_SECONDS) seconds a call
+model-d: $(BIN)/.installed
+	$(BIN)/python -m modelkit.train --output $(MODEL_D) \
+	    $(if $(wildcard $(MODEL_D)/training.json),--resume,--init-from $(MODEL_C)) --long-form-rate $(LONG_FORM_RATE) \
+	    --device cpu --threads 2 --micro-batches 8 --batch-size 64 --for-seconds $(MODEL_D_SECONDS) \
+	    --plot docs/model-d-training --distribution $(RANGES_C) $(MODEL_ARGS)
 
 # retrain the bundled value model in $(VALUE_MODEL): MCTS trees over $(VALUE_PROBLEMS) problems of training seed
 # $(VALUE_SEED) (never a held-out seed), then a process reward model on their step labels (docs/value.md)

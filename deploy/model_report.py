@@ -8,7 +8,9 @@ reflects on its own (writes the reflection phrase unprompted). These say whether
 pass@k far above greedy, and sampling not much worse than greedy. By kind of worked step (a gain, a split, ...):
 how many greedy and sampled responses reach a step of that kind with every earlier step right, and what share of
 those write it wrong (and of those, how many still leave the right count, as a split with a wrong remainder does);
-this says which steps the model fails at, so which ranges make a distribution hard.
+this says which steps the model fails at, so which ranges make a distribution hard. For the kinds that have a long
+form (a product or a division worked in parts), also how many of the steps reached are written the long way and
+how many of those are wrong: whether sampling finds the careful way, and whether it pays.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from cluster.config import ForestConfig
-from modelkit.arithmetic import STEP_KINDS, ArithmeticProblem, first_wrong_step, held_out_seed, step_count
+from modelkit.arithmetic import (STEP_KINDS, ArithmeticProblem, first_wrong_step, held_out_seed, step_count,
+                                 written_long, written_steps)
 from search.prompts import OUTPUT_END, REFLECTION_PHRASE, answers_match, extract_answer, prompt_token_ids
 from search.protocol import GenerationRequest
 
@@ -47,7 +50,8 @@ class LengthRow:
 @dataclass(frozen=True, slots=True)
 class StepKindRow:
     """Responses that reach a worked step of ``kind`` with every earlier step right, how many of those write it
-    wrong, and how many of the wrong ones still leave the right count (greedy responses, then sampled ones)."""
+    wrong, and how many of the wrong ones still leave the right count (greedy responses, then sampled ones); and
+    how many of the steps reached are written the long way, and how many of those are wrong."""
 
     kind: str
     greedy_reached: int
@@ -56,6 +60,10 @@ class StepKindRow:
     sampled_reached: int
     sampled_wrong: int
     sampled_right_count: int
+    greedy_long: int = 0
+    greedy_long_wrong: int = 0
+    sampled_long: int = 0
+    sampled_long_wrong: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,27 +87,34 @@ def _summary(changes: int, greedy: list[bool], sampled: list[list[bool]], reflec
 
 
 def _first_wrong_counts(problems: list[ArithmeticProblem], responses: list[list[str]]
-                        ) -> tuple[collections.Counter, collections.Counter, collections.Counter]:
-    """(reached, wrong, wrong but leaving the right count) by step kind over every response of every problem."""
-    reached, wrong, right_count = collections.Counter(), collections.Counter(), collections.Counter()
+                        ) -> dict[str, collections.Counter]:
+    """By step kind over every response of every problem: the steps reached, the wrong ones, the wrong ones that
+    leave the right count, the reached ones written the long way and the long ones that are wrong."""
+    counts = {name: collections.Counter() for name in ("reached", "wrong", "right_count", "long", "long_wrong")}
     for problem, texts in zip(problems, responses, strict=True):
         for text in texts:
             first = first_wrong_step(problem, text)
-            reached.update(problem.kinds if first is None else problem.kinds[:first[0] + 1])
+            reached = len(problem.steps) if first is None else first[0] + 1
+            counts["reached"].update(problem.kinds[:reached])
+            counts["long"].update(kind for kind, step in zip(problem.kinds[:reached], written_steps(text),
+                                                             strict=False) if written_long(step))
             if first is not None:
                 index, written = first
-                wrong[problem.kinds[index]] += 1
-                right_count[problem.kinds[index]] += step_count(written) == step_count(problem.steps[index])
-    return reached, wrong, right_count
+                kind = problem.kinds[index]
+                counts["wrong"][kind] += 1
+                counts["right_count"][kind] += step_count(written) == step_count(problem.steps[index])
+                counts["long_wrong"][kind] += written_long(written)
+    return counts
 
 
 def by_step_kind(problems: list[ArithmeticProblem], greedy: list[str | None], sampled: list[list[str]]
                  ) -> list[StepKindRow]:
     """Where responses first go wrong, by kind of worked step (the kinds some problem has, in a fixed order)."""
-    g_reached, g_wrong, g_count = _first_wrong_counts(problems, [[text or ""] for text in greedy])
-    s_reached, s_wrong, s_count = _first_wrong_counts(problems, sampled)
-    return [StepKindRow(kind, g_reached[kind], g_wrong[kind], g_count[kind], s_reached[kind], s_wrong[kind],
-                        s_count[kind])
+    g = _first_wrong_counts(problems, [[text or ""] for text in greedy])
+    s = _first_wrong_counts(problems, sampled)
+    return [StepKindRow(kind, g["reached"][kind], g["wrong"][kind], g["right_count"][kind], s["reached"][kind],
+                        s["wrong"][kind], s["right_count"][kind], g["long"][kind], g["long_wrong"][kind],
+                        s["long"][kind], s["long_wrong"][kind])
             for kind in STEP_KINDS if any(kind in p.kinds for p in problems)]
 
 
@@ -179,13 +194,18 @@ def format_report(report: ModelReport) -> str:
                      f"{100 * r.pass_at_k:>6.1f}% {100 * r.reflecting:>7.1f}%")
     lines += ["", "the first wrong step, by kind: responses that reach a step of the kind with every earlier step "
               "right, the share of those that write it wrong, and the share of the wrong ones that still leave the "
-              "right count",
-              f"{'kind':>10} {'greedy':>7} {'wrong':>6} {'count ok':>8} {'sampled':>8} {'wrong':>6} {'count ok':>8}"]
+              "right count; then the share of the steps reached written the long way, and the share of those that "
+              "are wrong",
+              f"{'kind':>10} {'greedy':>7} {'wrong':>6} {'count ok':>8} {'sampled':>8} {'wrong':>6} {'count ok':>8} "
+              f"{'greedy long':>11} {'wrong':>6} {'sampled long':>12} {'wrong':>6}"]
     for r in report.by_step_kind:
         lines.append(f"{r.kind:>10} {r.greedy_reached:>7} {_share(r.greedy_wrong, r.greedy_reached):>6} "
                      f"{_share(r.greedy_right_count, r.greedy_wrong):>8} {r.sampled_reached:>8} "
                      f"{_share(r.sampled_wrong, r.sampled_reached):>6} "
-                     f"{_share(r.sampled_right_count, r.sampled_wrong):>8}")
+                     f"{_share(r.sampled_right_count, r.sampled_wrong):>8} "
+                     f"{_share(r.greedy_long, r.greedy_reached):>11} {_share(r.greedy_long_wrong, r.greedy_long):>6} "
+                     f"{_share(r.sampled_long, r.sampled_reached):>12} "
+                     f"{_share(r.sampled_long_wrong, r.sampled_long):>6}")
     return "\n".join(lines)
 
 

@@ -22,6 +22,11 @@ that compound over the steps, so longer problems are harder for a model of any s
 digit or a dropped carry) and carry it forward, then the reflection phrase starts the solution again from scratch,
 correctly. The mistaken step is marked so that training can leave it out of the loss (the model learns to notice
 and redo, not to make the mistake).
+
+It can also write some steps the long way (``long_form``): a product by a two-digit bag size as tens plus units, a
+division with a long quotient digit by digit. A model trained on both forms has two ways to a hard step, a quick
+one that fails where the numbers are too big for it and a careful one that it takes in only some of its samples,
+as a real model has: that is what sampling more responses, or searching, can find and greedy decoding cannot.
 """
 
 from __future__ import annotations
@@ -199,14 +204,59 @@ def _response(steps: list[str], answer: str) -> str:
 
 def first_wrong_step(problem: ArithmeticProblem, response: str) -> tuple[int, str] | None:
     """The index in ``problem.steps`` of the first worked step that ``response`` writes differently (or leaves
-    out), and what it writes there; None when it writes them all as the solution does. A reflection phrase in
-    place of a step is a wrong step there."""
-    reasoning, _ = split_response(response)
-    written = reasoning.split(STEP_DELIMITER)
+    out), and what it writes there; None when it writes them all as the solution does, each in its short or its
+    long form. A reflection phrase in place of a step is a wrong step there."""
+    written = written_steps(response)
     for i, step in enumerate(problem.steps):
         text = written[i].strip() if i < len(written) else ""
-        if text != step:
+        if text not in (step, long_form(step)):
             return i, text
+    return None
+
+
+def written_steps(response: str) -> list[str]:
+    """The steps a response writes in its ``<Thought>``, as written (a reflection phrase is one of them)."""
+    return split_response(response)[0].split(STEP_DELIMITER)
+
+
+_PRODUCT = re.compile(r" (\d+) × (\d+) = (\d+), so ")  # a bags step: bags × bag size = items gained
+_DIVISION = re.compile(r", so (\d+) ÷ (\d+) = (\d+) remainder (\d+), which ")  # a split step
+
+
+_IN_PARTS = re.compile(r" × \d+ = \d+ × \d+ \+ | ÷ \d+: ")  # how a step written the long way starts its parts
+
+
+def written_long(step: str) -> bool:
+    """Whether a written step works its product or its division in parts (``long_form``'s way), right or not."""
+    return bool(_IN_PARTS.search(step))
+
+
+def long_form(step: str) -> str | None:
+    """``step`` worked in parts, as a careful solver would, or None when it has no long form: a product by a
+    two-digit bag size as the sum of its tens and its units (``47 × 38 = 47 × 30 + 47 × 8 = 1410 + 376 = 1786``),
+    a division with a quotient of two digits or more digit by digit (``1234 ÷ 37: 123 ÷ 37 = 3 remainder 12,
+    124 ÷ 37 = 3 remainder 13, so 1234 ÷ 37 = 33 remainder 13``). Both leave the same count as ``step``."""
+    if product := _PRODUCT.search(step):
+        bags, size, gained = (int(g) for g in product.groups())
+        tens, units = size - size % 10, size % 10
+        if not tens or not units:  # a one-digit or a round bag size is worked in one go
+            return None
+        parts = f"{bags} × {tens} + {bags} × {units} = {bags * tens} + {bags * units}"
+        return f"{step[:product.start()]} {bags} × {size} = {parts} = {gained}, so {step[product.end():]}"
+    if division := _DIVISION.search(step):
+        total, piles, kept, left = (int(g) for g in division.groups())
+        if kept < 10:
+            return None
+        digits, lead = str(total), len(str(piles))
+        if int(digits[:lead]) < piles:  # the first part is the shortest head of the total that piles go into
+            lead += 1
+        rest, parts = 0, []
+        for i, digit in enumerate(digits[lead - 1:]):
+            part = int(digits[:lead]) if i == 0 else rest * 10 + int(digit)
+            parts.append(f"{part} ÷ {piles} = {part // piles} remainder {part % piles}")
+            rest = part % piles
+        return (f"{step[:division.start()]}, so {total} ÷ {piles}: {', '.join(parts)}, so {total} ÷ {piles} = "
+                f"{kept} remainder {left}, which {step[division.end():]}")
     return None
 
 
@@ -284,14 +334,23 @@ class TrainingExample:
     unscored: tuple[tuple[int, int], ...] = ()
 
 
-def make_training_example(rng: random.Random, problem: ArithmeticProblem, *, reflection_rate: float
-                          ) -> TrainingExample:
+def make_training_example(rng: random.Random, problem: ArithmeticProblem, *, reflection_rate: float,
+                          long_form_rate: float = 0.0) -> TrainingExample:
     """The problem's correct solution, or (with probability ``reflection_rate``) a slip, the reflection phrase and
-    the correct solution from scratch."""
-    if rng.random() >= reflection_rate:
-        return TrainingExample(problem.solution)
+    the correct solution from scratch. With ``long_form_rate``, each correct step that has a long form
+    (``long_form``) is written in it with that probability: the careful way that a sample sometimes takes and
+    greedy decoding, at rates under one half, does not. At rate 0 no draw is made, so the examples of runs
+    trained without long forms stay as they were drawn."""
+    reflects = rng.random() < reflection_rate
+    steps = list(problem.steps)
+    if long_form_rate:
+        for i, step in enumerate(steps):
+            if (long := long_form(step)) and rng.random() < long_form_rate:
+                steps[i] = long
+    if not reflects:
+        return TrainingExample(_response(steps, problem.answer))
     slipped, at = _mistaken_steps(rng, problem)
-    response = _response([*slipped, REFLECTION_PHRASE, *problem.steps], problem.answer)
+    response = _response([*slipped, REFLECTION_PHRASE, *steps], problem.answer)
     start = len(THOUGHT_OPEN + STEP_DELIMITER.join(slipped[:at]) + STEP_DELIMITER)  # at >= 1: the start step first
     return TrainingExample(response, ((start, start + len(slipped[at])),))
 

@@ -113,13 +113,14 @@ def _batch(tokenizer, examples: list[tuple[str, TrainingExample]], device):
     return to_tensors(padded_arrays(*_rows(tokenizer, examples), tokenizer.pad_token_id), device)
 
 
-def _draw_batch(seed: int, step: int, batch_size: int, reflection_rate: float, dist: Distribution
-                ) -> list[tuple[str, TrainingExample]]:
+def _draw_batch(seed: int, step: int, batch_size: int, reflection_rate: float, dist: Distribution,
+                long_form_rate: float = 0.0) -> list[tuple[str, TrainingExample]]:
     """Training step ``step``'s batch: (question, example) pairs from a stream of its own, so batches can be
     drawn in any order, by any process, and a resumed run needs no replay."""
     stream = random.Random(f"train-{seed}-{step}")
     problems = [make_problem(stream, "train", dist) for _ in range(batch_size)]
-    return [(p.question, make_training_example(stream, p, reflection_rate=reflection_rate)) for p in problems]
+    return [(p.question, make_training_example(stream, p, reflection_rate=reflection_rate,
+                                               long_form_rate=long_form_rate)) for p in problems]
 
 
 _worker_tokenizer = None  # a data worker's own tokenizer, loaded once per process
@@ -342,13 +343,39 @@ def _new_optimizer(model, lr: float):
     return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
 
 
+def _initial_model(init_from: str | Path, tokenizer, hidden_size: int, layers: int):
+    """The kept weights of the run in ``init_from``, which must have this run's size and tokenizer."""
+    import torch
+    from transformers import PreTrainedTokenizerFast, Qwen2ForCausalLM
+
+    model = Qwen2ForCausalLM.from_pretrained(init_from, torch_dtype=torch.float32)
+    if (model.config.hidden_size, model.config.num_hidden_layers) != (hidden_size, layers):
+        raise ValueError(f"--init-from {init_from} has hidden size {model.config.hidden_size} and "
+                         f"{model.config.num_hidden_layers} layers; this run has {hidden_size} and {layers}")
+    if PreTrainedTokenizerFast.from_pretrained(init_from).get_vocab() != tokenizer.get_vocab():
+        raise ValueError(f"--init-from {init_from} has another tokenizer: train it with this run's seed and ranges")
+    return model
+
+
+def _initialized_from(previous: dict | None, init_from: str | Path | None) -> dict:
+    """Where a run's initial weights came from (kept across its resumed pieces): the run and its kept step."""
+    if previous:
+        return {key: previous[key] for key in ("initialized_from",) if key in previous}
+    if not init_from:
+        return {}
+    source = Path(init_from) / "training.json"
+    step = json.loads(source.read_text())["steps"] if source.exists() else None
+    return {"initialized_from": {"path": str(init_from), "step": step}}
+
+
 def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batch_size: int = BATCH_SIZE,
           lr: float = LEARNING_RATE, hidden_size: int = HIDDEN_SIZE, layers: int = LAYERS, vocab_size: int = 512,
           reflection_rate: float = REFLECTION_RATE, eval_every: int = EVAL_EVERY, patience: int = PATIENCE,
           max_decays: int = MAX_DECAYS, dev_problems: int = 256, dist: Distribution = DEFAULT_DISTRIBUTION,
           max_seconds: float | None = None, for_seconds: float | None = None, report_problems: int = 0,
           workers: int = 0, threads: int | None = None, device: str = "cpu", resume: bool = False, bf16: bool = False,
-          compile_model: bool = False, micro_batches: int = 1) -> dict:
+          compile_model: bool = False, micro_batches: int = 1, long_form_rate: float = 0.0,
+          init_from: str | Path | None = None) -> dict:
     """Train until the dev loss stops improving; returns the report written to ``training.json``.
 
     ``resume`` continues a run in ``output`` from its kept weights and their step, with the batches that follow
@@ -367,7 +394,12 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
     stay float32); ``compile_model`` trains through ``torch.compile`` (dynamic shapes: every batch has its own
     length). ``micro_batches`` splits each batch into that many pieces of similar length, accumulating their
     token-weighted gradients: the gradient of the whole batch, with less padding computed. All three only change
-    speed and rounding; they are recorded in ``training.json``."""
+    speed and rounding; they are recorded in ``training.json``.
+
+    ``long_form_rate`` writes that share of the hard steps the long way (``make_training_example``).
+    ``init_from`` starts a new run from another run's kept weights instead of random ones (same size and
+    tokenizer: the same seed and ranges) instead of random ones, with a fresh schedule; its steps number on from
+    the kept step of that run, so its batches are ones that run has not seen."""
     import torch
     from transformers import GenerationConfig, Qwen2ForCausalLM
 
@@ -384,6 +416,8 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
 
     if previous:
         model = kept_model()
+    elif init_from:
+        model = _initial_model(init_from, tokenizer, hidden_size, layers).to(device)
     forward = _forward(model, compile_model)
 
     optimizer = _new_optimizer(model, lr)
@@ -394,6 +428,7 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
                      strict=True))  # what this invocation runs with; the pieces of a resumed run may differ
     report = {"seed": seed, "batch_size": batch_size, "lr": lr, "warmup": WARMUP_STEPS, "hidden_size": hidden_size,
               "layers": layers, "parameters": model.num_parameters(), "reflection_rate": reflection_rate,
+              "long_form_rate": long_form_rate, **_initialized_from(previous, init_from),
               "distribution": asdict(dist), "dev_seed": DEV_SEED, "dev_problems": dev_problems, **speed,
               "eval_every": eval_every, "patience": patience, "max_decays": max_decays, "history": [],
               "segments": [{"from_step": 1, **speed}]}
@@ -411,9 +446,12 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
         if "schedule" in previous:  # absent from runs written before the schedule was saved: none had halved
             schedule.rate, schedule.decays = previous["schedule"]["rate"], previous["schedule"]["decays"]
         started -= previous.get("seconds", report["history"][-1]["seconds"])
+    elif init_from:
+        first = (report["initialized_from"]["step"] or 0) + 1
+        report["segments"] = [{"from_step": first, **speed}]
     warm_from = first  # the warm-up restarts here after a resume or a roll-back (the moments start afresh)
-    batches = _batches(tokenizer, out, range(first, max_steps + 1), workers, seed, (batch_size, reflection_rate, dist),
-                       micro_batches)
+    batches = _batches(tokenizer, out, range(first, max_steps + 1), workers, seed, (batch_size, reflection_rate, dist,
+                                                                           long_form_rate), micro_batches)
     for step, pieces in zip(range(first, max_steps + 1), batches, strict=False):
         for group in optimizer.param_groups:
             group["lr"] = schedule.rate * min(1.0, (step - warm_from + 1) / WARMUP_STEPS)
@@ -595,6 +633,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", action="store_true", help="train through torch.compile")
     p.add_argument("--micro-batches", type=int, default=1, help="split each batch into this many pieces of similar "
                    "length (less padding, the same gradient)")
+    p.add_argument("--long-form-rate", type=float, default=0.0,
+                   help="share of the hard steps written the long way (tens and units, digit by digit)")
+    p.add_argument("--init-from", metavar="DIR", help="start from the kept weights of the run in DIR (the same "
+                   "size, seed and ranges) instead of random ones")
     p.add_argument("--plot", metavar="PREFIX", help="also draw the training curves to PREFIX.png and PREFIX.svg")
     args = p.parse_args(argv)
     if args.micro_batches < 1:
@@ -610,7 +652,8 @@ def main(argv: list[str] | None = None) -> int:
                    dist=dist, max_seconds=args.max_seconds, for_seconds=args.for_seconds,
                    report_problems=args.report_problems, workers=args.workers,
                    threads=args.threads, device=args.device, resume=args.resume, bf16=args.bf16,
-                   compile_model=args.compile, micro_batches=args.micro_batches)
+                   compile_model=args.compile, micro_batches=args.micro_batches,
+                   long_form_rate=args.long_form_rate, init_from=args.init_from)
     if args.plot:
         print(*plot_history(report, args.plot))
     print(json.dumps(report["history"][-1]))

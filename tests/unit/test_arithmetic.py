@@ -9,7 +9,7 @@ import pytest
 
 from deploy.cli import main
 from modelkit.arithmetic import (CHANGE_KINDS, CONCLUSION, DEFAULT_DISTRIBUTION, HELD_OUT_SEED_START, START,
-                                 STEP_DELIMITER, Distribution, _change, first_wrong_step, make_problems,
+                                 STEP_DELIMITER, Distribution, _change, first_wrong_step, long_form, make_problems,
                                  make_training_example, step_count)
 from modelkit.train import DEV_SEED
 from search.prompts import REFLECTION_PHRASE, extract_answer, split_response
@@ -178,6 +178,27 @@ def test_training_keeps_the_best_weights_and_resumes(tmp_path):
     resumed = train(tmp_path, max_steps=10, resume=True, for_seconds=0, **settings)
     assert resumed["history"][-1]["lr"] == briefly["lr"] / 4
     assert resumed["schedule"]["decays"] == MAX_DECAYS
+
+
+def test_a_run_can_start_from_the_kept_weights_of_another(tmp_path):
+    """``init_from``: the other run's weights (at learning rate 0 its dev loss is the other's), steps numbered on
+    from its kept step; a run of another size or tokenizer is refused by name."""
+    from modelkit.train import train
+
+    settings = dict(hidden_size=64, layers=1, batch_size=4, eval_every=1, dev_problems=4, threads=1)
+    first = train(tmp_path / "a", max_steps=2, **settings)
+    warm = train(tmp_path / "b", max_steps=first["steps"] + 2, init_from=tmp_path / "a", lr=0.0,
+                 long_form_rate=0.5, **settings)
+    assert warm["initialized_from"] == {"path": str(tmp_path / "a"), "step": first["steps"]}
+    assert [h["step"] for h in warm["history"]] == [first["steps"] + 1, first["steps"] + 2]
+    assert warm["history"][0]["dev_loss"] == first["dev_loss"] and warm["long_form_rate"] == 0.5
+    assert warm["segments"][0]["from_step"] == first["steps"] + 1
+    resumed = train(tmp_path / "b", max_steps=first["steps"] + 3, resume=True, **settings)
+    assert resumed["initialized_from"] == warm["initialized_from"]
+    with pytest.raises(ValueError, match="hidden size 64 and 1 layers; this run has 64 and 2"):
+        train(tmp_path / "c", max_steps=1, init_from=tmp_path / "a", **{**settings, "layers": 2})
+    with pytest.raises(ValueError, match="another tokenizer"):
+        train(tmp_path / "d", max_steps=1, init_from=tmp_path / "a", dist=HARDER, **settings)
 
 
 def test_a_resumed_report_keeps_the_settings_of_the_pieces_up_to_its_kept_step():
@@ -363,3 +384,79 @@ def test_each_worked_step_is_named_by_its_kind():
     assert {k for p in make_problems(200, seed=9, dist=HARDER) for k in p.kinds[1:-1]} == set(operators)
     assert set(operators) == set(CHANGE_KINDS)
     assert step_count("Ann loses 79, so 49 - 79 = -30.") == "-30"  # a slip carried forward, not a right 30
+
+
+def _check_long_form(step: str, long: str) -> None:
+    """``long`` works ``step``'s product or division in parts, each part right, and leaves the same count."""
+    assert step_count(long) == step_count(step)
+    assert long.startswith(step.split(" = ")[0].split(", so ")[0]) and long.endswith(step.split(", so ")[-1])
+    if " × " in step:
+        parts = re.search(r"(\d+) × (\d+) = \d+ × (\d+) \+ \d+ × (\d+)", long)
+        bags, size, tens, units = (int(n) for n in parts.groups())
+        assert tens + units == size and tens % 10 == 0 and 0 < units < 10
+        assert f"= {bags * tens} + {bags * units} = {bags * size}, so " in long
+        return
+    division = re.search(r"so (\d+) ÷ (\d+) = (\d+) remainder (\d+)", step)
+    total, piles, quotient, left = (int(n) for n in division.groups())
+    parts = [tuple(map(int, m)) for m in re.findall(r"(\d+) ÷ (\d+) = (\d+) remainder (\d+)", long)][:-1]
+    digits, rest = "", None
+    for part, divisor, q, r in parts:  # each part is the last remainder with the next digit brought down
+        assert divisor == piles and (q, r) == divmod(part, piles) and q < 10
+        assert rest is None or part % 10 == part - rest * 10 and part // 10 == rest
+        digits, rest = digits + str(q), r
+    assert (int(digits), rest) == (quotient, left) and str(total).endswith(str(parts[-1][0] % 10))
+
+
+def test_long_forms_work_the_hard_steps_in_parts_and_leave_the_same_count():
+    forms = {"bags": 0, "split": 0}
+    for problem in make_problems(300, seed=11, dist=HARDER):
+        for kind, step in zip(problem.kinds, problem.steps, strict=True):
+            long = long_form(step)
+            if kind not in forms:
+                assert long is None, step
+                continue
+            numbers = [int(n) for n in re.findall(r"\d+", step)]
+            short = numbers[1] % 10 == 0 or numbers[1] < 10 if kind == "bags" else numbers[3] < 10
+            assert (long is None) == short, step  # a one-digit or a round factor, a one-digit quotient: no parts
+            if long:
+                _check_long_form(step, long)
+                forms[kind] += 1
+    assert min(forms.values()) > 20, forms
+    assert long_form("Ann keeps one of 12 piles, so 1204 ÷ 12 = 100 remainder 4, which leaves 100.") == (
+        "Ann keeps one of 12 piles, so 1204 ÷ 12: 12 ÷ 12 = 1 remainder 0, 0 ÷ 12 = 0 remainder 0, "
+        "4 ÷ 12 = 0 remainder 4, so 1204 ÷ 12 = 100 remainder 4, which leaves 100.")
+
+
+def test_training_examples_write_hard_steps_the_long_way_at_their_rate():
+    problems = make_problems(300, seed=12, dist=HARDER)
+    hard = sum(long_form(step) is not None for p in problems for step in p.steps)
+    assert hard > 100
+    # rate 0 draws nothing more: the examples (and the stream after them) are those of a run without long forms
+    plain, without = random.Random(4), random.Random(4)
+    assert [make_training_example(plain, p, reflection_rate=0.15, long_form_rate=0.0) for p in problems] == [
+        make_training_example(without, p, reflection_rate=0.15) for p in problems]
+    assert plain.random() == without.random()
+    for rate, low, high in [(1.0, hard, hard), (0.3, 0.2 * hard, 0.4 * hard)]:
+        rng, written = random.Random(5), 0
+        for p in problems:
+            example = make_training_example(rng, p, reflection_rate=0.15, long_form_rate=rate)
+            assert extract_answer(example.response) == p.answer
+            redo = split_response(example.response)[0].split(REFLECTION_PHRASE)[-1].strip().split(STEP_DELIMITER)
+            assert [step_count(s) for s in redo] == [step_count(s) for s in p.steps]
+            written += sum(s not in p.steps for s in redo)
+            assert first_wrong_step(p, _response_of(redo, p.answer)) is None, "a long form is a right step"
+        assert low <= written <= high, (rate, written, hard)
+
+
+def _response_of(steps: list[str], answer: str) -> str:
+    return "<Thought>\n" + STEP_DELIMITER.join(steps) + f"\n</Thought>\n<Output>\n{answer}\n</Output>"
+
+
+def test_a_wrong_part_of_a_long_form_is_a_wrong_step():
+    problem = next(p for p in make_problems(100, seed=13, dist=HARDER)
+                   if any(long_form(s) and " ÷ " in s for s in p.steps))
+    at = next(i for i, s in enumerate(problem.steps) if long_form(s) and " ÷ " in s)
+    long = long_form(problem.steps[at])
+    wrong = long.replace(" remainder ", " remainder 1", 1)  # a part's remainder gains a digit
+    steps = [*problem.steps[:at], wrong, *problem.steps[at + 1:]]
+    assert first_wrong_step(problem, _response_of(steps, problem.answer)) == (at, wrong)

@@ -5,7 +5,8 @@ import collections
 import pytest
 
 from deploy.model_report import by_step_kind, format_report, plot_report, report_title, summarize
-from modelkit.arithmetic import HELD_OUT_SEED_START, STEP_DELIMITER, THOUGHT_OPEN, make_problems
+from modelkit.arithmetic import (HELD_OUT_SEED_START, STEP_DELIMITER, THOUGHT_OPEN, Distribution, long_form,
+                                 make_problems)
 from search.prompts import REFLECTION_PHRASE
 
 
@@ -88,3 +89,26 @@ def test_model_report_cli_rejects_bad_counts_before_starting_anything(capsys):
     capsys.readouterr()
     assert main(["model-report", "--distribution", "max_piles=1"]) == 2
     assert "forest model-report: --distribution: max_piles" in capsys.readouterr().err
+
+
+def test_by_step_kind_counts_steps_written_the_long_way_and_their_mistakes():
+    """A step in its long form is right; one in parts with a wrong part is wrong, and both count as long."""
+    dist = Distribution(start=(100, 999), changes=(1, 3), max_count=9999, max_bags=49, max_bag_size=49, max_piles=25)
+    problem = next(p for p in make_problems(300, seed=6, dist=dist)
+                   if sum(long_form(s) is not None for s in p.steps) == 1)
+    at = next(i for i, s in enumerate(problem.steps) if long_form(s))
+    kind, long = problem.kinds[at], long_form(problem.steps[at])
+    steps = list(problem.steps)
+    careful = [*steps[:at], long, *steps[at + 1:]]
+    slipped = [*steps[:at], long.replace(" = ", " = 1", 2), *steps[at + 1:]]  # a part written wrong
+    rows = {r.kind: r for r in by_step_kind([problem], [_written(steps)],
+                                            [[_written(careful), _written(slipped), _written(steps)]])}
+    row = rows[kind]
+    assert (row.greedy_long, row.greedy_long_wrong, row.greedy_wrong) == (0, 0, 0)
+    assert (row.sampled_reached, row.sampled_long, row.sampled_long_wrong, row.sampled_wrong) == (
+        2 * problem.kinds.count(kind) + problem.kinds[:at + 1].count(kind), 2, 1, 1)
+    assert all(r.sampled_long == 0 for k, r in rows.items() if k != kind)
+    report = summarize([problem], [_written(steps)], [[_written(careful), _written(slipped), _written(steps)]],
+                       samples=3, temperature=0.3, top_p=1.0, max_tokens=256, greedy_tokens=[1])
+    line = next(x for x in format_report(report).splitlines() if x.split()[:1] == [kind])
+    assert line.split()[-2:] == [f"{100 * 2 / row.sampled_reached:.1f}%", "50.0%"]
