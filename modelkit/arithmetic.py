@@ -26,7 +26,8 @@ and redo, not to make the mistake).
 It can also write some steps the long way (``long_form``): a product by a two-digit bag size as tens plus units, a
 division with a long quotient digit by digit. A model trained on both forms has two ways to a hard step, a quick
 one that fails where the numbers are too big for it and a careful one that it takes in only some of its samples,
-as a real model has: that is what sampling more responses, or searching, can find and greedy decoding cannot.
+as a real model has: meant to give sampling more responses, or searching, something to find that greedy decoding
+does not (docs/model.md says how far it does).
 """
 
 from __future__ import annotations
