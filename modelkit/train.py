@@ -49,6 +49,7 @@ REPORT_SAMPLES = 8  # samples per problem and temperature in the dev report: pas
 # the recipe of the bundled model (docs/model.md); the command line's defaults
 MAX_STEPS, BATCH_SIZE, LEARNING_RATE, EVAL_EVERY, PATIENCE, MAX_DECAYS = 20000, 32, 3e-3, 300, 3, 2
 REFLECTION_RATE = 0.15  # share of training solutions that slip, reflect and redo
+LONG_FORM_RATE = 0.0  # share of the hard steps written the long way: none in the recipe (make model-d sets it)
 HIDDEN_SIZE, LAYERS = 128, 4
 SPEED_SETTINGS = ("device", "threads", "bf16", "compiled", "micro_batches")  # change speed and rounding only
 
@@ -114,7 +115,7 @@ def _batch(tokenizer, examples: list[tuple[str, TrainingExample]], device):
 
 
 def _draw_batch(seed: int, step: int, batch_size: int, reflection_rate: float, dist: Distribution,
-                long_form_rate: float = 0.0) -> list[tuple[str, TrainingExample]]:
+                long_form_rate: float) -> list[tuple[str, TrainingExample]]:
     """Training step ``step``'s batch: (question, example) pairs from a stream of its own, so batches can be
     drawn in any order, by any process, and a resumed run needs no replay."""
     stream = random.Random(f"train-{seed}-{step}")
@@ -374,7 +375,7 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
           max_decays: int = MAX_DECAYS, dev_problems: int = 256, dist: Distribution = DEFAULT_DISTRIBUTION,
           max_seconds: float | None = None, for_seconds: float | None = None, report_problems: int = 0,
           workers: int = 0, threads: int | None = None, device: str = "cpu", resume: bool = False, bf16: bool = False,
-          compile_model: bool = False, micro_batches: int = 1, long_form_rate: float = 0.0,
+          compile_model: bool = False, micro_batches: int = 1, long_form_rate: float = LONG_FORM_RATE,
           init_from: str | Path | None = None) -> dict:
     """Train until the dev loss stops improving; returns the report written to ``training.json``.
 
@@ -398,7 +399,7 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
 
     ``long_form_rate`` writes that share of the hard steps the long way (``make_training_example``).
     ``init_from`` starts a new run from another run's kept weights instead of random ones (same size and
-    tokenizer: the same seed and ranges) instead of random ones, with a fresh schedule; its steps number on from
+    tokenizer: the same seed and ranges), with a fresh schedule; its steps number on from
     the kept step of that run, so its batches are ones that run has not seen."""
     import torch
     from transformers import GenerationConfig, Qwen2ForCausalLM
@@ -521,7 +522,7 @@ def step_seconds(tokenizer, settings: dict[str, tuple[bool, int, bool]], *, batc
         runs[name] = (model, forward, _new_optimizer(model, LEARNING_RATE))
     elapsed = dict.fromkeys(settings, 0.0)
     for step in range(steps + 1):
-        rows = _rows(tokenizer, _draw_batch(seed, step, batch_size, REFLECTION_RATE, dist))
+        rows = _rows(tokenizer, _draw_batch(seed, step, batch_size, REFLECTION_RATE, dist, LONG_FORM_RATE))
         for name, (bf16, parts, _) in settings.items():
             pieces = _pieces(*rows, tokenizer.pad_token_id, parts)
             model, forward, optimizer = runs[name]
@@ -633,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", action="store_true", help="train through torch.compile")
     p.add_argument("--micro-batches", type=int, default=1, help="split each batch into this many pieces of similar "
                    "length (less padding, the same gradient)")
-    p.add_argument("--long-form-rate", type=float, default=0.0,
+    p.add_argument("--long-form-rate", type=float, default=LONG_FORM_RATE,
                    help="share of the hard steps written the long way (tens and units, digit by digit)")
     p.add_argument("--init-from", metavar="DIR", help="start from the kept weights of the run in DIR (the same "
                    "size, seed and ranges) instead of random ones")
@@ -641,6 +642,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.micro_batches < 1:
         p.error(f"--micro-batches must be >= 1, got {args.micro_batches}")
+    if not 0 <= args.long_form_rate <= 1:
+        p.error(f"--long-form-rate is a share, from 0 to 1; got {args.long_form_rate}")
     try:
         dist = Distribution.parse(args.distribution)
     except ValueError as e:

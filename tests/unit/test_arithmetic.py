@@ -230,8 +230,8 @@ def test_micro_batches_give_the_gradient_of_the_whole_batch_with_less_padding(tm
     from modelkit.train import _batches, train
 
     tokenizer = _harder_tokenizer(tmp_path)
-    (whole,), = _batches(tokenizer, tmp_path, range(1, 2), 0, 0, (16, 0.5, HARDER))
-    pieces, = _batches(tokenizer, tmp_path, range(1, 2), 0, 0, (16, 0.5, HARDER), 4)
+    (whole,), = _batches(tokenizer, tmp_path, range(1, 2), 0, 0, (16, 0.5, HARDER, 0.0))
+    pieces, = _batches(tokenizer, tmp_path, range(1, 2), 0, 0, (16, 0.5, HARDER, 0.0), 4)
     assert len(pieces) == 4 and sum(len(ids) for ids, _, _ in pieces) == len(whole[0])
     assert sorted(int(row.sum()) for _, mask, _ in pieces for row in mask) == sorted(int(r.sum()) for r in whole[1])
     assert sum(ids.size for ids, _, _ in pieces) < whole[0].size  # less padding
@@ -259,7 +259,7 @@ def test_a_step_in_pieces_computes_the_gradient_of_the_whole_batch(tmp_path):
     frozen = torch.optim.SGD(model.parameters(), lr=0.0)  # the step leaves the weights as they are
 
     def gradient(parts: int):
-        pieces, = _batches(tokenizer, tmp_path, range(1, 2), 0, 0, (16, 0.5, HARDER), parts)
+        pieces, = _batches(tokenizer, tmp_path, range(1, 2), 0, 0, (16, 0.5, HARDER, 0.0), parts)
         loss = _train_step(model, model, frozen, pieces, "cpu", bf16=False)
         return loss, torch.cat([p.grad.flatten() for p in model.parameters()])
 
@@ -273,7 +273,7 @@ def test_data_workers_draw_the_same_batches_in_the_same_order(tmp_path):
     from modelkit.train import _batches
 
     tokenizer = _harder_tokenizer(tmp_path)
-    draw = (3, 0.5, HARDER)
+    draw = (3, 0.5, HARDER, 0.3)  # long forms too: the workers draw them from the same streams
 
     def lists(batches):  # each step's pieces of (ids, mask, labels) arrays as plain lists, comparable with ==
         return [[[a.tolist() for a in arrays] for arrays in pieces] for pieces in batches]
@@ -446,6 +446,16 @@ def test_training_examples_write_hard_steps_the_long_way_at_their_rate():
             written += sum(s not in p.steps for s in redo)
             assert first_wrong_step(p, _response_of(redo, p.answer)) is None, "a long form is a right step"
         assert low <= written <= high, (rate, written, hard)
+
+
+def test_a_long_form_rate_outside_zero_to_one_is_refused(tmp_path, capsys):
+    from modelkit.train import main as train_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(["--output", str(tmp_path), "--long-form-rate", "1.5"])
+    assert exit_info.value.code == 2
+    assert "--long-form-rate is a share, from 0 to 1; got 1.5" in capsys.readouterr().err
+    assert not (tmp_path / "training.json").exists()
 
 
 def _response_of(steps: list[str], answer: str) -> str:
