@@ -222,8 +222,6 @@ def written_steps(response: str) -> list[str]:
 
 _PRODUCT = re.compile(r" (\d+) × (\d+) = (\d+), so ")  # a bags step: bags × bag size = items gained
 _DIVISION = re.compile(r", so (\d+) ÷ (\d+) = (\d+) remainder (\d+), which ")  # a split step
-
-
 _IN_PARTS = re.compile(r" × \d+ = \d+ × \d+ \+ | ÷ \d+: ")  # how a step written the long way starts its parts
 
 
@@ -339,9 +337,9 @@ def make_training_example(rng: random.Random, problem: ArithmeticProblem, *, ref
                           long_form_rate: float = 0.0) -> TrainingExample:
     """The problem's correct solution, or (with probability ``reflection_rate``) a slip, the reflection phrase and
     the correct solution from scratch. With ``long_form_rate``, each correct step that has a long form
-    (``long_form``) is written in it with that probability: the careful way that a sample sometimes takes and
-    greedy decoding, at rates under one half, does not. At rate 0 no draw is made, so the examples of runs
-    trained without long forms stay as they were drawn."""
+    (``long_form``) is written in it with that probability: the careful way, which samples take about that
+    often and greedy decoding only where the long way's first token is the likelier one. At rate 0 no draw is
+    made, so the examples of runs trained without long forms stay as they were drawn."""
     reflects = rng.random() < reflection_rate
     steps = list(problem.steps)
     if long_form_rate:
