@@ -438,6 +438,8 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
     invoked = started  # ``started`` moves back by a resumed run's earlier seconds
     if previous:
         first = previous["steps"] + 1
+        # the kept weights stay those of the earlier piece until this one beats them
+        report.update({key: previous[key] for key in ("steps", "dev_loss", "dev_greedy_accuracy")})
         report["history"] = [h for h in previous["history"] if h["step"] <= previous["steps"]]
         report["resumed"] = [*previous.get("resumed", []), previous["steps"]]
         report["segments"] = [*_kept_segments(previous), {"from_step": first, **speed}]

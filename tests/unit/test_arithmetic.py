@@ -178,6 +178,12 @@ def test_training_keeps_the_best_weights_and_resumes(tmp_path):
     resumed = train(tmp_path, max_steps=10, resume=True, for_seconds=0, **settings)
     assert resumed["history"][-1]["lr"] == briefly["lr"] / 4
     assert resumed["schedule"]["decays"] == MAX_DECAYS
+    # a piece that never beats the kept dev loss keeps naming the kept weights, so the next piece can resume
+    unbeaten = {**resumed, "dev_loss": 1e-9}
+    (tmp_path / "training.json").write_text(json.dumps(unbeaten))
+    piece = train(tmp_path, max_steps=unbeaten["steps"] + 1, resume=True, **settings)
+    assert (piece["steps"], piece["dev_loss"]) == (unbeaten["steps"], 1e-9)
+    assert json.loads((tmp_path / "training.json").read_text())["steps"] == unbeaten["steps"]
 
 
 def test_a_run_can_start_from_the_kept_weights_of_another(tmp_path):
