@@ -210,7 +210,7 @@ def first_wrong_step(problem: ArithmeticProblem, response: str) -> tuple[int, st
     written = written_steps(response)
     for i, step in enumerate(problem.steps):
         text = written[i].strip() if i < len(written) else ""
-        if text not in (step, long_form(step)):
+        if text != step and text != long_form(step):  # the long form only drawn up where the short one differs
             return i, text
     return None
 

@@ -358,15 +358,10 @@ def _initial_model(init_from: str | Path, tokenizer, hidden_size: int, layers: i
     return model
 
 
-def _initialized_from(previous: dict | None, init_from: str | Path | None) -> dict:
-    """Where a run's initial weights came from (kept across its resumed pieces): the run and its kept step."""
-    if previous:
-        return {key: previous[key] for key in ("initialized_from",) if key in previous}
-    if not init_from:
-        return {}
+def _source_run(init_from: str | Path) -> dict:
+    """Where a run's initial weights came from: the run and its kept step (None for weights without a run)."""
     source = Path(init_from) / "training.json"
-    step = json.loads(source.read_text())["steps"] if source.exists() else None
-    return {"initialized_from": {"path": str(init_from), "step": step}}
+    return {"path": str(init_from), "step": json.loads(source.read_text())["steps"] if source.exists() else None}
 
 
 def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batch_size: int = BATCH_SIZE,
@@ -429,7 +424,7 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
                      strict=True))  # what this invocation runs with; the pieces of a resumed run may differ
     report = {"seed": seed, "batch_size": batch_size, "lr": lr, "warmup": WARMUP_STEPS, "hidden_size": hidden_size,
               "layers": layers, "parameters": model.num_parameters(), "reflection_rate": reflection_rate,
-              "long_form_rate": long_form_rate, **_initialized_from(previous, init_from),
+              "long_form_rate": long_form_rate,
               "distribution": asdict(dist), "dev_seed": DEV_SEED, "dev_problems": dev_problems, **speed,
               "eval_every": eval_every, "patience": patience, "max_decays": max_decays, "history": [],
               "segments": [{"from_step": 1, **speed}]}
@@ -440,6 +435,8 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
         first = previous["steps"] + 1
         # the kept weights stay those of the earlier piece until this one beats them
         report.update({key: previous[key] for key in ("steps", "dev_loss", "dev_greedy_accuracy")})
+        if "initialized_from" in previous:  # kept across the resumed pieces
+            report["initialized_from"] = previous["initialized_from"]
         report["history"] = [h for h in previous["history"] if h["step"] <= previous["steps"]]
         report["resumed"] = [*previous.get("resumed", []), previous["steps"]]
         report["segments"] = [*_kept_segments(previous), {"from_step": first, **speed}]
@@ -450,6 +447,7 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
             schedule.rate, schedule.decays = previous["schedule"]["rate"], previous["schedule"]["decays"]
         started -= previous.get("seconds", report["history"][-1]["seconds"])
     elif init_from:
+        report["initialized_from"] = _source_run(init_from)
         first = (report["initialized_from"]["step"] or 0) + 1
         report["segments"] = [{"from_step": first, **speed}]
     warm_from = first  # the warm-up restarts here after a resume or a roll-back (the moments start afresh)
