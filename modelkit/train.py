@@ -344,17 +344,29 @@ def _new_optimizer(model, lr: float):
     return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
 
 
-def _initial_model(init_from: str | Path, tokenizer, hidden_size: int, layers: int):
-    """The kept weights of the run in ``init_from``, which must have this run's size and tokenizer."""
+def _run_tokenizer(out: Path, seed: int, dist: Distribution, vocab_size: int, *, resume: bool,
+                   init_from: str | Path | None):
+    """The run's tokenizer, saved in ``out``: the one it was trained with when resuming, the source run's with
+    ``init_from`` (its weights are trained on that one's token ids, whatever ranges this run draws), else a new one
+    trained on the ranges' corpus."""
+    from transformers import PreTrainedTokenizerFast
+
+    if resume or init_from:
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(out if resume else init_from)
+        tokenizer.save_pretrained(out)
+        return tokenizer
+    return train_tokenizer(out, _tokenizer_corpus(seed, dist), vocab_size=vocab_size, split_digits=True)
+
+
+def _initial_model(init_from: str | Path, hidden_size: int, layers: int):
+    """The kept weights of the run in ``init_from``, which must have this run's size."""
     import torch
-    from transformers import PreTrainedTokenizerFast, Qwen2ForCausalLM
+    from transformers import Qwen2ForCausalLM
 
     model = Qwen2ForCausalLM.from_pretrained(init_from, torch_dtype=torch.float32)
     if (model.config.hidden_size, model.config.num_hidden_layers) != (hidden_size, layers):
         raise ValueError(f"--init-from {init_from} has hidden size {model.config.hidden_size} and "
                          f"{model.config.num_hidden_layers} layers; this run has {hidden_size} and {layers}")
-    if PreTrainedTokenizerFast.from_pretrained(init_from).get_vocab() != tokenizer.get_vocab():
-        raise ValueError(f"--init-from {init_from} has another tokenizer: train it with this run's seed and ranges")
     return model
 
 
@@ -393,16 +405,16 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
     speed and rounding; they are recorded in ``training.json``.
 
     ``long_form_rate`` writes that share of the hard steps the long way (``make_training_example``).
-    ``init_from`` starts a new run from another run's kept weights instead of random ones (same size and
-    tokenizer: the same seed and ranges), with a fresh schedule; its steps number on from
-    the kept step of that run, so its batches are ones that run has not seen."""
+    ``init_from`` starts a new run from another run's kept weights and tokenizer instead of random ones (the same
+    size; its ranges may differ), with a fresh schedule; its steps number on from the kept step of that run, so
+    its batches are ones that run has not seen."""
     import torch
     from transformers import GenerationConfig, Qwen2ForCausalLM
 
     _set_up_torch(device, threads)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = train_tokenizer(out, _tokenizer_corpus(seed, dist), vocab_size=vocab_size, split_digits=True)
+    tokenizer = _run_tokenizer(out, seed, dist, vocab_size, resume=resume, init_from=init_from)
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(_model_config(tokenizer, hidden_size, layers)).to(device)
     previous = json.loads((out / "training.json").read_text()) if resume else None
@@ -413,7 +425,7 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
     if previous:
         model = kept_model()
     elif init_from:
-        model = _initial_model(init_from, tokenizer, hidden_size, layers).to(device)
+        model = _initial_model(init_from, hidden_size, layers).to(device)
     forward = _forward(model, compile_model)
 
     optimizer = _new_optimizer(model, lr)
@@ -636,8 +648,8 @@ def main(argv: list[str] | None = None) -> int:
                    "length (less padding, the same gradient)")
     p.add_argument("--long-form-rate", type=float, default=LONG_FORM_RATE,
                    help="share of the hard steps written the long way (tens and units, digit by digit)")
-    p.add_argument("--init-from", metavar="DIR", help="start from the kept weights of the run in DIR (the same "
-                   "size, seed and ranges) instead of random ones")
+    p.add_argument("--init-from", metavar="DIR", help="start from the kept weights and the tokenizer of the "
+                   "run in DIR (the same size; other ranges may be drawn) instead of random ones")
     p.add_argument("--plot", metavar="PREFIX", help="also draw the training curves to PREFIX.png and PREFIX.svg")
     args = p.parse_args(argv)
     if args.micro_batches < 1:

@@ -188,7 +188,7 @@ def test_training_keeps_the_best_weights_and_resumes(tmp_path):
 
 def test_a_run_can_start_from_the_kept_weights_of_another(tmp_path):
     """``init_from``: the other run's weights (at learning rate 0 its dev loss is the other's), steps numbered on
-    from its kept step; a run of another size or tokenizer is refused by name."""
+    from its kept step, its tokenizer kept when the ranges change; a run of another size is refused by name."""
     from modelkit.train import train
 
     settings = dict(hidden_size=64, layers=1, batch_size=4, eval_every=1, dev_problems=4, threads=1)
@@ -203,8 +203,13 @@ def test_a_run_can_start_from_the_kept_weights_of_another(tmp_path):
     assert resumed["initialized_from"] == warm["initialized_from"]
     with pytest.raises(ValueError, match="hidden size 64 and 1 layers; this run has 64 and 2"):
         train(tmp_path / "c", max_steps=1, init_from=tmp_path / "a", **{**settings, "layers": 2})
-    with pytest.raises(ValueError, match="another tokenizer"):
-        train(tmp_path / "d", max_steps=1, init_from=tmp_path / "a", dist=HARDER, **settings)
+    # other ranges train on with the source's tokenizer (a new one would give its weights other token ids)
+    harder = train(tmp_path / "d", max_steps=first["steps"] + 1, init_from=tmp_path / "a", dist=HARDER, lr=0.0,
+                   **settings)
+    assert (tmp_path / "d" / "tokenizer.json").read_text() == (tmp_path / "a" / "tokenizer.json").read_text()
+    assert harder["distribution"]["max_bags"] == HARDER.max_bags
+    again = train(tmp_path / "d", max_steps=first["steps"] + 2, resume=True, dist=HARDER, lr=0.0, **settings)
+    assert again["history"][-1]["dev_loss"] == harder["history"][-1]["dev_loss"]  # resumed with the same tokens
 
 
 def test_a_resumed_report_keeps_the_settings_of_the_pieces_up_to_its_kept_step():
