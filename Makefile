@@ -10,8 +10,16 @@ MODEL_C := models/forest-arith-c
 MODEL_C_SECONDS ?= 7200
 MODEL_D := models/forest-arith-d
 MODEL_D_SECONDS ?= 7200
+MODEL_E := models/forest-arith-e
+MODEL_E_SECONDS ?= 480
+MODEL_F := models/forest-arith-f
+MODEL_F_SECONDS ?= 7200
 LONG_FORM_RATE := 0.3
 RANGES_C := start=10-999 changes=1-6 max_count=9999 max_gain=999 max_bags=99 max_bag_size=99 max_factor=9 max_piles=99
+RANGES_H := start=100-9999 changes=1-8 max_count=99999 max_gain=999 max_bags=99 max_bag_size=99 max_factor=9 max_piles=99
+# how the runs below train: in 8 pieces a batch on 2 CPU cores, or in batches of 512 on one GPU (docs/model.md)
+CPU_PIECES := --device cpu --threads 2 --micro-batches 8 --batch-size 64
+GPU_BATCHES := --device cuda --workers 13 --batch-size 512 --lr 1.5e-3 --eval-every 250 --patience 2
 VALUE_MODEL := models/forest-value
 VALUE_DATA := out/value-data
 VALUE_PROBLEMS ?= 2000
@@ -22,7 +30,7 @@ LOOP_PROBLEMS ?= 1600
 LOOP_SEED := 300000
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: demo test unit install lock browser clean model model-c model-d value-model verifier-model data-loop
+.PHONY: demo test unit install lock browser clean model model-c model-d model-e model-f value-model verifier-model data-loop
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -53,7 +61,7 @@ model: $(BIN)/.installed
 # first call starts the run, each later one resumes it from its kept weights (a run in progress is committed there)
 model-c: $(BIN)/.installed
 	$(BIN)/python -m modelkit.train --output $(MODEL_C) $(if $(wildcard $(MODEL_C)/training.json),--resume) \
-	    --device cpu --threads 2 --micro-batches 8 --batch-size 64 --for-seconds $(MODEL_C_SECONDS) \
+	    $(CPU_PIECES) --for-seconds $(MODEL_C_SECONDS) \
 	    --plot docs/model-c-training --distribution $(RANGES_C) $(MODEL_ARGS)
 
 # ranges C with $(LONG_FORM_RATE) of the hard steps written the long way (docs/model.md), in $(MODEL_D): the first call
@@ -61,8 +69,22 @@ model-c: $(BIN)/.installed
 model-d: $(BIN)/.installed
 	$(BIN)/python -m modelkit.train --output $(MODEL_D) \
 	    $(if $(wildcard $(MODEL_D)/training.json),--resume,--init-from $(MODEL_C)) --long-form-rate $(LONG_FORM_RATE) \
-	    --device cpu --threads 2 --micro-batches 8 --batch-size 64 --for-seconds $(MODEL_D_SECONDS) \
+	    $(CPU_PIECES) --for-seconds $(MODEL_D_SECONDS) \
 	    --plot docs/model-d-training --distribution $(RANGES_C) $(MODEL_ARGS)
+
+# $(MODEL_D) trained further on one GPU, $(MODEL_E_SECONDS) seconds (how $(MODEL_E) was made)
+model-e: $(BIN)/.installed
+	$(BIN)/python -m modelkit.train --output $(MODEL_E) --init-from $(MODEL_D) --long-form-rate $(LONG_FORM_RATE) \
+	    $(GPU_BATCHES) --max-steps 60000 --for-seconds $(MODEL_E_SECONDS) --plot docs/model-e-training \
+	    --distribution $(RANGES_C) $(MODEL_ARGS)
+
+# the harder ranges H of docs/model.md, with long forms, in $(MODEL_F): the first call starts from the kept weights
+# of $(MODEL_E), each later one resumes, $(MODEL_F_SECONDS) seconds a call on 2 CPU cores (MODEL_DEVICE=cuda: one GPU)
+model-f: $(BIN)/.installed
+	$(BIN)/python -m modelkit.train --output $(MODEL_F) \
+	    $(if $(wildcard $(MODEL_F)/training.json),--resume,--init-from $(MODEL_E)) --long-form-rate $(LONG_FORM_RATE) \
+	    $(if $(filter cuda,$(MODEL_DEVICE)),$(GPU_BATCHES),$(CPU_PIECES) --lr 1e-3 --eval-every 250) --max-steps 60000 \
+	    --for-seconds $(MODEL_F_SECONDS) --plot docs/model-f-training --distribution $(RANGES_H) $(MODEL_ARGS)
 
 # retrain the bundled value model in $(VALUE_MODEL): MCTS trees over $(VALUE_PROBLEMS) problems of training seed
 # $(VALUE_SEED) (never a held-out seed), then a process reward model on their step labels (docs/value.md)
