@@ -463,15 +463,19 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
         first = (report["initialized_from"]["step"] or 0) + 1
         report["segments"] = [{"from_step": first, **speed}]
     warm_from = first  # the warm-up restarts here after a resume or a roll-back (the moments start afresh)
+
+    def time_out() -> str | None:  # which time limit has passed, if any
+        now = time.monotonic()
+        return ("max_seconds" if max_seconds is not None and now - started >= max_seconds else
+                "for_seconds" if for_seconds is not None and now - invoked >= for_seconds else None)
+
     batches = _batches(tokenizer, out, range(first, max_steps + 1), workers, seed, (batch_size, reflection_rate, dist,
                                                                            long_form_rate), micro_batches)
     for step, pieces in zip(range(first, max_steps + 1), batches, strict=False):
         for group in optimizer.param_groups:
             group["lr"] = schedule.rate * min(1.0, (step - warm_from + 1) / WARMUP_STEPS)
         train_losses.append(_train_step(model, forward, optimizer, pieces, device, bf16))
-        now = time.monotonic()
-        out_of_time = ("max_seconds" if max_seconds is not None and now - started >= max_seconds else
-                       "for_seconds" if for_seconds is not None and now - invoked >= for_seconds else None)
+        out_of_time = time_out()
         if step % eval_every and step != max_steps and not out_of_time:
             continue
         loss_now = dev_loss(model, tokenizer, dev_batches)
@@ -499,6 +503,7 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
             log.info("dev loss %s (best %.4f at step %d): stopping", verdict.value, schedule.best, report["steps"])
             report["stopped"] = verdict.value
             break
+        out_of_time = out_of_time or time_out()  # an evaluation that used up the time left ends the run too
         if out_of_time:
             log.info("stopping at the time limit (%s)", out_of_time)
             report["stopped"] = out_of_time

@@ -186,6 +186,24 @@ def test_training_keeps_the_best_weights_and_resumes(tmp_path):
     assert json.loads((tmp_path / "training.json").read_text())["steps"] == unbeaten["steps"]
 
 
+def test_an_evaluation_that_uses_up_the_time_left_ends_the_run(tmp_path, monkeypatch):
+    """No step (and no second evaluation) after an evaluation past the time limit."""
+    import modelkit.train as trainer
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(trainer.time, "monotonic", lambda: clock["now"])
+    measure = trainer.dev_loss
+
+    def slow_dev_loss(*args):  # the evaluation takes an hour of the clock
+        clock["now"] += 3600
+        return measure(*args)
+
+    monkeypatch.setattr(trainer, "dev_loss", slow_dev_loss)
+    report = trainer.train(tmp_path, max_steps=10, eval_every=2, for_seconds=60, hidden_size=64, layers=1,
+                           batch_size=4, dev_problems=4, threads=1)
+    assert [h["step"] for h in report["history"]] == [2] and report["stopped"] == "for_seconds"
+
+
 def test_a_run_can_start_from_the_kept_weights_of_another(tmp_path):
     """``init_from``: the other run's weights (at learning rate 0 its dev loss is the other's), steps numbered on
     from its kept step, its tokenizer kept when the ranges change; a run of another size is refused by name."""
