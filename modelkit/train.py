@@ -351,8 +351,10 @@ def _run_tokenizer(out: Path, seed: int, dist: Distribution, vocab_size: int, *,
     trained on the ranges' corpus."""
     from transformers import PreTrainedTokenizerFast
 
-    if resume or init_from:
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(out if resume else init_from)
+    if resume:
+        return PreTrainedTokenizerFast.from_pretrained(out)
+    if init_from:
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(init_from)
         tokenizer.save_pretrained(out)
         return tokenizer
     return train_tokenizer(out, _tokenizer_corpus(seed, dist), vocab_size=vocab_size, split_digits=True)
