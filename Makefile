@@ -14,12 +14,17 @@ MODEL_E := models/forest-arith-e
 MODEL_E_SECONDS ?= 480
 MODEL_F := models/forest-arith-f
 MODEL_F_SECONDS ?= 7200
+MODEL_G := models/forest-arith-g
+MODEL_G_SECONDS ?= 7200
 LONG_FORM_RATE := 0.3
 RANGES_C := start=10-999 changes=1-6 max_count=9999 max_gain=999 max_bags=99 max_bag_size=99 max_factor=9 max_piles=99
 RANGES_H := start=100-9999 changes=1-8 max_count=99999 max_gain=999 max_bags=99 max_bag_size=99 max_factor=9 max_piles=99
 # how the runs below train: in 8 pieces a batch on 2 CPU cores, or in batches of 512 on one GPU (docs/model.md)
 CPU_PIECES := --device cpu --threads 2 --micro-batches 8 --batch-size 64
 GPU_BATCHES := --device cuda --workers 13 --batch-size 512 --lr 1.5e-3 --eval-every 250 --patience 2
+# how the runs on ranges H train: on 2 CPU cores, or on one GPU with MODEL_DEVICE=cuda
+H_BATCHES := $(if $(filter cuda,$(MODEL_DEVICE)),$(GPU_BATCHES),$(CPU_PIECES) --lr 1e-3 --eval-every 250) \
+    --max-steps 60000
 VALUE_MODEL := models/forest-value
 VALUE_DATA := out/value-data
 VALUE_PROBLEMS ?= 2000
@@ -30,7 +35,8 @@ LOOP_PROBLEMS ?= 1600
 LOOP_SEED := 300000
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: demo test unit install lock browser clean model model-c model-d model-e model-f value-model verifier-model data-loop
+.PHONY: demo test unit install lock browser clean model model-c model-d model-e model-f model-g value-model \
+    verifier-model data-loop
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -83,8 +89,15 @@ model-e: $(BIN)/.installed
 model-f: $(BIN)/.installed
 	$(BIN)/python -m modelkit.train --output $(MODEL_F) \
 	    $(if $(wildcard $(MODEL_F)/training.json),--resume,--init-from $(MODEL_E)) --long-form-rate $(LONG_FORM_RATE) \
-	    $(if $(filter cuda,$(MODEL_DEVICE)),$(GPU_BATCHES),$(CPU_PIECES) --lr 1e-3 --eval-every 250) --max-steps 60000 \
-	    --for-seconds $(MODEL_F_SECONDS) --plot docs/model-f-training --distribution $(RANGES_H) $(MODEL_ARGS)
+	    $(H_BATCHES) --for-seconds $(MODEL_F_SECONDS) --plot docs/model-f-training --distribution $(RANGES_H) $(MODEL_ARGS)
+
+# ranges H with long divisions that write each digit's product and subtraction (docs/model.md), in $(MODEL_G): the
+# first call starts from the kept weights of $(MODEL_F), each later one resumes, $(MODEL_G_SECONDS) seconds a call
+model-g: $(BIN)/.installed
+	$(BIN)/python -m modelkit.train --output $(MODEL_G) \
+	    $(if $(wildcard $(MODEL_G)/training.json),--resume,--init-from $(MODEL_F)) --long-form-rate $(LONG_FORM_RATE) \
+	    --long-division products $(H_BATCHES) --for-seconds $(MODEL_G_SECONDS) --plot docs/model-g-training \
+	    --distribution $(RANGES_H) $(MODEL_ARGS)
 
 # retrain the bundled value model in $(VALUE_MODEL): MCTS trees over $(VALUE_PROBLEMS) problems of training seed
 # $(VALUE_SEED) (never a held-out seed), then a process reward model on their step labels (docs/value.md)

@@ -54,6 +54,9 @@ THOUGHT_OPEN = "<Thought>\n"
 START, CONCLUSION = "start", "conclusion"  # the kinds of the first and the last worked step
 CHANGE_KINDS = ("gain", "loss", "bags", "multiply", "split")  # the kinds of the steps in between
 STEP_KINDS = (START, *CHANGE_KINDS, CONCLUSION)
+# how ``long_form`` writes each digit's part of a long division: its remainder in one go, or by the digit's product
+REMAINDERS, PRODUCTS = "remainders", "products"
+LONG_DIVISIONS = (REMAINDERS, PRODUCTS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,7 +213,7 @@ def first_wrong_step(problem: ArithmeticProblem, response: str) -> tuple[int, st
     written = written_steps(response)
     for i, step in enumerate(problem.steps):
         text = written[i].strip() if i < len(written) else ""
-        if text != step and text != long_form(step):  # the long form only drawn up where the short one differs
+        if text != step and text not in (long_form(step, d) for d in LONG_DIVISIONS):  # None where it has none
             return i, text
     return None
 
@@ -230,11 +233,16 @@ def written_long(step: str) -> bool:
     return bool(_IN_PARTS.search(step))
 
 
-def long_form(step: str) -> str | None:
+def long_form(step: str, division: str = REMAINDERS) -> str | None:
     """``step`` worked in parts, as a careful solver would, or None when it has no long form: a product by a
     two-digit bag size as the sum of its tens and its units (``47 × 38 = 47 × 30 + 47 × 8 = 1410 + 376 = 1786``),
-    a division with a quotient of two digits or more digit by digit (``1234 ÷ 37: 123 ÷ 37 = 3 remainder 12,
-    124 ÷ 37 = 3 remainder 13, so 1234 ÷ 37 = 33 remainder 13``). Both leave the same count as ``step``."""
+    a division with a quotient of two digits or more digit by digit. ``division`` says how each digit's part is
+    written: ``REMAINDERS`` gives its quotient and remainder in one go (``1234 ÷ 37: 123 ÷ 37 = 3 remainder 12,
+    124 ÷ 37 = 3 remainder 13, so 1234 ÷ 37 = 33 remainder 13``), ``PRODUCTS`` its quotient digit, that digit
+    times the divisor and the subtraction that leaves the remainder (``123 ÷ 37 = 3, 3 × 37 = 111, 123 - 111 =
+    12``). All leave the same count as ``step``."""
+    if division not in LONG_DIVISIONS:
+        raise ValueError(f"division must be one of {', '.join(LONG_DIVISIONS)}; got {division!r}")
     if product := _PRODUCT.search(step):
         bags, size, gained = (int(g) for g in product.groups())
         tens, units = size - size % 10, size % 10
@@ -242,8 +250,8 @@ def long_form(step: str) -> str | None:
             return None
         parts = f"{bags} × {tens} + {bags} × {units} = {bags * tens} + {bags * units}"
         return f"{step[:product.start()]} {bags} × {size} = {parts} = {gained}, so {step[product.end():]}"
-    if division := _DIVISION.search(step):
-        total, piles, kept, left = (int(g) for g in division.groups())
+    if split := _DIVISION.search(step):
+        total, piles, kept, left = (int(g) for g in split.groups())
         if kept < 10:
             return None
         digits, lead = str(total), len(str(piles))
@@ -252,10 +260,12 @@ def long_form(step: str) -> str | None:
         rest, parts = 0, []
         for i, digit in enumerate(digits[lead - 1:]):
             part = int(digits[:lead]) if i == 0 else rest * 10 + int(digit)
-            parts.append(f"{part} ÷ {piles} = {part // piles} remainder {part % piles}")
-            rest = part % piles
-        return (f"{step[:division.start()]}, so {total} ÷ {piles}: {', '.join(parts)}, so {total} ÷ {piles} = "
-                f"{kept} remainder {left}, which {step[division.end():]}")
+            quotient, rest = divmod(part, piles)
+            parts.append(f"{part} ÷ {piles} = {quotient} remainder {rest}" if division == REMAINDERS else
+                         f"{part} ÷ {piles} = {quotient}, {quotient} × {piles} = {quotient * piles}, "
+                         f"{part} - {quotient * piles} = {rest}")
+        return (f"{step[:split.start()]}, so {total} ÷ {piles}: {', '.join(parts)}, so {total} ÷ {piles} = "
+                f"{kept} remainder {left}, which {step[split.end():]}")
     return None
 
 
@@ -334,17 +344,18 @@ class TrainingExample:
 
 
 def make_training_example(rng: random.Random, problem: ArithmeticProblem, *, reflection_rate: float,
-                          long_form_rate: float = 0.0) -> TrainingExample:
+                          long_form_rate: float = 0.0, long_division: str = REMAINDERS) -> TrainingExample:
     """The problem's correct solution, or (with probability ``reflection_rate``) a slip, the reflection phrase and
     the correct solution from scratch. With ``long_form_rate``, each correct step that has a long form
-    (``long_form``) is written in it with that probability: the careful way, which samples take about that
+    (``long_form``, its divisions written as ``long_division`` says) is written in it with that probability: the
+    careful way, which samples take about that
     often and greedy decoding only where the long way's first token is the likelier one. At rate 0 no draw is
     made, so the examples of runs trained without long forms stay as they were drawn."""
     reflects = rng.random() < reflection_rate
     steps = list(problem.steps)
     if long_form_rate:
         for i, step in enumerate(steps):
-            if (long := long_form(step)) and rng.random() < long_form_rate:
+            if (long := long_form(step, long_division)) and rng.random() < long_form_rate:
                 steps[i] = long
     if not reflects:
         return TrainingExample(_response(steps, problem.answer))

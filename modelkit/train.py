@@ -29,8 +29,8 @@ from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from modelkit.arithmetic import (DEFAULT_DISTRIBUTION, HELD_OUT_SEED_START, Distribution, TrainingExample,
-                                 make_problem, make_problems, make_training_example)
+from modelkit.arithmetic import (DEFAULT_DISTRIBUTION, HELD_OUT_SEED_START, LONG_DIVISIONS, REMAINDERS, Distribution,
+                                 TrainingExample, make_problem, make_problems, make_training_example)
 from modelkit.make_model import train_tokenizer
 from search.prompts import DEFAULT_SYSTEM_PROMPT, REFLECTION_PHRASE, build_prompt, extract_answer
 
@@ -115,13 +115,14 @@ def _batch(tokenizer, examples: list[tuple[str, TrainingExample]], device):
 
 
 def _draw_batch(seed: int, step: int, batch_size: int, reflection_rate: float, dist: Distribution,
-                long_form_rate: float) -> list[tuple[str, TrainingExample]]:
+                long_form_rate: float, long_division: str = REMAINDERS) -> list[tuple[str, TrainingExample]]:
     """Training step ``step``'s batch: (question, example) pairs from a stream of its own, so batches can be
     drawn in any order, by any process, and a resumed run needs no replay."""
     stream = random.Random(f"train-{seed}-{step}")
     problems = [make_problem(stream, "train", dist) for _ in range(batch_size)]
     return [(p.question, make_training_example(stream, p, reflection_rate=reflection_rate,
-                                               long_form_rate=long_form_rate)) for p in problems]
+                                               long_form_rate=long_form_rate, long_division=long_division))
+            for p in problems]
 
 
 _worker_tokenizer = None  # a data worker's own tokenizer, loaded once per process
@@ -385,7 +386,7 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
           max_seconds: float | None = None, for_seconds: float | None = None, report_problems: int = 0,
           workers: int = 0, threads: int | None = None, device: str = "cpu", resume: bool = False, bf16: bool = False,
           compile_model: bool = False, micro_batches: int = 1, long_form_rate: float = LONG_FORM_RATE,
-          init_from: str | Path | None = None) -> dict:
+          init_from: str | Path | None = None, long_division: str = REMAINDERS) -> dict:
     """Train until the dev loss stops improving; returns the report written to ``training.json``.
 
     ``resume`` continues a run in ``output`` from its kept weights and their step, with the batches that follow
@@ -406,7 +407,8 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
     token-weighted gradients: the gradient of the whole batch, with less padding computed. All three only change
     speed and rounding; they are recorded in ``training.json``.
 
-    ``long_form_rate`` writes that share of the hard steps the long way (``make_training_example``).
+    ``long_form_rate`` writes that share of the hard steps the long way (``make_training_example``), long divisions
+    as ``long_division`` says (``long_form``).
     ``init_from`` starts a new run from another run's kept weights and tokenizer instead of random ones (the same
     size; its ranges may differ), with a fresh schedule; its steps number on from the kept step of that run, so
     its batches are ones that run has not seen."""
@@ -438,7 +440,7 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
                      strict=True))  # what this invocation runs with; the pieces of a resumed run may differ
     report = {"seed": seed, "batch_size": batch_size, "lr": lr, "warmup": WARMUP_STEPS, "hidden_size": hidden_size,
               "layers": layers, "parameters": model.num_parameters(), "reflection_rate": reflection_rate,
-              "long_form_rate": long_form_rate,
+              "long_form_rate": long_form_rate, "long_division": long_division,
               "distribution": asdict(dist), "dev_seed": DEV_SEED, "dev_problems": dev_problems, **speed,
               "eval_every": eval_every, "patience": patience, "max_decays": max_decays, "history": [],
               "segments": [{"from_step": 1, **speed}]}
@@ -471,8 +473,8 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
         return ("max_seconds" if max_seconds is not None and now - started >= max_seconds else
                 "for_seconds" if for_seconds is not None and now - invoked >= for_seconds else None)
 
-    batches = _batches(tokenizer, out, range(first, max_steps + 1), workers, seed, (batch_size, reflection_rate, dist,
-                                                                           long_form_rate), micro_batches)
+    draw = (batch_size, reflection_rate, dist, long_form_rate, long_division)
+    batches = _batches(tokenizer, out, range(first, max_steps + 1), workers, seed, draw, micro_batches)
     for step, pieces in zip(range(first, max_steps + 1), batches, strict=False):
         for group in optimizer.param_groups:
             group["lr"] = schedule.rate * min(1.0, (step - warm_from + 1) / WARMUP_STEPS)
@@ -655,6 +657,9 @@ def main(argv: list[str] | None = None) -> int:
                    "length (less padding, the same gradient)")
     p.add_argument("--long-form-rate", type=float, default=LONG_FORM_RATE,
                    help="share of the hard steps written the long way (tens and units, digit by digit)")
+    p.add_argument("--long-division", choices=LONG_DIVISIONS, default=REMAINDERS,
+                   help="how a long division writes each digit's part: its remainder in one go, or the digit's "
+                   "product and a subtraction")
     p.add_argument("--init-from", metavar="DIR", help="start from the kept weights and the tokenizer of the "
                    "run in DIR (the same size; other ranges may be drawn) instead of random ones")
     p.add_argument("--plot", metavar="PREFIX", help="also draw the training curves to PREFIX.png and PREFIX.svg")
@@ -675,7 +680,7 @@ def main(argv: list[str] | None = None) -> int:
                    report_problems=args.report_problems, workers=args.workers,
                    threads=args.threads, device=args.device, resume=args.resume, bf16=args.bf16,
                    compile_model=args.compile, micro_batches=args.micro_batches,
-                   long_form_rate=args.long_form_rate, init_from=args.init_from)
+                   long_form_rate=args.long_form_rate, init_from=args.init_from, long_division=args.long_division)
     if args.plot:
         print(*plot_history(report, args.plot))
     print(json.dumps(report["history"][-1]))
