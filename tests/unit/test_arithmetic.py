@@ -8,9 +8,9 @@ import re
 import pytest
 
 from deploy.cli import main
-from modelkit.arithmetic import (CHANGE_KINDS, CONCLUSION, DEFAULT_DISTRIBUTION, HELD_OUT_SEED_START, START,
-                                 STEP_DELIMITER, Distribution, _change, first_wrong_step, long_form, make_problems,
-                                 make_training_example, step_count)
+from modelkit.arithmetic import (CHANGE_KINDS, CONCLUSION, DEFAULT_DISTRIBUTION, HELD_OUT_SEED_START,
+                                 LONG_DIVISIONS, PRODUCTS, REMAINDERS, START, STEP_DELIMITER, Distribution, _change,
+                                 first_wrong_step, long_form, make_problems, make_training_example, step_count)
 from modelkit.train import DEV_SEED
 from search.prompts import REFLECTION_PHRASE, extract_answer, split_response
 
@@ -212,10 +212,11 @@ def test_a_run_can_start_from_the_kept_weights_of_another(tmp_path):
     settings = dict(hidden_size=64, layers=1, batch_size=4, eval_every=1, dev_problems=4, threads=1)
     first = train(tmp_path / "a", max_steps=2, **settings)
     warm = train(tmp_path / "b", max_steps=first["steps"] + 2, init_from=tmp_path / "a", lr=0.0,
-                 long_form_rate=0.5, **settings)
+                 long_form_rate=0.5, long_division=PRODUCTS, **settings)
     assert warm["initialized_from"] == {"path": str(tmp_path / "a"), "step": first["steps"]}
     assert [h["step"] for h in warm["history"]] == [first["steps"] + 1, first["steps"] + 2]
     assert warm["history"][0]["dev_loss"] == first["dev_loss"] and warm["long_form_rate"] == 0.5
+    assert (first["long_division"], warm["long_division"]) == (REMAINDERS, PRODUCTS)
     assert warm["segments"][0]["from_step"] == first["steps"] + 1
     resumed = train(tmp_path / "b", max_steps=first["steps"] + 3, resume=True, **settings)
     assert resumed["initialized_from"] == warm["initialized_from"]
@@ -415,7 +416,11 @@ def test_each_worked_step_is_named_by_its_kind():
     assert step_count("Ann loses 79, so 49 - 79 = -30.") == "-30"  # a slip carried forward, not a right 30
 
 
-def _check_long_form(step: str, long: str) -> None:
+_PART = {REMAINDERS: r"(\d+) ÷ (\d+) = (\d+) remainder (\d+)",  # a digit's part of a long division, as written
+         PRODUCTS: r"(\d+) ÷ (\d+) = (\d+), \d+ × \d+ = \d+, \d+ - \d+ = (\d+)"}
+
+
+def _check_long_form(step: str, long: str, division: str = REMAINDERS) -> None:
     """``long`` works ``step``'s product or division in parts, each part right, and leaves the same count."""
     assert step_count(long) == step_count(step)
     assert long.startswith(step.split(" = ")[0].split(", so ")[0]) and long.endswith(step.split(", so ")[-1])
@@ -425,9 +430,17 @@ def _check_long_form(step: str, long: str) -> None:
         assert tens + units == size and tens % 10 == 0 and 0 < units < 10
         assert f"= {bags * tens} + {bags * units} = {bags * size}, so " in long
         return
-    division = re.search(r"so (\d+) ÷ (\d+) = (\d+) remainder (\d+)", step)
-    total, piles, quotient, left = (int(n) for n in division.groups())
-    parts = [tuple(map(int, m)) for m in re.findall(r"(\d+) ÷ (\d+) = (\d+) remainder (\d+)", long)][:-1]
+    split = re.search(r"so (\d+) ÷ (\d+) = (\d+) remainder (\d+)", step)
+    total, piles, quotient, left = (int(n) for n in split.groups())
+    parts = [tuple(map(int, m)) for m in re.findall(_PART[division], long)]
+    parts = parts[:-1] if division == REMAINDERS else parts  # the last match there is the whole division
+    if division == PRODUCTS:  # each digit times the divisor, then the subtraction that leaves its remainder
+        products = re.findall(r"(\d+) ÷ (\d+) = (\d+), (\d+) × (\d+) = (\d+), (\d+) - (\d+) = (\d+)", long)
+        assert len(products) == len(parts) and " remainder " not in long.split(f" ÷ {piles}: ")[1].split(", so ")[0]
+        for part, divisor, q, q_again, divisor_again, product, part_again, product_again, r in (
+                tuple(map(int, m)) for m in products):
+            assert (q_again, divisor_again, part_again, product_again) == (q, divisor, part, product)
+            assert product == q * divisor and r == part - product
     digits, rest = "", None
     for part, divisor, q, r in parts:  # each part is the last remainder with the next digit brought down
         assert divisor == piles and (q, r) == divmod(part, piles) and q < 10
@@ -436,11 +449,12 @@ def _check_long_form(step: str, long: str) -> None:
     assert (int(digits), rest) == (quotient, left) and str(total).endswith(str(parts[-1][0] % 10))
 
 
-def test_long_forms_work_the_hard_steps_in_parts_and_leave_the_same_count():
+@pytest.mark.parametrize("division", LONG_DIVISIONS)
+def test_long_forms_work_the_hard_steps_in_parts_and_leave_the_same_count(division):
     forms = {"bags": 0, "split": 0}
     for problem in make_problems(300, seed=11, dist=HARDER):
         for kind, step in zip(problem.kinds, problem.steps, strict=True):
-            long = long_form(step)
+            long = long_form(step, division)
             if kind not in forms:
                 assert long is None, step
                 continue
@@ -448,12 +462,23 @@ def test_long_forms_work_the_hard_steps_in_parts_and_leave_the_same_count():
             short = numbers[1] % 10 == 0 or numbers[1] < 10 if kind == "bags" else numbers[3] < 10
             assert (long is None) == short, step  # a one-digit or a round factor, a one-digit quotient: no parts
             if long:
-                _check_long_form(step, long)
+                _check_long_form(step, long, division)
+                other = long_form(step, next(d for d in LONG_DIVISIONS if d != division))
+                assert (long == other) == (kind == "bags")  # only divisions differ by form
                 forms[kind] += 1
     assert min(forms.values()) > 20, forms
-    assert long_form("Ann keeps one of 12 piles, so 1204 ÷ 12 = 100 remainder 4, which leaves 100.") == (
+
+
+def test_the_long_division_forms_read_as_written():
+    step = "Ann keeps one of 12 piles, so 1204 ÷ 12 = 100 remainder 4, which leaves 100."
+    assert long_form(step) == long_form(step, REMAINDERS) == (
         "Ann keeps one of 12 piles, so 1204 ÷ 12: 12 ÷ 12 = 1 remainder 0, 0 ÷ 12 = 0 remainder 0, "
         "4 ÷ 12 = 0 remainder 4, so 1204 ÷ 12 = 100 remainder 4, which leaves 100.")
+    assert long_form(step, PRODUCTS) == (
+        "Ann keeps one of 12 piles, so 1204 ÷ 12: 12 ÷ 12 = 1, 1 × 12 = 12, 12 - 12 = 0, 0 ÷ 12 = 0, 0 × 12 = 0, "
+        "0 - 0 = 0, 4 ÷ 12 = 0, 0 × 12 = 0, 4 - 0 = 4, so 1204 ÷ 12 = 100 remainder 4, which leaves 100.")
+    with pytest.raises(ValueError, match="division must be one of remainders, products; got 'digits'"):
+        long_form(step, "digits")
 
 
 def test_training_examples_write_hard_steps_the_long_way_at_their_rate():
@@ -475,6 +500,15 @@ def test_training_examples_write_hard_steps_the_long_way_at_their_rate():
             written += sum(s not in p.steps for s in redo)
             assert first_wrong_step(p, _response_of(redo, p.answer)) is None, "a long form is a right step"
         assert low <= written <= high, (rate, written, hard)
+    # the products form: drawn as often (the same draws), and right steps too
+    remainders, products = random.Random(6), random.Random(6)
+    for p in problems:
+        example = make_training_example(products, p, reflection_rate=0.15, long_form_rate=1.0, long_division=PRODUCTS)
+        assert example.unscored == make_training_example(remainders, p, reflection_rate=0.15,
+                                                         long_form_rate=1.0).unscored
+        redo = split_response(example.response)[0].split(REFLECTION_PHRASE)[-1].strip().split(STEP_DELIMITER)
+        assert redo == [long_form(s, PRODUCTS) or s for s in p.steps]
+        assert first_wrong_step(p, _response_of(redo, p.answer)) is None
 
 
 def test_a_long_form_rate_outside_zero_to_one_is_refused(tmp_path, capsys):
@@ -484,6 +518,11 @@ def test_a_long_form_rate_outside_zero_to_one_is_refused(tmp_path, capsys):
         train_main(["--output", str(tmp_path), "--long-form-rate", "1.5"])
     assert exit_info.value.code == 2
     assert "--long-form-rate is a share, from 0 to 1; got 1.5" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(["--output", str(tmp_path), "--long-division", "digits"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err  # Python versions differ in how they quote the choices
+    assert "--long-division: invalid choice: 'digits'" in err and "remainders" in err and "products" in err
     assert not (tmp_path / "training.json").exists()
 
 
@@ -491,11 +530,13 @@ def _response_of(steps: list[str], answer: str) -> str:
     return "<Thought>\n" + STEP_DELIMITER.join(steps) + f"\n</Thought>\n<Output>\n{answer}\n</Output>"
 
 
-def test_a_wrong_part_of_a_long_form_is_a_wrong_step():
+@pytest.mark.parametrize("division", LONG_DIVISIONS)
+def test_a_wrong_part_of_a_long_form_is_a_wrong_step(division):
     problem = next(p for p in make_problems(100, seed=13, dist=HARDER)
                    if any(long_form(s) and " ÷ " in s for s in p.steps))
     at = next(i for i, s in enumerate(problem.steps) if long_form(s) and " ÷ " in s)
-    long = long_form(problem.steps[at])
-    wrong = long.replace(" remainder ", " remainder 1", 1)  # a part's remainder gains a digit
+    long = long_form(problem.steps[at], division)
+    wrong = re.sub(r"( remainder | - \d+ = )", r"\g<1>1", long, count=1)  # a part's remainder gains a digit
+    assert wrong != long
     steps = [*problem.steps[:at], wrong, *problem.steps[at + 1:]]
     assert first_wrong_step(problem, _response_of(steps, problem.answer)) == (at, wrong)
