@@ -208,12 +208,12 @@ def _response(steps: list[str], answer: str) -> str:
 
 def first_wrong_step(problem: ArithmeticProblem, response: str) -> tuple[int, str] | None:
     """The index in ``problem.steps`` of the first worked step that ``response`` writes differently (or leaves
-    out), and what it writes there; None when it writes them all as the solution does, each in its short or its
-    long form. A reflection phrase in place of a step is a wrong step there."""
+    out), and what it writes there; None when it writes them all as the solution does, each in its short or one of
+    its long forms. A reflection phrase in place of a step is a wrong step there."""
     written = written_steps(response)
     for i, step in enumerate(problem.steps):
         text = written[i].strip() if i < len(written) else ""
-        if text != step and text not in (long_form(step, d) for d in LONG_DIVISIONS):  # None where it has none
+        if text != step and text not in (long_form(step, d) for d in LONG_DIVISIONS):  # either long form, if any
             return i, text
     return None
 
@@ -348,9 +348,9 @@ def make_training_example(rng: random.Random, problem: ArithmeticProblem, *, ref
     """The problem's correct solution, or (with probability ``reflection_rate``) a slip, the reflection phrase and
     the correct solution from scratch. With ``long_form_rate``, each correct step that has a long form
     (``long_form``, its divisions written as ``long_division`` says) is written in it with that probability: the
-    careful way, which samples take about that
-    often and greedy decoding only where the long way's first token is the likelier one. At rate 0 no draw is
-    made, so the examples of runs trained without long forms stay as they were drawn."""
+    careful way, which samples take about that often and greedy decoding only where the long way's first token is
+    the likelier one. At rate 0 no draw is made, so the examples of runs trained without long forms stay as they
+    were drawn."""
     reflects = rng.random() < reflection_rate
     steps = list(problem.steps)
     if long_form_rate:
