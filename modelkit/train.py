@@ -115,7 +115,7 @@ def _batch(tokenizer, examples: list[tuple[str, TrainingExample]], device):
 
 
 def _draw_batch(seed: int, step: int, batch_size: int, reflection_rate: float, dist: Distribution,
-                long_form_rate: float, long_division: str) -> list[tuple[str, TrainingExample]]:
+                long_form_rate: float, long_division: str = REMAINDERS) -> list[tuple[str, TrainingExample]]:
     """Training step ``step``'s batch: (question, example) pairs from a stream of its own, so batches can be
     drawn in any order, by any process, and a resumed run needs no replay."""
     stream = random.Random(f"train-{seed}-{step}")
