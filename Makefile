@@ -22,6 +22,8 @@ RANGES_H := start=100-9999 changes=1-8 max_count=99999 max_gain=999 max_bags=99 
 # how the runs below train: in 8 pieces a batch on 2 CPU cores, or in batches of 512 on one GPU (docs/model.md)
 CPU_PIECES := --device cpu --threads 2 --micro-batches 8 --batch-size 64
 GPU_BATCHES := --device cuda --workers 13 --batch-size 512 --lr 1.5e-3 --eval-every 250 --patience 2
+# $(call resume_or_start,RUN[,FROM]): --resume once RUN has a training.json; before that, start from FROM's weights
+resume_or_start = $(if $(wildcard $(1)/training.json),--resume,$(if $(2),--init-from $(2)))
 # how the runs on ranges H train: on 2 CPU cores, or on one GPU with MODEL_DEVICE=cuda
 H_BATCHES := $(if $(filter cuda,$(MODEL_DEVICE)),$(GPU_BATCHES),$(CPU_PIECES) --lr 1e-3 --eval-every 250) \
     --max-steps 60000
@@ -66,7 +68,7 @@ model: $(BIN)/.installed
 # train the hardest ranges of docs/model.md (C) in $(MODEL_C) on 2 CPU cores, $(MODEL_C_SECONDS) seconds a call: the
 # first call starts the run, each later one resumes it from its kept weights (a run in progress is committed there)
 model-c: $(BIN)/.installed
-	$(BIN)/python -m modelkit.train --output $(MODEL_C) $(if $(wildcard $(MODEL_C)/training.json),--resume) \
+	$(BIN)/python -m modelkit.train --output $(MODEL_C) $(call resume_or_start,$(MODEL_C)) \
 	    $(CPU_PIECES) --for-seconds $(MODEL_C_SECONDS) \
 	    --plot docs/model-c-training --distribution $(RANGES_C) $(MODEL_ARGS)
 
@@ -74,7 +76,7 @@ model-c: $(BIN)/.installed
 # starts from the kept weights of $(MODEL_C), each later one resumes, $(MODEL_D_SECONDS) seconds a call
 model-d: $(BIN)/.installed
 	$(BIN)/python -m modelkit.train --output $(MODEL_D) \
-	    $(if $(wildcard $(MODEL_D)/training.json),--resume,--init-from $(MODEL_C)) --long-form-rate $(LONG_FORM_RATE) \
+	    $(call resume_or_start,$(MODEL_D),$(MODEL_C)) --long-form-rate $(LONG_FORM_RATE) \
 	    $(CPU_PIECES) --for-seconds $(MODEL_D_SECONDS) \
 	    --plot docs/model-d-training --distribution $(RANGES_C) $(MODEL_ARGS)
 
@@ -88,14 +90,14 @@ model-e: $(BIN)/.installed
 # of $(MODEL_E), each later one resumes, $(MODEL_F_SECONDS) seconds a call on 2 CPU cores (MODEL_DEVICE=cuda: one GPU)
 model-f: $(BIN)/.installed
 	$(BIN)/python -m modelkit.train --output $(MODEL_F) \
-	    $(if $(wildcard $(MODEL_F)/training.json),--resume,--init-from $(MODEL_E)) --long-form-rate $(LONG_FORM_RATE) \
+	    $(call resume_or_start,$(MODEL_F),$(MODEL_E)) --long-form-rate $(LONG_FORM_RATE) \
 	    $(H_BATCHES) --for-seconds $(MODEL_F_SECONDS) --plot docs/model-f-training --distribution $(RANGES_H) $(MODEL_ARGS)
 
 # ranges H with long divisions that write each digit's product and subtraction (docs/model.md), in $(MODEL_G): the
 # first call starts from the kept weights of $(MODEL_F), each later one resumes, $(MODEL_G_SECONDS) seconds a call
 model-g: $(BIN)/.installed
 	$(BIN)/python -m modelkit.train --output $(MODEL_G) \
-	    $(if $(wildcard $(MODEL_G)/training.json),--resume,--init-from $(MODEL_F)) --long-form-rate $(LONG_FORM_RATE) \
+	    $(call resume_or_start,$(MODEL_G),$(MODEL_F)) --long-form-rate $(LONG_FORM_RATE) \
 	    --long-division products $(H_BATCHES) --for-seconds $(MODEL_G_SECONDS) --plot docs/model-g-training \
 	    --distribution $(RANGES_H) $(MODEL_ARGS)
 
