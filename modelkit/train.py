@@ -3,10 +3,11 @@
     python -m modelkit.train --output models/forest-arith --plot docs/model-training   # see ``make model``
 
 Trained until the dev loss stops improving: every ``--eval-every`` steps the loss on a fixed dev set (a seed no
-training stream uses) is measured and dev problems are decoded greedily with transformers; the learning rate halves
-when the dev loss stops improving (and, back at the best weights, when it spikes) and training ends at the next
-plateau (or at ``--max-steps``). The weights with the best dev loss are kept, and ``training.json`` beside them
-records every evaluation (``--plot`` draws them).
+training stream uses; its solutions written as the training's are, long forms included, without slips) is
+measured and dev problems are decoded greedily with transformers; the learning rate halves when the dev loss stops
+improving (and, back at the best weights, when it spikes) and training ends at the next plateau (or at
+``--max-steps``). The weights with the best dev loss are kept, and ``training.json`` beside them records every
+evaluation (``--plot`` draws them).
 The problems are meant to be hard for a converged model (products, remainders and carries computed in one step,
 compounding over up to five steps). A share of training solutions slip, write Marco-o1's reflection phrase and
 redo the work (the slip itself is not trained on), so a forced reflection means something to the model.
@@ -157,6 +158,26 @@ def _batches(tokenizer, tokenizer_dir: Path, steps: range, workers: int, seed: i
                 yield ahead.popleft().get()
         while ahead:
             yield ahead.popleft().get()
+
+
+def dev_examples(problems, long_form_rate: float, long_division: str) -> list[tuple[str, TrainingExample]]:
+    """The dev problems' right solutions written as the run writes its training ones, without a slip: each hard
+    step the long way at the run's rate (one seeded draw per problem), so that the kept weights are judged on the
+    long forms the run teaches too. At rate 0 these are the problems' solutions as they stand."""
+    return [(p.question, make_training_example(random.Random(f"dev-{p.id}"), p, reflection_rate=0.0,
+                                               long_form_rate=long_form_rate, long_division=long_division))
+            for p in problems]
+
+
+def _check_written_as_before(previous: dict, long_form_rate: float, long_division: str) -> None:
+    """A resumed run draws its batches as its earlier pieces did: the same share of long forms, the same division
+    (runs recorded before these settings had none and the remainders form)."""
+    recorded = {"long_form_rate": previous.get("long_form_rate", 0.0),
+                "long_division": previous.get("long_division", REMAINDERS)}
+    asked = {"long_form_rate": long_form_rate, "long_division": long_division}
+    changed = [f"{key} {asked[key]!r} (the run has {recorded[key]!r})" for key in asked if asked[key] != recorded[key]]
+    if changed:
+        raise ValueError(f"a resumed run writes its solutions as before; asked for {', '.join(changed)}")
 
 
 def dev_loss(model, tokenizer, batches) -> float:
@@ -434,8 +455,8 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
 
     optimizer = _new_optimizer(model, lr)
     dev = make_problems(max(dev_problems, report_problems), DEV_SEED, dist)
-    dev_batches = [_batch(tokenizer, [(p.question, TrainingExample(p.solution)) for p in dev[i:i + batch_size]],
-                          device) for i in range(0, dev_problems, batch_size)]
+    dev_written = dev_examples(dev[:dev_problems], long_form_rate, long_division)
+    dev_batches = [_batch(tokenizer, dev_written[i:i + batch_size], device) for i in range(0, dev_problems, batch_size)]
     speed = dict(zip(SPEED_SETTINGS, (device, torch.get_num_threads(), bf16, compile_model, micro_batches),
                      strict=True))  # what this invocation runs with; the pieces of a resumed run may differ
     report = {"seed": seed, "batch_size": batch_size, "lr": lr, "warmup": WARMUP_STEPS, "hidden_size": hidden_size,
@@ -443,22 +464,31 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
               "long_form_rate": long_form_rate, "long_division": long_division,
               "distribution": asdict(dist), "dev_seed": DEV_SEED, "dev_problems": dev_problems, **speed,
               "eval_every": eval_every, "patience": patience, "max_decays": max_decays, "history": [],
-              "segments": [{"from_step": 1, **speed}]}
+              "segments": [{"from_step": 1, **speed}], "dev_long_forms": True}
     schedule, first = Schedule(lr, patience, max_decays), 1
     train_losses, started = [], time.monotonic()
     invoked = started  # ``started`` moves back by a resumed run's earlier seconds
     if previous:
+        _check_written_as_before(previous, long_form_rate, long_division)
         first = previous["steps"] + 1
         # the kept weights stay those of the earlier piece until this one beats them
         report.update({key: previous[key] for key in ("steps", "dev_loss", "dev_greedy_accuracy")})
-        if "initialized_from" in previous:  # kept across the resumed pieces
-            report["initialized_from"] = previous["initialized_from"]
+        for key in ("initialized_from", "dev_remeasured"):  # kept across the resumed pieces
+            if key in previous:
+                report[key] = previous[key]
+        if long_form_rate and not previous.get("dev_long_forms"):  # its dev loss was of short solutions only
+            remeasured = round(dev_loss(model, tokenizer, dev_batches), 4)
+            log.info("dev loss of the kept weights (step %d) with long forms: %.4f (short solutions only: %.4f)",
+                     previous["steps"], remeasured, previous["dev_loss"])
+            report["dev_remeasured"] = {"step": previous["steps"], "short_solutions": previous["dev_loss"],
+                                        "long_forms": remeasured}
+            report["dev_loss"] = remeasured
         report["history"] = [h for h in previous["history"] if h["step"] <= previous["steps"]]
         report["resumed"] = [*previous.get("resumed", []), previous["steps"]]
         report["segments"] = [*_kept_segments(previous), {"from_step": first, **speed}]
         if previous.get("rolled_back"):
             report["rolled_back"] = [s for s in previous["rolled_back"] if s <= previous["steps"]]
-        schedule.best = schedule.mark = previous["dev_loss"]
+        schedule.best = schedule.mark = report["dev_loss"]
         if "schedule" in previous:  # absent from runs written before the schedule was saved: none had halved
             schedule.rate, schedule.decays = previous["schedule"]["rate"], previous["schedule"]["decays"]
         started -= previous.get("seconds", report["history"][-1]["seconds"])

@@ -211,15 +211,16 @@ def test_a_run_can_start_from_the_kept_weights_of_another(tmp_path):
 
     settings = dict(hidden_size=64, layers=1, batch_size=4, eval_every=1, dev_problems=4, threads=1)
     first = train(tmp_path / "a", max_steps=2, **settings)
-    warm = train(tmp_path / "b", max_steps=first["steps"] + 2, init_from=tmp_path / "a", lr=0.0,
-                 long_form_rate=0.5, long_division=PRODUCTS, **settings)
+    warm = train(tmp_path / "b", max_steps=first["steps"] + 2, init_from=tmp_path / "a", lr=0.0, **settings)
     assert warm["initialized_from"] == {"path": str(tmp_path / "a"), "step": first["steps"]}
     assert [h["step"] for h in warm["history"]] == [first["steps"] + 1, first["steps"] + 2]
-    assert warm["history"][0]["dev_loss"] == first["dev_loss"] and warm["long_form_rate"] == 0.5
-    assert (first["long_division"], warm["long_division"]) == (REMAINDERS, PRODUCTS)
+    assert warm["history"][0]["dev_loss"] == first["dev_loss"]
     assert warm["segments"][0]["from_step"] == first["steps"] + 1
     resumed = train(tmp_path / "b", max_steps=first["steps"] + 3, resume=True, **settings)
     assert resumed["initialized_from"] == warm["initialized_from"]
+    long = train(tmp_path / "e", max_steps=first["steps"] + 1, init_from=tmp_path / "a", long_form_rate=0.5,
+                 long_division=PRODUCTS, **settings)
+    assert (first["long_division"], long["long_division"], long["long_form_rate"]) == (REMAINDERS, PRODUCTS, 0.5)
     with pytest.raises(ValueError, match="hidden size 64 and 1 layers; this run has 64 and 2"):
         train(tmp_path / "c", max_steps=1, init_from=tmp_path / "a", **{**settings, "layers": 2})
     # other ranges train on with the source's tokenizer (a new one would give its weights other token ids)
@@ -229,6 +230,38 @@ def test_a_run_can_start_from_the_kept_weights_of_another(tmp_path):
     assert harder["distribution"]["max_bags"] == HARDER.max_bags
     again = train(tmp_path / "d", max_steps=first["steps"] + 2, resume=True, dist=HARDER, lr=0.0, **settings)
     assert again["history"][-1]["dev_loss"] == harder["history"][-1]["dev_loss"]  # resumed with the same tokens
+
+
+def test_the_dev_loss_judges_the_long_forms_a_run_teaches(tmp_path):
+    """The dev solutions are written as the run writes its training ones (long forms at its rate, no slip); a run
+    recorded with a dev loss of short solutions only has its kept weights measured again when it resumes; a resumed
+    run that would write its solutions otherwise is refused, naming the setting."""
+    from modelkit.train import dev_examples, train
+
+    problems = make_problems(30, 5, HARDER)
+    assert [e.response for _, e in dev_examples(problems, 0.0, PRODUCTS)] == [p.solution for p in problems]
+    written = [e.response for _, e in dev_examples(problems, 1.0, PRODUCTS)]
+    assert written == [e.response for _, e in dev_examples(problems, 1.0, PRODUCTS)]  # one seeded draw each
+    longs = [long for p in problems for step in p.steps if (long := long_form(step, PRODUCTS))]
+    assert longs and all(any(long in response for response in written) for long in longs)
+    assert not any(e.unscored for _, e in dev_examples(problems, 1.0, PRODUCTS))
+
+    settings = dict(hidden_size=64, layers=1, batch_size=4, eval_every=1, dev_problems=4, threads=1, lr=0.0,
+                    long_form_rate=1.0, long_division=PRODUCTS, dist=HARDER)
+    run = train(tmp_path, max_steps=2, **settings)
+    assert run["dev_long_forms"] is True and "dev_remeasured" not in run
+    older = {key: value for key, value in run.items() if key != "dev_long_forms"}  # as runs were recorded before
+    (tmp_path / "training.json").write_text(json.dumps({**older, "dev_loss": 123.0}))
+    resumed = train(tmp_path, max_steps=3, resume=True, **settings)
+    assert resumed["dev_remeasured"] == {"step": run["steps"], "short_solutions": 123.0, "long_forms": run["dev_loss"]}
+    assert (resumed["steps"], resumed["dev_loss"]) == (run["steps"], run["dev_loss"])  # lr 0: not beaten
+    assert resumed["dev_long_forms"] is True
+    again = train(tmp_path, max_steps=4, resume=True, **settings)
+    assert again["dev_remeasured"] == resumed["dev_remeasured"]  # measured once, kept on
+    with pytest.raises(ValueError, match=r"long_division 'remainders' \(the run has 'products'\)"):
+        train(tmp_path, max_steps=5, resume=True, **{**settings, "long_division": REMAINDERS})
+    with pytest.raises(ValueError, match=r"long_form_rate 0.3 \(the run has 1.0\)"):
+        train(tmp_path, max_steps=5, resume=True, **{**settings, "long_form_rate": 0.3})
 
 
 def test_a_resumed_report_keeps_the_settings_of_the_pieces_up_to_its_kept_step():
