@@ -583,13 +583,27 @@ def step_seconds(tokenizer, settings: dict[str, tuple[bool, int, bool]], *, batc
     return {name: seconds / steps for name, seconds in elapsed.items()}
 
 
+def dev_curves(report: dict) -> list[tuple[str, list[int], list[float]]]:
+    """The dev loss against steps as (label, steps, losses): one curve, or two for a run whose dev solutions took
+    its long forms part-way (``dev_remeasured``: the second starts at the kept weights measured again)."""
+    history, changed = report["history"], report.get("dev_remeasured")
+    if not changed:
+        return [("dev", [h["step"] for h in history], [h["dev_loss"] for h in history])]
+    before = [h for h in history if h["step"] <= changed["step"]]
+    after = [h for h in history if h["step"] > changed["step"]]
+    return [("dev (short solutions)", [h["step"] for h in before], [h["dev_loss"] for h in before]),
+            ("dev (long forms at the run's rate)", [changed["step"], *(h["step"] for h in after)],
+             [changed["long_forms"], *(h["dev_loss"] for h in after)])]
+
+
 def plot_history(report: dict, path: str | Path) -> list[Path]:
     """Loss (train and dev) and dev greedy accuracy against steps, as ``path``.png and .svg."""
     history = report["history"]
     steps = [h["step"] for h in history]
     fig, (loss_ax, acc_ax) = _loss_and_accuracy_axes()
     loss_ax.plot(steps, [h["train_loss"] for h in history], label="train (mean since last point)")
-    loss_ax.plot(steps, [h["dev_loss"] for h in history], label="dev")
+    for label, dev_steps, losses in dev_curves(report):
+        loss_ax.plot(dev_steps, losses, label=label)
     loss_ax.axvline(report["steps"], color="grey", linestyle=":", label=f"kept (step {report['steps']})")
     loss_ax.set(xlabel="step", ylabel="token loss", yscale="log", title="Loss")
     loss_ax.legend()

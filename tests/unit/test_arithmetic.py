@@ -236,7 +236,7 @@ def test_the_dev_loss_judges_the_long_forms_a_run_teaches(tmp_path):
     """The dev solutions are written as the run writes its training ones (long forms at its rate, no slip); a run
     recorded with a dev loss of short solutions only has its kept weights measured again when it resumes; a resumed
     run that would write its solutions otherwise is refused, naming the setting."""
-    from modelkit.train import dev_examples, train
+    from modelkit.train import dev_curves, dev_examples, train
 
     problems = make_problems(30, 5, HARDER)
     assert [e.response for _, e in dev_examples(problems, 0.0, PRODUCTS)] == [p.solution for p in problems]
@@ -258,6 +258,10 @@ def test_the_dev_loss_judges_the_long_forms_a_run_teaches(tmp_path):
     assert resumed["dev_long_forms"] is True
     again = train(tmp_path, max_steps=4, resume=True, **settings)
     assert again["dev_remeasured"] == resumed["dev_remeasured"]  # measured once, kept on
+    short, (label, steps, losses) = dev_curves(again)  # the curves drawn: short solutions, then long forms
+    assert short[0] == "dev (short solutions)" and short[1][-1] == run["steps"]
+    assert label == "dev (long forms at the run's rate)" and steps == list(range(run["steps"], 5))
+    assert losses[0] == run["dev_loss"] and len(dev_curves(run)) == 1
     with pytest.raises(ValueError, match=r"long_division 'remainders' \(the run has 'products'\)"):
         train(tmp_path, max_steps=5, resume=True, **{**settings, "long_division": REMAINDERS})
     with pytest.raises(ValueError, match=r"long_form_rate 0.3 \(the run has 1.0\)"):
