@@ -439,10 +439,12 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
     _set_up_torch(device, threads)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
+    previous = json.loads((out / "training.json").read_text()) if resume else None
+    if previous:  # refused before any weights are loaded
+        _check_written_as_before(previous, long_form_rate, long_division)
     tokenizer = _run_tokenizer(out, seed, dist, vocab_size, resume=resume, init_from=init_from)
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(_model_config(tokenizer, hidden_size, layers)).to(device)
-    previous = json.loads((out / "training.json").read_text()) if resume else None
 
     def kept_model():  # the weights with the best dev loss so far, as saved in ``out``
         return Qwen2ForCausalLM.from_pretrained(out, torch_dtype=torch.float32).to(device)
@@ -469,7 +471,6 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
     train_losses, started = [], time.monotonic()
     invoked = started  # ``started`` moves back by a resumed run's earlier seconds
     if previous:
-        _check_written_as_before(previous, long_form_rate, long_division)
         first = previous["steps"] + 1
         # the kept weights stay those of the earlier piece until this one beats them
         report.update({key: previous[key] for key in ("steps", "dev_loss", "dev_greedy_accuracy")})
