@@ -16,6 +16,9 @@ MODEL_F := models/forest-arith-f
 MODEL_F_SECONDS ?= 7200
 MODEL_G := models/forest-arith-g
 MODEL_G_SECONDS ?= 7200
+MODEL_H := models/forest-arith-h
+MODEL_H_SECONDS ?= 7200
+LONG_FORM_RATE_H := 0.45
 LONG_FORM_RATE := 0.3
 RANGES_C := start=10-999 changes=1-6 max_count=9999 max_gain=999 max_bags=99 max_bag_size=99 max_factor=9 max_piles=99
 RANGES_H := start=100-9999 changes=1-8 max_count=99999 max_gain=999 max_bags=99 max_bag_size=99 max_factor=9 max_piles=99
@@ -37,7 +40,7 @@ LOOP_PROBLEMS ?= 1600
 LOOP_SEED := 300000
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: demo test unit install lock browser clean model model-c model-d model-e model-f model-g value-model \
+.PHONY: demo test unit install lock browser clean model model-c model-d model-e model-f model-g model-h value-model \
     verifier-model data-loop
 
 $(BIN)/.installed: pyproject.toml constraints.txt
@@ -100,6 +103,14 @@ model-g: $(BIN)/.installed
 	    $(call resume_or_start,$(MODEL_G),$(MODEL_F)) --long-form-rate $(LONG_FORM_RATE) \
 	    --long-division products $(H_BATCHES) --for-seconds $(MODEL_G_SECONDS) --plot docs/model-g-training \
 	    --distribution $(RANGES_H) $(MODEL_ARGS)
+
+# as model-g with $(LONG_FORM_RATE_H) of the hard steps written the long way (docs/model.md), in $(MODEL_H): the first
+# call starts from the kept weights of $(MODEL_G) at the rate they were kept at, each later one resumes
+model-h: $(BIN)/.installed
+	$(BIN)/python -m modelkit.train --output $(MODEL_H) \
+	    $(call resume_or_start,$(MODEL_H),$(MODEL_G)) --long-form-rate $(LONG_FORM_RATE_H) \
+	    --long-division products $(H_BATCHES) --lr 5e-4 --for-seconds $(MODEL_H_SECONDS) \
+	    --plot docs/model-h-training --distribution $(RANGES_H) $(MODEL_ARGS)
 
 # retrain the bundled value model in $(VALUE_MODEL): MCTS trees over $(VALUE_PROBLEMS) problems of training seed
 # $(VALUE_SEED) (never a held-out seed), then a process reward model on their step labels (docs/value.md)
