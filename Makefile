@@ -30,6 +30,11 @@ resume_or_start = $(if $(wildcard $(1)/training.json),--resume,$(if $(2),--init-
 # how the runs on ranges H train: on 2 CPU cores, or on one GPU with MODEL_DEVICE=cuda
 H_BATCHES := $(if $(filter cuda,$(MODEL_DEVICE)),$(GPU_BATCHES),$(CPU_PIECES) --lr 1e-3 --eval-every 250) \
     --max-steps 60000
+# $(call train_h,RUN,FROM,LONG_FORM_RATE,SECONDS,FLAGS): a run on ranges H in RUN, started from FROM's kept weights,
+# then resumed SECONDS a call; FLAGS come after H_BATCHES's, so a flag given in both takes FLAGS's value
+train_h = $(BIN)/python -m modelkit.train --output $(1) $(call resume_or_start,$(1),$(2)) --long-form-rate $(3) \
+    $(H_BATCHES) $(5) --for-seconds $(4) --plot docs/$(notdir $(subst forest-arith,model,$(1)))-training \
+    --distribution $(RANGES_H) $(MODEL_ARGS)
 VALUE_MODEL := models/forest-value
 VALUE_DATA := out/value-data
 VALUE_PROBLEMS ?= 2000
@@ -92,25 +97,17 @@ model-e: $(BIN)/.installed
 # the harder ranges H of docs/model.md, with long forms, in $(MODEL_F): the first call starts from the kept weights
 # of $(MODEL_E), each later one resumes, $(MODEL_F_SECONDS) seconds a call on 2 CPU cores (MODEL_DEVICE=cuda: one GPU)
 model-f: $(BIN)/.installed
-	$(BIN)/python -m modelkit.train --output $(MODEL_F) \
-	    $(call resume_or_start,$(MODEL_F),$(MODEL_E)) --long-form-rate $(LONG_FORM_RATE) \
-	    $(H_BATCHES) --for-seconds $(MODEL_F_SECONDS) --plot docs/model-f-training --distribution $(RANGES_H) $(MODEL_ARGS)
+	$(call train_h,$(MODEL_F),$(MODEL_E),$(LONG_FORM_RATE),$(MODEL_F_SECONDS))
 
 # ranges H with long divisions that write each digit's product and subtraction (docs/model.md), in $(MODEL_G): the
 # first call starts from the kept weights of $(MODEL_F), each later one resumes, $(MODEL_G_SECONDS) seconds a call
 model-g: $(BIN)/.installed
-	$(BIN)/python -m modelkit.train --output $(MODEL_G) \
-	    $(call resume_or_start,$(MODEL_G),$(MODEL_F)) --long-form-rate $(LONG_FORM_RATE) \
-	    --long-division products $(H_BATCHES) --for-seconds $(MODEL_G_SECONDS) --plot docs/model-g-training \
-	    --distribution $(RANGES_H) $(MODEL_ARGS)
+	$(call train_h,$(MODEL_G),$(MODEL_F),$(LONG_FORM_RATE),$(MODEL_G_SECONDS),--long-division products)
 
 # as model-g with $(LONG_FORM_RATE_H) of the hard steps written the long way (docs/model.md), in $(MODEL_H): the first
 # call starts from the kept weights of $(MODEL_G) at the rate they were kept at, each later one resumes
 model-h: $(BIN)/.installed
-	$(BIN)/python -m modelkit.train --output $(MODEL_H) \
-	    $(call resume_or_start,$(MODEL_H),$(MODEL_G)) --long-form-rate $(LONG_FORM_RATE_H) \
-	    --long-division products $(H_BATCHES) --lr 5e-4 --for-seconds $(MODEL_H_SECONDS) \
-	    --plot docs/model-h-training --distribution $(RANGES_H) $(MODEL_ARGS)
+	$(call train_h,$(MODEL_H),$(MODEL_G),$(LONG_FORM_RATE_H),$(MODEL_H_SECONDS),--long-division products --lr 5e-4)
 
 # retrain the bundled value model in $(VALUE_MODEL): MCTS trees over $(VALUE_PROBLEMS) problems of training seed
 # $(VALUE_SEED) (never a held-out seed), then a process reward model on their step labels (docs/value.md)
