@@ -18,10 +18,14 @@ MODEL_G := models/forest-arith-g
 MODEL_G_SECONDS ?= 7200
 MODEL_H := models/forest-arith-h
 MODEL_H_SECONDS ?= 7200
+MODEL_I := models/forest-arith-i
+MODEL_I_SECONDS ?= 7200
 LONG_FORM_RATE_H := 0.45
 LONG_FORM_RATE := 0.3
 RANGES_C := start=10-999 changes=1-6 max_count=9999 max_gain=999 max_bags=99 max_bag_size=99 max_factor=9 max_piles=99
 RANGES_H := start=100-9999 changes=1-8 max_count=99999 max_gain=999 max_bags=99 max_bag_size=99 max_factor=9 max_piles=99
+# ranges H with longer problems: three to ten steps
+RANGES_I := start=100-9999 changes=3-10 max_count=99999 max_gain=999 max_bags=99 max_bag_size=99 max_factor=9 max_piles=99
 # how the runs below train: in 8 pieces a batch on 2 CPU cores, or in batches of 512 on one GPU (docs/model.md)
 CPU_PIECES := --device cpu --threads 2 --micro-batches 8 --batch-size 64
 GPU_BATCHES := --device cuda --workers 13 --batch-size 512 --lr 1.5e-3 --eval-every 250 --patience 2
@@ -30,11 +34,12 @@ resume_or_start = $(if $(wildcard $(1)/training.json),--resume,$(if $(2),--init-
 # how the runs on ranges H train: on 2 CPU cores, or on one GPU with MODEL_DEVICE=cuda
 H_BATCHES := $(if $(filter cuda,$(MODEL_DEVICE)),$(GPU_BATCHES),$(CPU_PIECES) --lr 1e-3 --eval-every 250) \
     --max-steps 60000
-# $(call train_h,RUN,FROM,LONG_FORM_RATE,SECONDS,FLAGS): a run on ranges H in RUN, started from FROM's kept weights,
-# then resumed SECONDS a call; FLAGS come after H_BATCHES's, so a flag given in both takes FLAGS's value
+# $(call train_h,RUN,FROM,LONG_FORM_RATE,SECONDS,FLAGS[,RANGES]): a run on RANGES (ranges H if none) in RUN, started
+# from FROM's kept weights, then resumed SECONDS a call; FLAGS come after H_BATCHES's, so a flag given in both takes
+# FLAGS's value
 train_h = $(BIN)/python -m modelkit.train --output $(1) $(call resume_or_start,$(1),$(2)) --long-form-rate $(3) \
     $(H_BATCHES) $(5) --for-seconds $(4) --plot docs/$(notdir $(subst forest-arith,model,$(1)))-training \
-    --distribution $(RANGES_H) $(MODEL_ARGS)
+    --distribution $(or $(6),$(RANGES_H)) $(MODEL_ARGS)
 VALUE_MODEL := models/forest-value
 VALUE_DATA := out/value-data
 VALUE_PROBLEMS ?= 2000
@@ -45,8 +50,8 @@ LOOP_PROBLEMS ?= 1600
 LOOP_SEED := 300000
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: demo test unit install lock browser clean model model-c model-d model-e model-f model-g model-h value-model \
-    verifier-model data-loop
+.PHONY: demo test unit install lock browser clean model model-c model-d model-e model-f model-g model-h model-i \
+    value-model verifier-model data-loop
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -108,6 +113,12 @@ model-g: $(BIN)/.installed
 # call starts from the kept weights of $(MODEL_G) at the rate they were kept at, each later one resumes
 model-h: $(BIN)/.installed
 	$(call train_h,$(MODEL_H),$(MODEL_G),$(LONG_FORM_RATE_H),$(MODEL_H_SECONDS),--long-division products --lr 5e-4)
+
+# as model-h on the longer problems of ranges I (docs/model.md), in $(MODEL_I): the first call starts from the kept
+# weights of $(MODEL_H), each later one resumes, $(MODEL_I_SECONDS) seconds a call
+model-i: $(BIN)/.installed
+	$(call train_h,$(MODEL_I),$(MODEL_H),$(LONG_FORM_RATE_H),$(MODEL_I_SECONDS),--long-division products --lr 5e-4,\
+	    $(RANGES_I))
 
 # retrain the bundled value model in $(VALUE_MODEL): MCTS trees over $(VALUE_PROBLEMS) problems of training seed
 # $(VALUE_SEED) (never a held-out seed), then a process reward model on their step labels (docs/value.md)
