@@ -31,7 +31,7 @@ CPU_PIECES := --device cpu --threads 2 --micro-batches 8 --batch-size 64
 GPU_BATCHES := --device cuda --workers 13 --batch-size 512 --lr 1.5e-3 --eval-every 250 --patience 2
 # $(call resume_or_start,RUN[,FROM]): --resume once RUN has a training.json; before that, start from FROM's weights
 resume_or_start = $(if $(wildcard $(1)/training.json),--resume,$(if $(2),--init-from $(2)))
-# how the runs on ranges H train: on 2 CPU cores, or on one GPU with MODEL_DEVICE=cuda
+# how the runs on ranges H and I train: on 2 CPU cores, or on one GPU with MODEL_DEVICE=cuda
 H_BATCHES := $(if $(filter cuda,$(MODEL_DEVICE)),$(GPU_BATCHES),$(CPU_PIECES) --lr 1e-3 --eval-every 250) \
     --max-steps 60000
 # $(call train_h,RUN,FROM,LONG_FORM_RATE,SECONDS,FLAGS[,RANGES]): a run on RANGES (ranges H if none) in RUN, started
