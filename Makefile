@@ -23,9 +23,10 @@ MODEL_I_SECONDS ?= 7200
 LONG_FORM_RATE_H := 0.45
 LONG_FORM_RATE := 0.3
 RANGES_C := start=10-999 changes=1-6 max_count=9999 max_gain=999 max_bags=99 max_bag_size=99 max_factor=9 max_piles=99
-RANGES_H := start=100-9999 changes=1-8 max_count=99999 max_gain=999 max_bags=99 max_bag_size=99 max_factor=9 max_piles=99
-# ranges H with longer problems: three to ten steps
-RANGES_I := start=100-9999 changes=3-10 max_count=99999 max_gain=999 max_bags=99 max_bag_size=99 max_factor=9 max_piles=99
+# ranges H (one to eight steps) and I (longer problems: three to ten) share every range but the number of steps
+LARGE_NUMBERS := start=100-9999 max_count=99999 max_gain=999 max_bags=99 max_bag_size=99 max_factor=9 max_piles=99
+RANGES_H := changes=1-8 $(LARGE_NUMBERS)
+RANGES_I := changes=3-10 $(LARGE_NUMBERS)
 # how the runs below train: in 8 pieces a batch on 2 CPU cores, or in batches of 512 on one GPU (docs/model.md)
 CPU_PIECES := --device cpu --threads 2 --micro-batches 8 --batch-size 64
 GPU_BATCHES := --device cuda --workers 13 --batch-size 512 --lr 1.5e-3 --eval-every 250 --patience 2
