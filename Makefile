@@ -35,6 +35,8 @@ resume_or_start = $(if $(wildcard $(1)/training.json),--resume,$(if $(2),--init-
 # how the runs on ranges H and I train: on 2 CPU cores, or on one GPU with MODEL_DEVICE=cuda
 H_BATCHES := $(if $(filter cuda,$(MODEL_DEVICE)),$(GPU_BATCHES),$(CPU_PIECES) --lr 1e-3 --eval-every 250) \
     --max-steps 60000
+# how model-h and model-i, its continuation on longer problems, go on from the weights they start from
+H_TUNING := --long-division products --lr 5e-4
 # $(call train_h,RUN,FROM,LONG_FORM_RATE,SECONDS,FLAGS[,RANGES]): a run on RANGES (ranges H if none) in RUN, started
 # from FROM's kept weights, then resumed SECONDS a call; FLAGS come after H_BATCHES's, so a flag given in both takes
 # FLAGS's value
@@ -113,13 +115,12 @@ model-g: $(BIN)/.installed
 # as model-g with $(LONG_FORM_RATE_H) of the hard steps written the long way (docs/model.md), in $(MODEL_H): the first
 # call starts from the kept weights of $(MODEL_G) at the rate they were kept at, each later one resumes
 model-h: $(BIN)/.installed
-	$(call train_h,$(MODEL_H),$(MODEL_G),$(LONG_FORM_RATE_H),$(MODEL_H_SECONDS),--long-division products --lr 5e-4)
+	$(call train_h,$(MODEL_H),$(MODEL_G),$(LONG_FORM_RATE_H),$(MODEL_H_SECONDS),$(H_TUNING))
 
 # as model-h on the longer problems of ranges I (docs/model.md), in $(MODEL_I): the first call starts from the kept
 # weights of $(MODEL_H), each later one resumes, $(MODEL_I_SECONDS) seconds a call
 model-i: $(BIN)/.installed
-	$(call train_h,$(MODEL_I),$(MODEL_H),$(LONG_FORM_RATE_H),$(MODEL_I_SECONDS),--long-division products --lr 5e-4,\
-	    $(RANGES_I))
+	$(call train_h,$(MODEL_I),$(MODEL_H),$(LONG_FORM_RATE_H),$(MODEL_I_SECONDS),$(H_TUNING),$(RANGES_I))
 
 # retrain the bundled value model in $(VALUE_MODEL): MCTS trees over $(VALUE_PROBLEMS) problems of training seed
 # $(VALUE_SEED) (never a held-out seed), then a process reward model on their step labels (docs/value.md)
