@@ -14,7 +14,8 @@ so the next one goes elsewhere, and whichever engine call returns first is appli
    the root's choice is settled.
 
 The token budget is never exceeded: every request's ``n * max_tokens`` is reserved before it is sent, and a
-rollout starts only when the budget can take it to the path limit.
+rollout starts only when the budget can take it as far as the longest line ended so far (to the path limit before
+any line ended, unless nothing else is in flight).
 """
 
 from __future__ import annotations
@@ -273,8 +274,8 @@ class _Search:
         """Send an expansion (n samples) or rollout (n=1) request; False, undoing the iteration, if unaffordable.
 
         A rollout starts only when the budget lets it run as long as the longest line the tree has ended so far (the
-        path limit before any line ended): a line cut by the budget has no answer. Best-of-N's rounds follow the
-        same rule."""
+        path limit before any line ended, unless nothing else is in flight: ``_rollout_need``): a line cut by the
+        budget has no answer. Best-of-N's rounds follow the same rule."""
         p = self.params
         room = p.max_path_tokens - self.tree.path_length(node)
         wanted = min(p.granularity.tokens, room) if expansion else room
@@ -300,9 +301,11 @@ class _Search:
 
     def _rollout_need(self, node: int, room: int) -> int:
         """Tokens a rollout from ``node`` must be allowed: what the longest ended line had beyond ``node``'s
-        depth in tokens, at most ``room`` (all of it before any line ended)."""
+        depth in tokens, at most ``room``. Before any line ended, all of ``room``, unless nothing else is in
+        flight: then the search would stop with no line at all (a budget near the path limit, spent in part on
+        the first expansion), so the rollout takes what the budget leaves, at the risk of being cut."""
         if self.longest_line is None:
-            return room
+            return room if self.inflight else 1
         return max(1, min(room, self.longest_line - self.tree.path_length(node)))
 
     def _affordable(self, n: int, wanted: int) -> int:

@@ -82,6 +82,17 @@ def test_token_budget_is_never_exceeded(tokens, granularity):
         assert stats.generated_tokens > tokens - path  # it spends the budget, it does not stop early
 
 
+@pytest.mark.parametrize("parallel", [1, 4])
+def test_a_budget_of_one_path_still_finishes_a_line(parallel):
+    """Until a line has ended, a rollout waits for the budget to cover a whole path; when nothing else is in flight
+    it takes what is left instead, or a budget equal to the path limit would stop after the first expansion."""
+    path = 120
+    result = search(budget=Budget(iterations=1000, tokens=path), parallel=parallel, early_stop=False,
+                    max_path_tokens=path)
+    assert result.stats.generated_tokens <= path
+    assert result.answer == "42" and result.tree.nodes["is_terminal"][: result.tree.num_nodes].any()
+
+
 def test_wall_clock_budget_cancels_in_flight_requests():
     ticks = itertools.count()
     engine = SimulatedEngine(TOK, seed=1, latency_s=0.01, steps=10_000)  # never answers: the tree never ends
