@@ -4,8 +4,12 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 MODEL := models/forest-arith
+MODEL_SECONDS ?= 7200
 MODEL_DEVICE ?= cpu
-MODEL_ARGS ?=  # more modelkit.train flags, e.g. "--workers 12 --report-problems 256 --distribution max_bags=99"
+MODEL_ARGS ?=  # more modelkit.train flags, e.g. "--workers 12 --report-problems 256"
+# the first bundled model, trained on the easy ranges: the policy of the value model, the verifier and the data loop
+MODEL_EASY := models/forest-arith-easy
+RANGES_EASY := start=10-199 changes=1-5 max_count=999 max_gain=99 max_bags=9 max_bag_size=12 max_factor=3 max_piles=9
 MODEL_C := models/forest-arith-c
 MODEL_C_SECONDS ?= 7200
 MODEL_D := models/forest-arith-d
@@ -18,12 +22,11 @@ MODEL_G := models/forest-arith-g
 MODEL_G_SECONDS ?= 7200
 MODEL_H := models/forest-arith-h
 MODEL_H_SECONDS ?= 7200
-MODEL_I := models/forest-arith-i
-MODEL_I_SECONDS ?= 7200
 LONG_FORM_RATE_H := 0.45
 LONG_FORM_RATE := 0.3
 RANGES_C := start=10-999 changes=1-6 max_count=9999 max_gain=999 max_bags=99 max_bag_size=99 max_factor=9 max_piles=99
-# ranges H (one to eight steps) and I (longer problems: three to ten) share every range but the number of steps
+# ranges H (one to eight steps) and I (longer problems: three to ten, the bundled model's and make-problems's
+# defaults) share every range but the number of steps
 LARGE_NUMBERS := start=100-9999 max_count=99999 max_gain=999 max_bags=99 max_bag_size=99 max_factor=9 max_piles=99
 RANGES_H := changes=1-8 $(LARGE_NUMBERS)
 RANGES_I := changes=3-10 $(LARGE_NUMBERS)
@@ -53,7 +56,7 @@ LOOP_PROBLEMS ?= 1600
 LOOP_SEED := 300000
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: demo test unit install lock browser clean model model-c model-d model-e model-f model-g model-h model-i \
+.PHONY: demo test unit install lock browser clean model model-easy model-c model-d model-e model-f model-g model-h \
     value-model verifier-model data-loop
 
 $(BIN)/.installed: pyproject.toml constraints.txt
@@ -75,11 +78,17 @@ lock:
 	    | sed -E 's/^(torch==[^+]*)\+.*/\1/'; } > constraints.txt.new
 	mv constraints.txt.new constraints.txt
 
-# retrain the bundled model committed in $(MODEL) until its dev loss stops improving, and draw its training curves
-# (MODEL_DEVICE=cuda trains on a GPU; docs/model.md gives the time it takes; see modelkit/train.py)
+# the bundled model, $(MODEL): the last run of the lineage model-c, model-d, model-e, model-f, model-g, model-h (each
+# from the kept weights of the one before), on the longer problems of ranges I. The first call starts from the kept
+# weights of $(MODEL_H), each later one resumes, $(MODEL_SECONDS) seconds a call, until training.json says "stopped";
+# from nothing, delete the runs' directories and call each target in that order until its run stops (docs/model.md)
 model: $(BIN)/.installed
-	$(BIN)/python -m modelkit.train --output $(MODEL) --device $(MODEL_DEVICE) --threads 2 --plot docs/model-training \
-	    $(MODEL_ARGS)
+	$(call train_h,$(MODEL),$(MODEL_H),$(LONG_FORM_RATE_H),$(MODEL_SECONDS),$(H_TUNING),$(RANGES_I))
+
+# retrain the first bundled model, $(MODEL_EASY), until its dev loss stops improving, and draw its training curves
+model-easy: $(BIN)/.installed
+	$(BIN)/python -m modelkit.train --output $(MODEL_EASY) --device $(MODEL_DEVICE) --threads 2 \
+	    --plot docs/model-easy-training --distribution $(RANGES_EASY) $(MODEL_ARGS)
 
 # train the hardest ranges of docs/model.md (C) in $(MODEL_C) on 2 CPU cores, $(MODEL_C_SECONDS) seconds a call: the
 # first call starts the run, each later one resumes it from its kept weights (a run in progress is committed there)
@@ -117,38 +126,35 @@ model-g: $(BIN)/.installed
 model-h: $(BIN)/.installed
 	$(call train_h,$(MODEL_H),$(MODEL_G),$(LONG_FORM_RATE_H),$(MODEL_H_SECONDS),$(H_TUNING))
 
-# as model-h on the longer problems of ranges I (docs/model.md), in $(MODEL_I): the first call starts from the kept
-# weights of $(MODEL_H), each later one resumes, $(MODEL_I_SECONDS) seconds a call
-model-i: $(BIN)/.installed
-	$(call train_h,$(MODEL_I),$(MODEL_H),$(LONG_FORM_RATE_H),$(MODEL_I_SECONDS),$(H_TUNING),$(RANGES_I))
-
-# retrain the bundled value model in $(VALUE_MODEL): MCTS trees over $(VALUE_PROBLEMS) problems of training seed
-# $(VALUE_SEED) (never a held-out seed), then a process reward model on their step labels (docs/value.md)
+# retrain the bundled value model in $(VALUE_MODEL): MCTS trees of $(MODEL_EASY) over $(VALUE_PROBLEMS) problems of
+# training seed $(VALUE_SEED) (never a held-out seed), then a process reward model on their step labels (docs/value.md)
 value-model: $(BIN)/.installed
-	$(BIN)/forest make-problems --n $(VALUE_PROBLEMS) --seed $(VALUE_SEED) --output $(VALUE_DATA)/problems.jsonl
+	$(BIN)/forest make-problems --n $(VALUE_PROBLEMS) --seed $(VALUE_SEED) --output $(VALUE_DATA)/problems.jsonl \
+	    --distribution $(RANGES_EASY)
 	$(BIN)/forest build --config deploy/configs/value-data.cpu.yaml --input $(VALUE_DATA)/problems.jsonl \
 	    --output $(VALUE_DATA)/build
-	$(BIN)/forest train-value --input $(VALUE_DATA)/build --output $(VALUE_MODEL) --threads 2
+	$(BIN)/forest train-value --input $(VALUE_DATA)/build --output $(VALUE_MODEL) --base $(MODEL_EASY) --threads 2
 
-# retrain the bundled verifier in $(VERIFIER_MODEL): the policy fine-tuned on the results written in correct solutions
-# of training seeds, served as a value by likelihood (docs/value.md)
+# retrain the bundled verifier in $(VERIFIER_MODEL): its policy, $(MODEL_EASY), fine-tuned on the results written in
+# correct solutions of training seeds, served as a value by likelihood (docs/value.md)
 verifier-model: $(BIN)/.installed
-	$(BIN)/forest train-verifier --output $(VERIFIER_MODEL) --threads 2
+	$(BIN)/forest train-verifier --output $(VERIFIER_MODEL) --base $(MODEL_EASY) --threads 2
 
 # the data loop (docs/data-loop.md): MCTS and best-of-N builds over $(LOOP_PROBLEMS) problems of training seed
 # $(LOOP_SEED) with the same settings (each tree ends at its first right line, or at the token cap), the policy
 # fine-tuned on each build's right lines, greedy on 500 held-out problems, paired differences; a second round builds
 # the second half again with the model of the first half's lines
 data-loop: $(BIN)/.installed
-	$(BIN)/forest make-problems --n $(LOOP_PROBLEMS) --seed $(LOOP_SEED) --output $(LOOP_DATA)/problems.jsonl
-	$(BIN)/forest make-problems --n 500 --seed 1000000 --output $(LOOP_DATA)/heldout.jsonl
+	$(BIN)/forest make-problems --n $(LOOP_PROBLEMS) --seed $(LOOP_SEED) --output $(LOOP_DATA)/problems.jsonl \
+	    --distribution $(RANGES_EASY)
+	$(BIN)/forest make-problems --n 500 --seed 1000000 --output $(LOOP_DATA)/heldout.jsonl --distribution $(RANGES_EASY)
 	$(BIN)/forest build --config deploy/configs/data-loop.cpu.yaml --input $(LOOP_DATA)/problems.jsonl \
 	    --output $(LOOP_DATA)/mcts
 	$(BIN)/forest build --config deploy/configs/data-loop.cpu.yaml --strategy best_of_n \
 	    --input $(LOOP_DATA)/problems.jsonl --output $(LOOP_DATA)/best_of_n
 	$(BIN)/python -m deploy.data_loop --config deploy/configs/data-loop.cpu.yaml --problems $(LOOP_DATA)/problems.jsonl \
 	    --build mcts=$(LOOP_DATA)/mcts --build best_of_n=$(LOOP_DATA)/best_of_n --heldout $(LOOP_DATA)/heldout.jsonl \
-	    --work $(LOOP_DATA)/models --plot docs/data-loop --second-round
+	    --work $(LOOP_DATA)/models --plot docs/data-loop --second-round --base $(MODEL_EASY)
 
 demo: $(BIN)/.installed
 	$(BIN)/forest build --config deploy/configs/build.cpu.yaml --input deploy/demo_problems.jsonl --output out/demo

@@ -2,7 +2,7 @@
 
 - ``arithmetic``: seeded multi-step word problems with Marco-o1-format solutions, and training examples with a
   slip, a reflection and a redo (held-out seeds from 1,000,000);
-- ``train``: trains ``models/forest-arith`` until its dev loss stops improving (``make model``);
+- ``train``: trains a model until its dev loss stops improving (``make model``: the bundled ``models/forest-arith``);
 - ``make_model``: the shared tokenizer trainer and ``forest make-model --tiny-random`` (a random-weight Qwen2).
 """
 

@@ -62,16 +62,16 @@ LONG_DIVISIONS = (REMAINDERS, PRODUCTS)
 @dataclass(frozen=True, slots=True)
 class Distribution:
     """The ranges ``forest make-problems`` draws from (each inclusive); the defaults are the bundled model's.
-    Other ranges (``--distribution max_bags=49 ...``) make harder problems for models trained on them."""
+    Other ranges (``--distribution changes=1-5 ...``) make other problems for models trained on them."""
 
-    start: tuple[int, int] = (10, 199)  # the first count
-    changes: tuple[int, int] = (1, 5)  # worked steps per problem, each number equally likely
-    max_count: int = 999  # no count goes above it
-    max_gain: int = 99  # the most a gain or a loss moves
-    max_bags: int = 9  # bags bought in one change ...
-    max_bag_size: int = 12  # ... of up to this many items each: a product in one step
-    max_factor: int = 3  # doubles, triples, "ends up with N times as many"
-    max_piles: int = 9  # "splits into N equal piles": a division with a remainder
+    start: tuple[int, int] = (100, 9999)  # the first count
+    changes: tuple[int, int] = (3, 10)  # worked steps per problem, each number equally likely
+    max_count: int = 99999  # no count goes above it
+    max_gain: int = 999  # the most a gain or a loss moves
+    max_bags: int = 99  # bags bought in one change ...
+    max_bag_size: int = 99  # ... of up to this many items each: a product
+    max_factor: int = 9  # doubles, triples, "ends up with N times as many"
+    max_piles: int = 99  # "splits into N equal piles": a division with a remainder
     max_distractors: int = 2  # sentences the solution never uses
 
     def __post_init__(self):

@@ -1,6 +1,6 @@
 """Train Forest's bundled reasoning model: a small Qwen2 that solves ``modelkit/arithmetic.py`` problems, often.
 
-    python -m modelkit.train --output models/forest-arith --plot docs/model-training   # see ``make model``
+    python -m modelkit.train --output models/my-arith --plot out/my-arith-training   # the bundled model: ``make model``
 
 Trained until the dev loss stops improving: every ``--eval-every`` steps the loss on a fixed dev set (a seed no
 training stream uses; its solutions written as the training's are, long forms included, without slips) is
@@ -9,7 +9,7 @@ improving (and, back at the best weights, when it spikes) and training ends at t
 ``--max-steps``). The weights with the best dev loss are kept, and ``training.json`` beside them records every
 evaluation (``--plot`` draws them).
 The problems are meant to be hard for a converged model (products, remainders and carries computed in one step,
-compounding over up to five steps). A share of training solutions slip, write Marco-o1's reflection phrase and
+compounding over three to ten steps). A share of training solutions slip, write Marco-o1's reflection phrase and
 redo the work (the slip itself is not trained on), so a forced reflection means something to the model.
 
 Reproducible: the tokenizer, the initial weights and every step's batch come from ``--seed`` (on one device and
@@ -261,6 +261,9 @@ class Verdict(enum.Enum):
     DIVERGED = "diverged"  # a divergence with no halving left: stop
 
 
+ENDED = (Verdict.CONVERGED.value, Verdict.DIVERGED.value)  # the stops that a resume leaves as they are
+
+
 @dataclass
 class Schedule:
     """The learning rate's halvings and the end of training, decided from each evaluation's dev loss.
@@ -440,6 +443,9 @@ def train(output: str | Path, *, seed: int = 0, max_steps: int = MAX_STEPS, batc
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     previous = json.loads((out / "training.json").read_text()) if resume else None
+    if previous and previous.get("stopped") in ENDED:  # a run that ended is done: resuming would train it on
+        log.info("%s ended (%s at step %d): nothing to resume", out, previous["stopped"], previous["steps"])
+        return previous
     if previous:  # refused before any weights are loaded
         _check_written_as_before(previous, long_form_rate, long_division)
     tokenizer = _run_tokenizer(out, seed, dist, vocab_size, resume=resume, init_from=init_from)

@@ -8,7 +8,8 @@ arithmetic and nothing else changes. A ValueWorker serves it by likelihood (``ac
 
 It learns from right solutions, of one of two sources:
 - ``forest train-verifier --output DIR`` (``make verifier-model``, the bundled verifier): the solutions the problem
-  generator writes, fresh problems of training seeds at every step;
+  generator writes, fresh problems of training seeds at every step, written as the policy was trained to write them
+  (its ``training.json``: the ranges and the long forms);
 - ``forest train-verifier --input OUT [OUT ...] --output DIR``: the distinct finished lines of builds whose answer is
   right (what a user without a generator has), split into train and dev by problem, cycled for the steps.
 
@@ -20,14 +21,16 @@ measured, the weights with the lowest dev loss are kept, and ``verifier_training
 from __future__ import annotations
 
 import logging
+import random
+from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from modelkit.arithmetic import make_problems
+from modelkit.arithmetic import DEFAULT_DISTRIBUTION, REMAINDERS, Distribution, make_problems, make_training_example
 from modelkit.fit import fit
-from modelkit.train import IGNORE, padded_arrays, to_tensors
+from modelkit.train import IGNORE, padded_arrays, read_report, to_tensors
 from modelkit.value import Example, split_by_problem
 from search.checks import EQUATION, marked_spans
 from search.prompts import TURN_END
@@ -43,9 +46,28 @@ DEV_SHARE = 0.1  # of a build's problems, when the verifier learns from builds
 REPORT = "verifier_training.json"
 
 
-def generator_solutions(n: int, seed: int) -> list[str]:
-    """The problem generator's solutions of ``n`` problems of stream ``seed``, each as a line ends."""
-    return [p.solution + TURN_END for p in make_problems(n, seed)]
+def policy_writing(base: str | Path) -> dict:
+    """How ``base`` was trained to write solutions, from its ``training.json`` (``modelkit.train``): the problem
+    ranges, the share of hard steps written the long way and the long-division form; for a model trained elsewhere,
+    the default ranges written the short way."""
+    path = Path(base) / "training.json"
+    if not path.is_file():
+        return {"distribution": DEFAULT_DISTRIBUTION, "long_form_rate": 0.0, "long_division": REMAINDERS}
+    report = read_report(path)
+    if not isinstance(report.get("distribution"), dict):
+        raise ValueError(f"{path}: no 'distribution' (the ranges the model was trained on) to write solutions from")
+    ranges = {key: tuple(value) if isinstance(value, list) else value for key, value in report["distribution"].items()}
+    return {"distribution": Distribution(**ranges), "long_form_rate": report.get("long_form_rate", 0.0),
+            "long_division": report.get("long_division", REMAINDERS)}
+
+
+def generator_solutions(n: int, seed: int, writing: dict) -> list[str]:
+    """The problem generator's correct solutions of ``n`` problems of stream ``seed``, written as ``writing``
+    (``policy_writing``) says, each as a line ends."""
+    rng = random.Random(seed)
+    return [make_training_example(rng, p, reflection_rate=0.0, long_form_rate=writing["long_form_rate"],
+                                  long_division=writing["long_division"]).response + TURN_END
+            for p in make_problems(n, seed, writing["distribution"])]
 
 
 def right_lines(examples: Sequence[Example], tokenizer, *, seed: int, dev_share: float = DEV_SHARE
@@ -129,9 +151,11 @@ def train_verifier(*, base: str | Path, output: str | Path, examples: Sequence[E
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(base)
     if examples is None:
-        source = {"source": "generator", "train_seed": TRAIN_SEED + seed, "dev_seed": DEV_SEED}
-        train, dev = generator_solutions(steps * batch_size, TRAIN_SEED + seed), generator_solutions(dev_problems,
-                                                                                                    DEV_SEED)
+        writing = policy_writing(base)
+        source = {"source": "generator", "train_seed": TRAIN_SEED + seed, "dev_seed": DEV_SEED,
+                  **writing, "distribution": asdict(writing["distribution"])}
+        train = generator_solutions(steps * batch_size, TRAIN_SEED + seed, writing)
+        dev = generator_solutions(dev_problems, DEV_SEED, writing)
     else:
         train, dev = right_lines(examples, tokenizer, seed=seed)
         source = {"source": "builds", "train_lines": len(train)}

@@ -133,7 +133,7 @@ class MCTSParams:
     max_depth: int = 16  # a node at this depth is terminal
     max_path_tokens: int = 1024  # generated tokens along one path (prompt excluded); reaching it is terminal
     parallel: int = 4  # iterations of this tree in flight at once (virtual loss keeps them apart)
-    temperature: float = 0.3  # every sampling strategy's (chosen on a development set, docs/tuning.md)
+    temperature: float = 1.0  # every sampling strategy's (chosen for the bundled model on development problems)
     top_p: float = 1.0
     value: ValueKind = ValueKind.LINE_CONFIDENCE
     reflection: ReflectionPolicy = ReflectionPolicy()

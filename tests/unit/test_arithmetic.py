@@ -184,6 +184,13 @@ def test_training_keeps_the_best_weights_and_resumes(tmp_path):
     piece = train(tmp_path, max_steps=unbeaten["steps"] + 1, resume=True, **settings)
     assert (piece["steps"], piece["dev_loss"]) == (unbeaten["steps"], 1e-9)
     assert json.loads((tmp_path / "training.json").read_text())["steps"] == unbeaten["steps"]
+    # a run that converged is done: resuming it trains no further and leaves its record as it was
+    ended = {**json.loads((tmp_path / "training.json").read_text()), "stopped": "converged"}
+    (tmp_path / "training.json").write_text(json.dumps(ended))
+    weights = (tmp_path / "model.safetensors").read_bytes()
+    assert train(tmp_path, max_steps=unbeaten["steps"] + 5, resume=True, **settings) == ended
+    assert (tmp_path / "model.safetensors").read_bytes() == weights
+    assert json.loads((tmp_path / "training.json").read_text()) == ended
 
 
 def test_an_evaluation_that_uses_up_the_time_left_ends_the_run(tmp_path, monkeypatch):

@@ -16,8 +16,8 @@ def _answer(text: str) -> str:
 
 def test_summary_counts_greedy_samples_and_pass_at_k_by_length():
     problems = make_problems(40, seed=11)
-    one = [p for p in problems if p.changes == 1][:2]
-    two = [p for p in problems if p.changes == 2][:1]
+    one = [p for p in problems if p.changes == 3][:2]  # the shortest problems of the default ranges
+    two = [p for p in problems if p.changes == 4][:1]
     chosen = one + two
     greedy = [_answer(one[0].answer), None, _answer("-1")]
     sampled = [[_answer(one[0].answer), _answer("-1")],
@@ -31,9 +31,9 @@ def test_summary_counts_greedy_samples_and_pass_at_k_by_length():
     assert report.overall.pass_at_k == pytest.approx(2 / 3)
     assert report.overall.reflecting == pytest.approx(1 / 6)
     by = {r.changes: r for r in report.by_length}
-    assert set(by) == {1, 2}
-    assert (by[1].greedy, by[1].one_sample, by[1].pass_at_k) == (0.5, 0.5, 1.0)
-    assert (by[2].greedy, by[2].pass_at_k) == (0.0, 0.0)
+    assert set(by) == {3, 4}
+    assert (by[3].greedy, by[3].one_sample, by[3].pass_at_k) == (0.5, 0.5, 1.0)
+    assert (by[4].greedy, by[4].pass_at_k) == (0.0, 0.0)
     table = format_report(report)
     assert "pass@2" in table and table.splitlines()[len(report.by_length) + 2].split()[0] == "all"
 

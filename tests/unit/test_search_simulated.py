@@ -436,7 +436,7 @@ def test_a_step_scored_below_min_step_score_fails_like_a_step_check_failure():
     engine = ScoringSimulatedEngine(TOK, seed=4, steps=2, quality=lambda r: 0.6, answer=_answer_by_first_word,
                                     judge=_judge_good_branch)
     result = search(engine, value=ValueKind.REWARD_MODEL_ROLLOUT, budget=Budget(iterations=16), min_step_score=0.5,
-                    retry_temperature=1.0, seed=1)
+                    temperature=0.3, retry_temperature=1.0, seed=1)  # retries told apart by their temperature
     tree, n = result.tree, result.tree.nodes
     delimiter = TOK.ids["\n\n"]
     assert any(len(r.positions) > 1 for r in engine.score_requests)  # a rollout: one position per new step

@@ -129,6 +129,36 @@ def test_verifier_training_learns_the_claimed_digits_and_keeps_its_best_weights(
         train_verifier(base=tmp_path / "none", output=tmp_path)
 
 
+def test_the_generator_writes_solutions_as_the_policy_was_trained_to(tmp_path):
+    """The verifier learns solutions of its policy's ranges, long forms included: the easy model's are the short
+    solutions of the easy ranges; the bundled model writes some hard steps the long way, on the default ranges."""
+    import json
+    import shutil
+
+    from modelkit.arithmetic import DEFAULT_DISTRIBUTION, Distribution, make_problems
+    from modelkit.verifier import generator_solutions, policy_writing
+    from search.prompts import TURN_END
+
+    easy = policy_writing("models/forest-arith-easy")
+    assert easy["distribution"] == Distribution(start=(10, 199), changes=(1, 5), max_count=999, max_gain=99,
+                                                max_bags=9, max_bag_size=12, max_factor=3, max_piles=9)
+    assert easy["long_form_rate"] == 0.0
+    short_easy = [p.solution + TURN_END for p in make_problems(20, 7, easy["distribution"])]
+    assert generator_solutions(20, 7, easy) == short_easy
+    bundled = policy_writing(POLICY)
+    assert bundled["distribution"] == DEFAULT_DISTRIBUTION and bundled["long_form_rate"] > 0
+    written = generator_solutions(40, 7, bundled)
+    short = [p.solution + TURN_END for p in make_problems(40, 7)]
+    assert written != short and sum(w == s for w, s in zip(written, short, strict=True)) > 0  # some steps long, not all
+    assert policy_writing(tmp_path)["distribution"] == DEFAULT_DISTRIBUTION  # no training.json: trained elsewhere
+    shutil.copy(f"{POLICY}/training.json", tmp_path / "training.json")
+    record = json.loads((tmp_path / "training.json").read_text())
+    del record["distribution"]
+    (tmp_path / "training.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="no 'distribution'"):
+        policy_writing(tmp_path)
+
+
 def test_train_verifier_learns_from_the_right_lines_of_builds_and_refuses_what_it_cannot_use(tmp_path, capsys):
     import json
 
