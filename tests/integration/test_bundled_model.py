@@ -61,12 +61,13 @@ def test_eval_compares_every_strategy_at_one_budget(arith_worker, arith_config):
 
     problems = [Problem(p.id, p.question, p.answer) for p in make_problems(12, HELD_OUT_SEED_START + 7)]
     seen = []
-    reports = run_eval(arith_config, problems, list(STRATEGIES), budgets=[400], concurrency=12,
+    budget = arith_config.search.max_path_tokens  # the least budget forest eval takes: one path
+    reports = run_eval(arith_config, problems, list(STRATEGIES), budgets=[budget], concurrency=12,
                        on_report=seen.append)
     assert [r.strategy for r in reports] == list(STRATEGIES) and seen == reports
     for r in reports:
         assert r.problems == 12 and 0 <= r.correct <= 12 and r.ci_low <= r.accuracy <= r.ci_high
-        assert 0 < r.mean_tokens <= 400 and r.wall_seconds > 0
+        assert 0 < r.mean_tokens <= budget and r.wall_seconds > 0
     greedy = reports[0]
     assert greedy.correct >= 1, "the bundled model is trained: greedy decoding solves some problems"
     assert greedy.mean_tokens <= arith_config.search.max_path_tokens
@@ -83,7 +84,7 @@ def test_eval_counts_forced_reflections(arith_worker, arith_config):
 
     config = arith_config.model_copy(update={"search": arith_config.search.model_copy(update={"reflection": "always"})})
     problems = [Problem(p.id, p.question, p.answer) for p in make_problems(6, HELD_OUT_SEED_START + 17)]
-    (report,) = run_eval(config, problems, ["mcts-step"], budgets=[512], concurrency=6)
+    (report,) = run_eval(config, problems, ["mcts-step"], budgets=[config.search.max_path_tokens], concurrency=6)
     assert report.reflection == "always" and report.reflections > 0 and 0 <= report.reflected_answers <= 1
 
 
@@ -95,9 +96,10 @@ def test_eval_searches_with_the_bundled_value_model(arith_worker, arith_config):
 
     config = arith_config.model_copy(update={"value_model": bundled_value_engine("forest-value")})
     problems = [Problem(p.id, p.question, p.answer) for p in make_problems(8, HELD_OUT_SEED_START + 13)]
-    reports = run_eval(config, problems, ["best_of_n-prm", "mcts-prm"], budgets=[512], concurrency=8)
+    budget = config.search.max_path_tokens
+    reports = run_eval(config, problems, ["best_of_n-prm", "mcts-prm"], budgets=[budget], concurrency=8)
     for r in reports:
-        assert r.problems == 8 and 0 < r.mean_tokens <= 512 and 0 <= r.correct <= 8
+        assert r.problems == 8 and 0 < r.mean_tokens <= budget and 0 <= r.correct <= 8
     assert reports[1].rule_accuracy is not None  # an MCTS preset: the final rules are compared
 
 
@@ -152,8 +154,9 @@ def test_a_build_that_stops_when_right_ends_each_tree_at_a_right_line(strategy, 
 
     problems = tmp_path / "problems.jsonl"
     problems.write_text("".join(json.dumps(p.row()) + "\n" for p in make_problems(8, 43)))
+    budget = 2 * arith_config.search.max_path_tokens  # room for a line after one that failed
     search = arith_config.search.model_copy(update={"step_check": StepCheck.ARITHMETIC, "retry_temperature": 1.0,
-                                                    "budget_tokens": 512, "stop_when_right": True})
+                                                    "budget_tokens": budget, "stop_when_right": True})
     build = arith_config.build.model_copy(update={"input": str(problems), "output": str(tmp_path / "out"),
                                                   "strategy": strategy})
     assert run_build(arith_config.model_copy(update={"search": search, "build": build})).built == 8
@@ -161,10 +164,10 @@ def test_a_build_that_stops_when_right_ends_each_tree_at_a_right_line(strategy, 
     right = [t for t in trees if t["stop_reason"] == "right"]
     assert right, "the model answers some of these problems"
     for tree in trees:
-        assert tree["tokens_generated"] <= 512
+        assert tree["tokens_generated"] <= budget
         if tree["stop_reason"] == "right":
             assert tree["correct"] and false_equation(tree["response"]) is None, tree["response"]
-    assert sum(t["tokens_generated"] for t in right) / len(right) < 512
+    assert sum(t["tokens_generated"] for t in right) / len(right) < budget
 
 
 def test_model_report_decodes_greedily_and_samples_on_the_worker(arith_worker, arith_config):
