@@ -80,8 +80,9 @@ lock:
 
 # the bundled model, $(MODEL): the last run of the lineage model-c, model-d, model-e, model-f, model-g, model-h (each
 # from the kept weights of the one before), on the longer problems of ranges I. The first call starts from the kept
-# weights of $(MODEL_H), each later one resumes, $(MODEL_SECONDS) seconds a call, until training.json says "stopped";
-# from nothing, delete the runs' directories and call each target in that order until its run stops (docs/model.md)
+# weights of $(MODEL_H), each later one resumes, $(MODEL_SECONDS) seconds a call, until the run ends (training.json's
+# "stopped": "converged"; a later call then returns at once); from nothing, delete the runs' directories and call
+# each target in that order until its run ends (docs/model.md)
 model: $(BIN)/.installed
 	$(call train_h,$(MODEL),$(MODEL_H),$(LONG_FORM_RATE_H),$(MODEL_SECONDS),$(H_TUNING),$(RANGES_I))
 
