@@ -169,11 +169,16 @@ def dev_examples(problems, long_form_rate: float, long_division: str) -> list[tu
             for p in problems]
 
 
+def written_as(report: dict) -> dict:
+    """How a run wrote its training solutions, from its ``training.json``: the share of hard steps written the long
+    way and the long-division form (runs recorded before these settings had none and the remainders form)."""
+    return {"long_form_rate": report.get("long_form_rate", 0.0),
+            "long_division": report.get("long_division", REMAINDERS)}
+
+
 def _check_written_as_before(previous: dict, long_form_rate: float, long_division: str) -> None:
-    """A resumed run draws its batches as its earlier pieces did: the same share of long forms, the same division
-    (runs recorded before these settings had none and the remainders form)."""
-    recorded = {"long_form_rate": previous.get("long_form_rate", 0.0),
-                "long_division": previous.get("long_division", REMAINDERS)}
+    """A resumed run draws its batches as its earlier pieces did: the same share of long forms, the same division."""
+    recorded = written_as(previous)
     asked = {"long_form_rate": long_form_rate, "long_division": long_division}
     changed = [f"{key} {asked[key]!r} (the run has {recorded[key]!r})" for key in asked if asked[key] != recorded[key]]
     if changed:

@@ -28,9 +28,9 @@ from typing import Sequence
 
 import numpy as np
 
-from modelkit.arithmetic import DEFAULT_DISTRIBUTION, REMAINDERS, Distribution, make_problems, make_training_example
+from modelkit.arithmetic import DEFAULT_DISTRIBUTION, Distribution, make_problems, make_training_example
 from modelkit.fit import fit
-from modelkit.train import IGNORE, padded_arrays, read_report, to_tensors
+from modelkit.train import IGNORE, padded_arrays, read_report, to_tensors, written_as
 from modelkit.value import Example, split_by_problem
 from search.checks import EQUATION, marked_spans
 from search.prompts import TURN_END
@@ -52,13 +52,12 @@ def policy_writing(base: str | Path) -> dict:
     the default ranges written the short way."""
     path = Path(base) / "training.json"
     if not path.is_file():
-        return {"distribution": DEFAULT_DISTRIBUTION, "long_form_rate": 0.0, "long_division": REMAINDERS}
+        return {"distribution": DEFAULT_DISTRIBUTION, **written_as({})}  # the short way, as a record without them
     report = read_report(path)
     if not isinstance(report.get("distribution"), dict):
         raise ValueError(f"{path}: no 'distribution' (the ranges the model was trained on) to write solutions from")
     ranges = {key: tuple(value) if isinstance(value, list) else value for key, value in report["distribution"].items()}
-    return {"distribution": Distribution(**ranges), "long_form_rate": report.get("long_form_rate", 0.0),
-            "long_division": report.get("long_division", REMAINDERS)}
+    return {"distribution": Distribution(**ranges), **written_as(report)}
 
 
 def generator_solutions(n: int, seed: int, writing: dict) -> list[str]:
